@@ -1,0 +1,116 @@
+"""From a trained adapter to a published registry version: merge, export, optimize, quantize, check, publish."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from exporters import onnx_export
+from exporters.quantize import attempts_as_dicts, quantize_until_parity
+from trainer.data import LabelledTexts
+from trainer.model import BaseEncoder, predict, weights_digest
+from tuneloop.config import Settings
+from tuneloop.inference import OnnxTextClassifier
+from tuneloop.registry import Manifest, Registry
+
+STEPS = ("reference logits", "save adapter", "merge + export ONNX", "optimize graph", "quantize + parity", "publish")
+
+
+def _accuracy(logits: np.ndarray, labels: list[str], label_names: list[str]) -> float:
+    index = {name: i for i, name in enumerate(label_names)}
+    return float(np.mean(logits.argmax(-1) == np.array([index[label] for label in labels])))
+
+
+def build_and_publish(
+    registry: Registry,
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    labels: list[str],
+    base: BaseEncoder,
+    val: LabelledTexts,
+    settings: Settings,
+    training: dict[str, Any],
+    parent_version: int | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Publish the model as the next version and promote it; raises (publishing nothing) if parity fails."""
+    max_length = settings.model.max_seq_length
+    encoder_config = model.get_base_model().encoder.config
+    steps = tqdm(total=len(STEPS), desc="export", unit="step", disable=not progress)
+
+    def step(name: str) -> None:
+        steps.set_postfix_str(name)
+        steps.update(1)
+
+    with registry.staging() as stage, tempfile.TemporaryDirectory(prefix="tuneloop-export-") as work:
+        workdir = Path(work)
+        model.to("cpu").eval()
+        torch_logits, _ = predict(model, tokenizer, val.texts, max_length)
+        step(STEPS[0])
+
+        model.save_pretrained(stage / "adapter")
+        step(STEPS[1])
+
+        fp32_path = workdir / "model.fp32.onnx"
+        onnx_export.export(onnx_export.merge(model), tokenizer, fp32_path, settings.export.opset)
+        step(STEPS[2])
+
+        optimized_path = workdir / "model.opt.onnx"
+        fused = onnx_export.optimize(
+            fp32_path, optimized_path, encoder_config.num_attention_heads, encoder_config.hidden_size
+        )
+        step(STEPS[3])
+
+        tokenizer_dir = workdir / "tokenizer"
+        tokenizer.save_pretrained(tokenizer_dir)
+        shutil.copy(tokenizer_dir / "tokenizer.json", stage / "tokenizer.json")
+        (stage / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+        export_info: dict[str, Any] = {
+            "max_seq_length": max_length,
+            "pad_token": tokenizer.pad_token,
+            "opset": settings.export.opset,
+            "fused_operators": fused,
+            "outputs": onnx_export.OUTPUT_NAMES,
+        }
+
+        def int8_logits(path: Path) -> np.ndarray:
+            session = OnnxTextClassifier(path, stage / "tokenizer.json", labels, max_length, tokenizer.pad_token)
+            return session.predict(val.texts).logits
+
+        recipe, parity, attempts = quantize_until_parity(
+            optimized_path, stage / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement
+        )
+        onnx_logits = int8_logits(stage / "model.onnx")
+        step(STEPS[4])
+
+        export_info |= {"quantization": recipe.name, "quantization_attempts": attempts_as_dicts(attempts)}
+        metrics = {
+            "val_rows": len(val),
+            "val_accuracy_torch": _accuracy(torch_logits, val.labels, labels),
+            "val_accuracy_onnx": _accuracy(onnx_logits, val.labels, labels),
+            "parity": asdict(parity),
+            "model_bytes": (stage / "model.onnx").stat().st_size,
+            "fp32_model_bytes": optimized_path.stat().st_size,
+        }
+        manifest = registry.publish(
+            stage,
+            base_model=f"{base.model_id}@sha256:{weights_digest(base)}",
+            labels=labels,
+            parent_version=parent_version,
+            training_data=training,
+            metrics=metrics,
+            export=export_info,
+            reason="bootstrap" if parent_version is None else "published",
+        )
+        step(STEPS[5])
+    steps.close()
+    return manifest

@@ -1,0 +1,78 @@
+"""Labelled text datasets: CSV loading, label sets and deterministic splits."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sklearn.model_selection import train_test_split
+
+
+class DataError(ValueError):
+    """The dataset cannot be used; the message names the file, row or label."""
+
+
+@dataclass(frozen=True)
+class LabelledTexts:
+    texts: list[str]
+    labels: list[str]
+    source: dict[str, object] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> LabelledTexts:
+        return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.source)
+
+
+def load_csv(path: Path | str) -> LabelledTexts:
+    """Read a CSV with at least the columns ``text`` and ``label``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        rows = list(csv.DictReader(raw.decode("utf-8").splitlines()))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 ({exc})") from None
+    if not rows or not {"text", "label"} <= set(rows[0]):
+        raise DataError(f"{path}: needs a header with the columns 'text' and 'label'")
+    texts, labels = [], []
+    for line, row in enumerate(rows, start=2):
+        text, label = (row.get("text") or "").strip(), (row.get("label") or "").strip()
+        if not text or not label:
+            raise DataError(f"{path}:{line}: empty text or label")
+        texts.append(text)
+        labels.append(label)
+    source = {
+        "path": str(path),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "rows": len(texts),
+        "label_counts": dict(sorted(Counter(labels).items())),
+    }
+    return LabelledTexts(texts, labels, source)
+
+
+def label_set(data: LabelledTexts, declared: list[str] | None = None) -> list[str]:
+    """The model's output labels: the declared list (which may name labels the data lacks) or the sorted data labels."""
+    found = sorted(set(data.labels))
+    if not declared:
+        return found
+    if len(set(declared)) != len(declared):
+        raise DataError(f"declared labels repeat a name: {declared}")
+    unknown = sorted(set(found) - set(declared))
+    if unknown:
+        raise DataError(f"the data has labels that were not declared: {unknown}")
+    return list(declared)
+
+
+def split(data: LabelledTexts, val_fraction: float, seed: int) -> tuple[LabelledTexts, LabelledTexts]:
+    """Stratified train/validation split; the same data and seed always give the same split."""
+    indices = list(range(len(data)))
+    counts = Counter(data.labels)
+    stratify = data.labels if min(counts.values()) >= 2 else None
+    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed, stratify=stratify)
+    return data.subset(sorted(train_idx)), data.subset(sorted(val_idx))

