@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from exporters import onnx_export
-from exporters.quantize import attempts_as_dicts, quantize_until_parity
+from exporters.quantize import Recipe, attempts_as_dicts, quantize_until_parity
 from trainer.data import LabelledTexts
 from trainer.model import BaseEncoder, predict, weights_digest
 from tuneloop.config import Settings
@@ -82,17 +82,24 @@ def build_and_publish(
             "outputs": onnx_export.OUTPUT_NAMES,
         }
 
-        def int8_logits(path: Path) -> np.ndarray:
-            session = OnnxTextClassifier(path, stage / "tokenizer.json", labels, max_length, tokenizer.pad_token)
+        def int8_logits(path: Path, recipe: Recipe) -> np.ndarray:
+            session = OnnxTextClassifier(
+                path, stage / "tokenizer.json", labels, max_length, tokenizer.pad_token,
+                max_rows_per_run=recipe.max_rows_per_run,
+            )
             return session.predict(val.texts).logits
 
         recipe, parity, attempts = quantize_until_parity(
             optimized_path, stage / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement
         )
-        onnx_logits = int8_logits(stage / "model.onnx")
+        onnx_logits = int8_logits(stage / "model.onnx", recipe)
         step(STEPS[4])
 
-        export_info |= {"quantization": recipe.name, "quantization_attempts": attempts_as_dicts(attempts)}
+        export_info |= {
+            "quantization": recipe.name,
+            "max_rows_per_run": recipe.max_rows_per_run,
+            "quantization_attempts": attempts_as_dicts(attempts),
+        }
         metrics = {
             "val_rows": len(val),
             "val_accuracy_torch": _accuracy(torch_logits, val.labels, labels),

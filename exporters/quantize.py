@@ -22,6 +22,8 @@ class Recipe:
     name: str
     op_types: tuple[str, ...]
     fp32_head: bool
+    # Dynamic activation scales are per tensor: rows must run alone to be independent of their batch.
+    max_rows_per_run: int | None = 1
 
 
 RECIPES = (
@@ -66,7 +68,7 @@ def quantize_until_parity(
     source: Path,
     target: Path,
     reference_logits: np.ndarray,
-    run_logits: Callable[[Path], np.ndarray],
+    run_logits: Callable[[Path, Recipe], np.ndarray],
     min_agreement: float,
 ) -> tuple[Recipe, Parity, list[Attempt]]:
     """Quantize with each recipe in turn; keep the first whose logits agree with the reference."""
@@ -83,7 +85,7 @@ def quantize_until_parity(
             # Fused com.microsoft ops defeat shape inference; their outputs are float.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-        result = parity(reference_logits, run_logits(target))
+        result = parity(reference_logits, run_logits(target, recipe))
         passed = result.argmax_agreement >= min_agreement
         attempts.append(Attempt(recipe.name, result, passed))
         if passed:

@@ -72,8 +72,10 @@ class ServeConfig(BaseModel):
     max_texts_per_request: int = Field(64, ge=1)
     max_chars_per_text: int = Field(2000, ge=1)
     max_body_bytes: int = Field(1_048_576, ge=1024)
-    max_batch_size: int = Field(64, ge=1, description="Adaptive batching: most texts in one inference batch.")
-    max_latency_ms: int = Field(100, ge=1, description="Adaptive batching: latency budget per batch.")
+    max_batch_size: int = Field(32, ge=1, description="Adaptive batching: most texts in one inference batch.")
+    max_latency_ms: int = Field(
+        2000, ge=1, description="Adaptive batching: a request predicted to wait longer is refused with 503 (load shedding)."
+    )
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,62 @@
+"""The service's Prometheus metrics, all named ``tuneloop_*``.
+
+Created on first use inside a worker: BentoML sets PROMETHEUS_MULTIPROC_DIR when a
+worker starts, and prometheus_client picks its storage at import, so importing it
+at module load would hide every worker's numbers from ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class ServiceMetrics:
+    requests: Any
+    request_seconds: Any
+    batch_texts: Any
+    inference_seconds: Any
+    predictions: Any
+    model_version: Any
+    model_loaded: Any
+    model_load_failures: Any
+
+
+@lru_cache(maxsize=1)
+def service_metrics() -> ServiceMetrics:
+    import prometheus_client as prom
+
+    return ServiceMetrics(
+        requests=prom.Counter(
+            "tuneloop_http_requests_total", "HTTP requests by endpoint and status code.", ["endpoint", "status"]
+        ),
+        request_seconds=prom.Histogram(
+            "tuneloop_http_request_duration_seconds",
+            "HTTP request latency by endpoint, from first byte in to last byte out.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+        ),
+        batch_texts=prom.Histogram(
+            "tuneloop_inference_batch_texts", "Texts per inference batch after adaptive batching.", buckets=BATCH_BUCKETS
+        ),
+        inference_seconds=prom.Histogram(
+            "tuneloop_inference_duration_seconds", "Model time per inference batch.", buckets=LATENCY_BUCKETS
+        ),
+        predictions=prom.Counter(
+            "tuneloop_predictions_total", "Texts classified, by predicted label and model version.", ["label", "version"]
+        ),
+        model_version=prom.Gauge(
+            "tuneloop_model_version", "Registry version of the model being served.", multiprocess_mode="livemax"
+        ),
+        model_loaded=prom.Gauge(
+            "tuneloop_model_loaded", "1 when a verified model is loaded, else 0.", multiprocess_mode="livemin"
+        ),
+        model_load_failures=prom.Counter(
+            "tuneloop_model_load_failures_total", "Model loads that failed (missing, corrupt or unreadable)."
+        ),
+    )
