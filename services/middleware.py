@@ -15,10 +15,6 @@ Message = dict[str, Any]
 ENDPOINTS = frozenset({"/predict", "/model", "/livez", "/readyz", "/metrics", "/docs.json"})
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 async def send_json_error(send: Any, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -27,7 +23,11 @@ async def send_json_error(send: Any, status: int, message: str) -> None:
 
 
 class BodyLimitMiddleware:
-    """Reject bodies over ``max_bytes`` with 413, by Content-Length up front or while streaming."""
+    """Reject bodies over ``max_bytes`` with 413: by Content-Length up front, else while reading them.
+
+    A body without a length (chunked) is read here, up to the limit, and replayed to the app: the
+    framework turns any error raised while it reads into a 500, so the check cannot live inside it.
+    """
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
@@ -39,31 +39,33 @@ class BodyLimitMiddleware:
             return
         message = f"request body exceeds serve.max_body_bytes={self.max_bytes} bytes"
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_json_error(send, 413, message)
-            return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            event = await receive()
-            if event["type"] == "http.request":
-                received += len(event.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge
-            return event
-
-        async def tracking_send(event: Message) -> None:
-            nonlocal started
-            started = started or event["type"] == "http.response.start"
-            await send(event)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
                 await send_json_error(send, 413, message)
+                return
+            await self.app(scope, receive, send)  # the server enforces the declared length
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                return
+            chunks.append(event.get("body", b""))
+            size += len(chunks[-1])
+            more = event.get("more_body", False)
+            if size > self.max_bytes:
+                await send_json_error(send, 413, message)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class RequestMetricsMiddleware:

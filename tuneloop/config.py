@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,11 +24,16 @@ CONFIG_ENV = "TUNELOOP_CONFIG"
 DEFAULT_CONFIG_FILE = "tuneloop.toml"
 
 
-class RegistryConfig(BaseModel):
+class Section(BaseModel):
+    # A misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegistryConfig(Section):
     path: Path = Field(Path("var/registry"), description="Root directory of the model registry.")
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(Section):
     base: str = Field(
         "",
         description="Local Hugging Face encoder directory (config, safetensors, tokenizer). "
@@ -38,7 +43,7 @@ class ModelConfig(BaseModel):
     sketch_dim: int = Field(32, ge=4, le=256, description="Size of the embedding sketch the model returns for drift.")
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Section):
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -53,14 +58,14 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class ExportConfig(BaseModel):
+class ExportConfig(Section):
     opset: int = Field(17, ge=14)
     min_argmax_agreement: float = Field(
         0.99, ge=0, le=1, description="Int8 ONNX vs PyTorch argmax agreement required to publish."
     )
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=1, le=65535)
     backend: Literal["onnx", "torch"] = Field(

@@ -1,0 +1,103 @@
+"""Model v1 as `tuneloop bootstrap` publishes it: manifest, ONNX-vs-PyTorch parity, tokenizer parity."""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.conftest import IMDB, run_cli, tuneloop_env
+from trainer.data import LabelledTexts, load_csv, split
+from trainer.model import load_adapted, load_tokenizer, predict, resolve_base
+from tuneloop.config import Settings
+from tuneloop.inference import OnnxTextClassifier
+from tuneloop.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+
+@functools.cache
+def validation_split() -> LabelledTexts:
+    settings = Settings()
+    return split(load_csv(IMDB), settings.train.val_fraction, settings.train.seed)[1]
+
+
+@pytest.fixture(scope="module")
+def torch_reference(registry_path: Path) -> np.ndarray:
+    """Logits of the PyTorch model (base + published adapter, unmerged) on the validation split."""
+    manifest, directory = Registry(registry_path).resolve()
+    settings = Settings()
+    base = resolve_base(settings.model)
+    model = load_adapted(base, directory / "adapter", len(manifest.labels), settings.model)
+    logits, _ = predict(model, load_tokenizer(base), validation_split().texts, settings.model.max_seq_length)
+    return logits
+
+
+def test_manifest_records_lineage_data_and_checks(registry_path: Path) -> None:
+    manifest = Registry(registry_path).verify(1)
+    assert manifest.parent_version is None
+    assert manifest.labels == ["negative", "positive"]
+    assert manifest.base_model.startswith("sentence-transformers/all-MiniLM-L6-v2@sha256:")
+    assert manifest.training_data["sha256"] == load_csv(IMDB).source["sha256"]
+    assert manifest.training_data["train_rows"] == 800
+    assert manifest.metrics["val_rows"] == 200
+    assert manifest.metrics["parity"]["argmax_agreement"] >= 0.99
+    assert {"model.onnx", "tokenizer.json", "labels.json", "adapter/adapter_model.safetensors"} <= set(manifest.files)
+    assert Registry(registry_path).history()[0].reason == "bootstrap"
+
+
+def test_onnx_int8_agrees_with_pytorch_on_the_validation_split(registry_path: Path, torch_reference: np.ndarray) -> None:
+    manifest, directory = Registry(registry_path).resolve()
+    onnx_logits = OnnxTextClassifier.from_version(manifest, directory, "cpu").predict(validation_split().texts).logits
+    agreement = float(np.mean(onnx_logits.argmax(-1) == torch_reference.argmax(-1)))
+    max_diff = float(np.abs(onnx_logits - torch_reference).max())
+    print(f"int8 ONNX vs PyTorch: agreement {agreement:.4f}, max |logit diff| {max_diff:.4f}")
+    assert agreement >= 0.99
+    # The export records the same figure it measured; an independent recomputation must match it.
+    assert agreement == pytest.approx(manifest.metrics["parity"]["argmax_agreement"], abs=1e-9)
+
+
+def test_graph_is_fused_and_int8(registry_path: Path) -> None:
+    _, directory = Registry(registry_path).resolve()
+    ops = Counter(node.op_type for node in onnx.load(str(directory / "model.onnx")).graph.node)
+    assert ops["QAttention"] + ops["Attention"] == 6  # one fused attention per encoder layer
+    assert ops["MatMulInteger"] > 0
+    assert ops["SkipLayerNormalization"] > 0
+
+
+def test_serving_tokenizer_matches_the_training_tokenizer(registry_path: Path) -> None:
+    manifest, directory = Registry(registry_path).resolve()
+    served = OnnxTextClassifier.from_version(manifest, directory, "cpu").tokenizer
+    hf = load_tokenizer(resolve_base(Settings().model))
+    texts = validation_split().texts + ["", "x" * 3000, "Ünïcödé — ✓ emoji 🎬", "  spaced   out  "]
+    for text in texts:
+        expected = hf(text, truncation=True, max_length=manifest.export["max_seq_length"])["input_ids"]
+        assert served.encode(text).ids == expected, text
+
+
+def test_a_texts_scores_do_not_depend_on_its_batch(registry_path: Path) -> None:
+    manifest, directory = Registry(registry_path).resolve()
+    classifier = OnnxTextClassifier.from_version(manifest, directory, "cpu")
+    texts = validation_split().texts[:48]
+    together = classifier.predict(texts).logits
+    alone = np.concatenate([classifier.predict([text]).logits for text in texts])
+    np.testing.assert_array_equal(together, alone)
+
+
+def test_bootstrap_if_empty_keeps_the_served_version(registry_path: Path) -> None:
+    result = run_cli("bootstrap", "--data", str(IMDB), "--if-empty", env=tuneloop_env(registry_path))
+    assert "already serves v1" in result.stdout
+    assert Registry(registry_path).list_versions() == [1]
+
+
+def test_bootstrap_rejects_bad_data_with_the_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,score\nhello,1\n")
+    result = run_cli("bootstrap", "--data", str(bad), env=tuneloop_env(tmp_path / "reg"), check=False)
+    assert result.returncode == 2
+    assert "columns 'text' and 'label'" in result.stdout
+    assert not (tmp_path / "reg" / "versions").exists()

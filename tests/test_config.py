@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from tuneloop.config import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("TUNELOOP_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults_without_file_or_env() -> None:
+    settings = Settings()
+    assert settings.serve.port == 3000
+    assert settings.serve.backend == "onnx"
+    assert settings.registry.path == Path("var/registry")
+
+
+def test_toml_file_then_environment_take_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "custom.toml"
+    config.write_text('[serve]\nport = 4100\nmax_texts_per_request = 8\n[registry]\npath = "/srv/models"\n')
+    monkeypatch.setenv("TUNELOOP_CONFIG", str(config))
+    monkeypatch.setenv("TUNELOOP_SERVE__PORT", "4200")
+    settings = Settings()
+    assert settings.serve.port == 4200  # env beats file
+    assert settings.serve.max_texts_per_request == 8  # file beats default
+    assert settings.serve.max_chars_per_text == 2000  # untouched default survives a partial section
+    assert settings.registry.path == Path("/srv/models")
+
+
+def test_default_file_in_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / "tuneloop.toml").write_text("[train]\nlora_r = 4\n")
+    assert Settings().train.lora_r == 4
+
+
+def test_missing_named_file_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNELOOP_CONFIG", "/nonexistent/tuneloop.toml")
+    with pytest.raises(FileNotFoundError, match="TUNELOOP_CONFIG"):
+        Settings()
+
+
+def test_invalid_values_and_unknown_keys_are_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNELOOP_SERVE__BACKEND", "tensorflow")
+    with pytest.raises(ValidationError, match="backend"):
+        Settings()
+    monkeypatch.delenv("TUNELOOP_SERVE__BACKEND")
+    (tmp_path / "tuneloop.toml").write_text("[serve]\nportt = 1\n")
+    with pytest.raises(ValidationError, match="portt"):
+        Settings()

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneloop.registry import IntegrityError, Registry, RegistryError, sha256_file
+
+
+def stage_files(stage: Path, payload: bytes = b"onnx-bytes") -> None:
+    (stage / "model.onnx").write_bytes(payload)
+    (stage / "labels.json").write_text(json.dumps(["neg", "pos"]))
+    (stage / "adapter").mkdir()
+    (stage / "adapter" / "adapter_model.safetensors").write_bytes(b"adapter")
+
+
+def publish(registry: Registry, payload: bytes = b"onnx-bytes", promote: bool = True, parent: int | None = None) -> int:
+    with registry.staging() as stage:
+        stage_files(stage, payload)
+        return registry.publish(
+            stage, base_model="base@sha256:0", labels=["neg", "pos"], parent_version=parent, promote=promote
+        ).version
+
+
+def test_publish_writes_a_complete_verified_version(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    version = publish(registry)
+    assert version == 1
+    assert registry.current_version() == 1
+    manifest = registry.verify(1)
+    assert set(manifest.files) == {"model.onnx", "labels.json", "adapter/adapter_model.safetensors"}
+    model = registry.version_dir(1) / "model.onnx"
+    assert manifest.files["model.onnx"].sha256 == sha256_file(model)
+    assert manifest.files["model.onnx"].bytes == len(b"onnx-bytes")
+    assert list((tmp_path / ".staging").iterdir()) == []  # staging cleaned up
+
+
+def test_versions_increase_and_history_records_every_promotion(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    assert publish(registry) == 1
+    assert publish(registry, b"v2", parent=1) == 2
+    assert publish(registry, b"v3", promote=False) == 3
+    assert registry.current_version() == 2  # an unpromoted version is stored, not served
+    registry.promote(1, action="rollback", reason="test")
+    assert registry.current_version() == 1
+    assert [(h.action, h.version, h.previous) for h in registry.history()] == [
+        ("promote", 1, None),
+        ("promote", 2, 1),
+        ("rollback", 1, 2),
+    ]
+    assert registry.manifest(2).parent_version == 1
+
+
+def test_tampered_file_is_refused_naming_the_file(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    (registry.version_dir(1) / "adapter" / "adapter_model.safetensors").write_bytes(b"evil")
+    with pytest.raises(IntegrityError, match="adapter/adapter_model.safetensors has sha256"):
+        registry.resolve()
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    (registry.version_dir(1) / "model.onnx").unlink()
+    with pytest.raises(IntegrityError, match="model.onnx is missing"):
+        registry.verify(1)
+
+
+def test_a_tampered_version_cannot_be_promoted(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", promote=False)
+    (registry.version_dir(2) / "model.onnx").write_bytes(b"evil")
+    with pytest.raises(IntegrityError):
+        registry.promote(2)
+    assert registry.current_version() == 1
+
+
+def test_a_crash_while_staging_publishes_nothing(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    with pytest.raises(RuntimeError, match="killed"), registry.staging() as stage:
+        stage_files(stage)
+        raise RuntimeError("killed mid-export")
+    assert registry.list_versions() == []
+    assert registry.current_version() is None
+    assert list((tmp_path / ".staging").iterdir()) == []
+
+
+def test_leftover_staging_dirs_are_never_versions(tmp_path: Path) -> None:
+    """A SIGKILL during export leaves a staging dir behind; it must stay invisible."""
+    registry = Registry(tmp_path)
+    (tmp_path / ".staging" / "stage-crashed").mkdir(parents=True)
+    (tmp_path / ".staging" / "stage-crashed" / "model.onnx").write_bytes(b"half")
+    assert publish(registry) == 1
+    assert registry.list_versions() == [1]
+
+
+def test_empty_registry_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="tuneloop bootstrap"):
+        Registry(tmp_path).resolve()
+
+
+def test_publish_refuses_empty_stage_and_foreign_manifest(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    with registry.staging() as stage, pytest.raises(RegistryError, match="empty"):
+        registry.publish(stage, base_model="b", labels=["a"])
+    with registry.staging() as stage:
+        (stage / "manifest.json").write_text("{}")
+        with pytest.raises(RegistryError, match="manifest.json"):
+            registry.publish(stage, base_model="b", labels=["a"])
+
+
+def test_corrupt_current_pointer_is_reported(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    (tmp_path / "current").write_text("garbage")
+    with pytest.raises(RegistryError, match="not a version number"):
+        registry.current_version()
