@@ -7,6 +7,7 @@ own slice back. Every prediction names the version that served it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -82,7 +83,12 @@ def model_info() -> ModelInfo | JSONResponse:
 
 
 @bentoml.asgi_app(info_app, path="/")
-@bentoml.service(name="tuneloop", workers=limits.workers, traffic={"timeout": 60})
+@bentoml.service(
+    name="tuneloop",
+    workers=limits.workers,
+    traffic={"timeout": 60},
+    logging={"access": {"enabled": limits.access_log}},
+)
 class Classifier:
     def __init__(self) -> None:
         self.registry = Registry(settings.registry.path)
@@ -101,6 +107,7 @@ class Classifier:
                 log.warning("model not loaded (%s); retrying in 2 s", exc)
                 time.sleep(2)
                 continue
+            gc.freeze()  # the loaded model's objects live for good; keep full collections from rescanning them
             self.live = live
             self.metrics.model_version.set(live.version)
             self.metrics.model_loaded.set(1)

@@ -1,0 +1,158 @@
+"""Serving benchmark: single-text requests at several concurrencies against a real `bentoml serve`.
+
+Compares the int8 ONNX backend with the same version run as PyTorch eager (serve.backend=torch,
+same batching settings), and with the raw ONNX Runtime ceiling on the same cores. Load comes from
+wrk (C, one thread), so the load generator takes little of the CPU it measures.
+
+    python benchmarks/serving.py [--duration 20] [--concurrency 1 8 32] [--registry var/registry]
+
+Writes benchmarks/results/serving.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import IMDB, running_service  # noqa: E402  (reuses the test suite's server launcher)
+from tuneloop.inference import OnnxTextClassifier  # noqa: E402
+from tuneloop.registry import Registry  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def texts() -> list[str]:
+    with IMDB.open() as handle:
+        return [row["text"] for row in csv.DictReader(handle)]
+
+
+def wrk_script(directory: Path) -> Path:
+    bodies = [json.dumps({"texts": [text]}) for text in texts()]
+    lua = ["bodies = {"] + [f"  [==[{body}]==]," for body in bodies] + ["}"]
+    lua += [
+        "counter = 0",
+        "request = function()",
+        "  counter = counter % #bodies + 1",
+        '  return wrk.format("POST", "/predict", {["Content-Type"] = "application/json"}, bodies[counter])',
+        "end",
+    ]
+    path = directory / "predict.lua"
+    path.write_text("\n".join(lua) + "\n")
+    return path
+
+
+def run_wrk(url: str, script: Path, concurrency: int, duration: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "10s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def latency(percentile: str) -> float:
+        value, unit = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)$", out, re.M).groups()
+        return float(value) * UNITS[unit]
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "concurrency": concurrency,
+        "requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "requests": requests,
+        "failed": (int(non_2xx.group(1)) if non_2xx else 0)
+        + (sum(int(n) for n in socket_errors.groups()) if socket_errors else 0),
+    }
+
+
+def raw_ceiling(registry: Path, seconds: float = 10.0) -> dict[str, float]:
+    """In-process ONNX Runtime throughput over the same texts, best of a few batch sizes."""
+    manifest, directory = Registry(registry).resolve()
+    classifier = OnnxTextClassifier.from_version(manifest, directory, "cpu")
+    pool = texts()
+    best: dict[str, float] = {}
+    for batch in (1, 8, 32):
+        classifier.predict(pool[:batch])
+        done, started, i = 0, time.perf_counter(), 0
+        while time.perf_counter() - started < seconds / 3:
+            chunk = pool[i : i + batch] or pool[:batch]
+            classifier.predict(chunk)
+            done += len(chunk)
+            i = (i + batch) % len(pool)
+        rate = done / (time.perf_counter() - started)
+        if rate > best.get("texts_per_second", 0):
+            best = {"batch": batch, "texts_per_second": rate}
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", type=Path, default=Path(os.environ.get("TUNELOOP_REGISTRY__PATH", "var/registry")))
+    parser.add_argument("--duration", type=int, default=20, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--backends", nargs="+", default=["onnx", "torch"])
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed for the load: apt-get install wrk")
+    registry = args.registry.resolve()
+    if Registry(registry).current_version() is None:
+        sys.exit(f"no model in {registry}: run `tuneloop bootstrap --data {IMDB.relative_to(ROOT)}` first")
+
+    results: dict[str, object] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "model_version": Registry(registry).current_version(),
+        "duration_s": args.duration,
+    }
+    with tempfile.TemporaryDirectory() as work:
+        script = wrk_script(Path(work))
+        for backend in args.backends:
+            rows = []
+            with running_service(registry, Path(work), TUNELOOP_SERVE__BACKEND=backend) as server:
+                run_wrk(server.url + "/predict", script, 8, 3)  # warm-up
+                for concurrency in args.concurrency:
+                    row = run_wrk(server.url + "/predict", script, concurrency, args.duration)
+                    rows.append(row)
+                    print(f"{backend:5s} c={concurrency:<3d} {row['requests_per_second']:7.1f} req/s  "
+                          f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}")
+            results[backend] = rows
+    results["raw_onnx_ceiling"] = raw_ceiling(registry)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    ceiling = results["raw_onnx_ceiling"]["texts_per_second"]
+    lines = [
+        "| concurrency | int8 ONNX req/s | p50 ms | p99 ms | PyTorch eager req/s | p50 ms | p99 ms | ONNX / eager | ONNX / raw ceiling |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for onnx_row, eager_row in zip(results.get("onnx", []), results.get("torch", []), strict=False):
+        lines.append(
+            f"| {onnx_row['concurrency']} | {onnx_row['requests_per_second']:.0f} | {onnx_row['p50_ms']:.1f} | "
+            f"{onnx_row['p99_ms']:.1f} | {eager_row['requests_per_second']:.0f} | {eager_row['p50_ms']:.1f} | "
+            f"{eager_row['p99_ms']:.1f} | {onnx_row['requests_per_second'] / eager_row['requests_per_second']:.1f}x | "
+            f"{onnx_row['requests_per_second'] / ceiling:.0%} |"
+        )
+    lines.append(f"\nRaw ONNX Runtime ceiling: {ceiling:.0f} texts/s (batch {results['raw_onnx_ceiling']['batch']}).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
