@@ -37,3 +37,19 @@ def test_softmax_rows_sum_to_one_and_are_stable_for_large_logits() -> None:
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(probabilities[1], [0.5, 0.5])
     assert probabilities[0, 0] == pytest.approx(1.0)
+
+
+def test_providers_prefer_cuda_only_when_onnxruntime_offers_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU exists on CI machines, so ONNX Runtime's provider list is faked here; the real
+    # CPU-only list is checked by the first assertion.
+    from tuneloop import inference
+
+    if "CUDAExecutionProvider" not in inference.ort.get_available_providers():
+        assert inference.choose_providers("auto") == ["CPUExecutionProvider"]
+        with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+            inference.choose_providers("cuda")
+    monkeypatch.setattr(
+        inference.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    assert inference.choose_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert inference.choose_providers("cpu") == ["CPUExecutionProvider"]
