@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from tuneloop.config import ModelConfig, TrainConfig
 
@@ -83,7 +84,14 @@ def load_tokenizer(base: BaseEncoder) -> PreTrainedTokenizerBase:
 
 def build_classifier(base: BaseEncoder, num_labels: int, model_config: ModelConfig) -> SentenceClassifier:
     # Eager attention: ONNX Runtime's BERT optimizer recognises (and fuses) only that graph.
-    encoder = AutoModel.from_pretrained(base.path, attn_implementation="eager", add_pooling_layer=False)
+    # The checkpoint's pooler is dropped on purpose (we mean-pool), so silence the load report
+    # that would list its weights as unexpected.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        encoder = AutoModel.from_pretrained(base.path, attn_implementation="eager", add_pooling_layer=False)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     return SentenceClassifier(encoder, num_labels, model_config.sketch_dim)
 
 
