@@ -97,6 +97,7 @@ def build_and_publish(
 
         export_info |= {
             "quantization": recipe.name,
+            "fp32_patterns": list(recipe.fp32_patterns),
             "max_rows_per_run": recipe.max_rows_per_run,
             "quantization_attempts": attempts_as_dicts(attempts),
         }

@@ -2,8 +2,13 @@
 
 Plain dynamic int8 can flip close calls (a prototype agreed with fp32 on 100 % of easy
 sentences but 93 % of ambiguous ones), so the recipes go from smallest and fastest to
-more fp32: per-channel weight scales first, then the head kept in fp32, then only the
-encoder's MatMuls quantized.
+more fp32: per-channel weight scales first, then the head kept in fp32, then the
+feed-forward layers kept in fp32, then only the attention projections quantized.
+
+Measured on v1 (200 validation rows, mean |logit error| vs PyTorch with only one family
+quantized): feed-forward output 0.054, feed-forward intermediate 0.046, attention 0.021,
+attention output 0.007. The error is spread evenly over the layers, so keeping single
+"sensitive" nodes in fp32 did not help; whole families do.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import re
 
 import numpy as np
 import onnx
@@ -22,14 +29,22 @@ class Recipe:
     name: str
     op_types: tuple[str, ...]
     fp32_head: bool
+    fp32_patterns: tuple[str, ...] = ()  # regular expressions over node names kept in fp32
     # Dynamic activation scales are per tensor: rows must run alone to be independent of their batch.
     max_rows_per_run: int | None = 1
 
 
+FEED_FORWARD = (r"/intermediate/dense/", r"layer\.\d+/output/dense/")
 RECIPES = (
     Recipe("int8-per-channel", ("MatMul", "Attention"), fp32_head=False),
     Recipe("int8-per-channel-fp32-head", ("MatMul", "Attention"), fp32_head=True),
-    Recipe("int8-per-channel-matmul-fp32-head", ("MatMul",), fp32_head=True),
+    Recipe("int8-attention-fp32-feed-forward", ("MatMul", "Attention"), fp32_head=True, fp32_patterns=FEED_FORWARD),
+    Recipe(
+        "int8-attention-projections-only",
+        ("Attention",),
+        fp32_head=True,
+        fp32_patterns=(*FEED_FORWARD, r"attention/output/dense/"),
+    ),
 )
 
 
@@ -64,6 +79,22 @@ def head_nodes(model_path: Path) -> list[str]:
     return [node.name for node in graph.node if "classifier" in node.name or any(o == "sketch" for o in node.output)]
 
 
+def _quantize(source: Path, target: Path, recipe: Recipe, head: list[str]) -> None:
+    names = [node.name for node in onnx.load(str(source), load_external_data=False).graph.node]
+    excluded = [n for n in names if any(re.search(p, n) for p in recipe.fp32_patterns)]
+    excluded += head if recipe.fp32_head else []
+    quantize_dynamic(
+        source,
+        target,
+        op_types_to_quantize=list(recipe.op_types),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=excluded or None,
+        # Fused com.microsoft ops defeat shape inference; their outputs are float.
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+
+
 def quantize_until_parity(
     source: Path,
     target: Path,
@@ -74,21 +105,16 @@ def quantize_until_parity(
     """Quantize with each recipe in turn; keep the first whose logits agree with the reference."""
     head = head_nodes(source)
     attempts: list[Attempt] = []
-    for recipe in RECIPES:
-        quantize_dynamic(
-            source,
-            target,
-            op_types_to_quantize=list(recipe.op_types),
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=head if recipe.fp32_head else None,
-            # Fused com.microsoft ops defeat shape inference; their outputs are float.
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
+
+    def attempt(recipe: Recipe) -> Parity | None:
+        _quantize(source, target, recipe, head)
         result = parity(reference_logits, run_logits(target, recipe))
         passed = result.argmax_agreement >= min_agreement
         attempts.append(Attempt(recipe.name, result, passed))
-        if passed:
+        return result if passed else None
+
+    for recipe in RECIPES:
+        if (result := attempt(recipe)) is not None:
             return recipe, result, attempts
     target.unlink(missing_ok=True)
     tried = "; ".join(f"{a.recipe}: {a.parity.argmax_agreement:.4f}" for a in attempts)

@@ -25,6 +25,11 @@ class ServiceMetrics:
     model_version: Any
     model_loaded: Any
     model_load_failures: Any
+    feedback_accepted: Any
+    feedback_spooled: Any
+    feedback_replayed: Any
+    prediction_events_published: Any
+    prediction_events_dropped: Any
 
 
 @lru_cache(maxsize=1)
@@ -58,5 +63,18 @@ def service_metrics() -> ServiceMetrics:
         ),
         model_load_failures=prom.Counter(
             "tuneloop_model_load_failures_total", "Model loads that failed (missing, corrupt or unreadable)."
+        ),
+        feedback_accepted=prom.Counter(
+            "tuneloop_feedback_accepted_total", "Feedback answered 202, by how it was made durable.", ["via"]
+        ),
+        feedback_spooled=prom.Gauge(
+            "tuneloop_feedback_spooled", "Accepted feedback waiting in the local spool for Kafka.", multiprocess_mode="livesum"
+        ),
+        feedback_replayed=prom.Counter("tuneloop_feedback_replayed_total", "Spooled feedback delivered to Kafka later."),
+        prediction_events_published=prom.Counter(
+            "tuneloop_prediction_events_published_total", "Prediction events acknowledged by the bus."
+        ),
+        prediction_events_dropped=prom.Counter(
+            "tuneloop_prediction_events_dropped_total", "Prediction events dropped: queue full or bus unavailable."
         ),
     )

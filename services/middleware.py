@@ -12,7 +12,7 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 # Label values come only from this set, so arbitrary paths cannot grow the metric's cardinality.
-ENDPOINTS = frozenset({"/predict", "/model", "/livez", "/readyz", "/metrics", "/docs.json"})
+ENDPOINTS = frozenset({"/predict", "/feedback", "/feedback/batch", "/model", "/livez", "/readyz", "/metrics", "/docs.json"})
 
 
 async def send_json_error(send: Any, status: int, message: str) -> None:

@@ -7,22 +7,27 @@ own slice back. Every prediction names the version that served it.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import bentoml
 from fastapi import FastAPI
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from starlette.responses import JSONResponse
 
+from services.events import FeedbackRefused, FeedbackSink, PredictionPublisher, Spool
 from services.live_model import LiveModel, load_live_model
 from services.metrics import service_metrics
 from services.middleware import BodyLimitMiddleware, RequestMetricsMiddleware, send_json_error
 from tuneloop.config import load_settings
+from tuneloop.bus import KafkaBus, open_bus
+from tuneloop.events import FeedbackEvent, PredictionEvent
 from tuneloop.registry import Registry
 
 log = logging.getLogger("tuneloop.service")
@@ -38,6 +43,15 @@ class Prediction(BaseModel):
     label: str
     scores: dict[str, float] = Field(description="Probability per label; they sum to 1.")
     model_version: int = Field(description="Registry version that served this text.")
+
+
+class FeedbackAccepted(BaseModel):
+    accepted: int = Field(description="Feedback items made durable.")
+    spooled: int = Field(description="Of those, how many wait in the local spool for Kafka to return.")
+    feedback_ids: list[str]
+
+
+FeedbackBatch = Annotated[list[FeedbackEvent], Field(min_length=1, max_length=1000)]
 
 
 class ModelInfo(BaseModel):
@@ -57,6 +71,12 @@ NOT_LOADED = "no verified model is loaded yet; check /readyz, and run `tuneloop 
 
 def _unavailable() -> JSONResponse:
     return JSONResponse({"error": NOT_LOADED}, status_code=503)
+
+
+def _error(ctx: bentoml.Context, status: int, message: str, detail: object = None) -> JSONResponse:
+    # BentoML copies the context's status onto any response an API with a ctx parameter returns.
+    ctx.response.status_code = status
+    return JSONResponse({"error": message} | ({"detail": detail} if detail else {}), status_code=status)
 
 
 info_app = FastAPI(title="tuneloop model information", docs_url=None, redoc_url=None, openapi_url=None)
@@ -95,7 +115,30 @@ class Classifier:
         self.live: LiveModel | None = None
         self.metrics = service_metrics()
         self.metrics.model_loaded.set(0)
+        events = settings.events
+        self.bus = open_bus(events)
+        spool = None
+        if isinstance(self.bus, KafkaBus):
+            worker = bentoml.server_context.worker_index or 1  # stable across restarts, unlike a pid
+            spool = Spool(events.spool_dir / f"feedback-worker{worker}.db")
+            threading.Thread(target=self._ensure_topics, name="ensure-topics", daemon=True).start()
+        self.feedback_sink = FeedbackSink(self.bus, events.topics.feedback, events.ack_timeout_s, spool, self.metrics)
+        self.prediction_events = PredictionPublisher(
+            self.bus, events.topics.predictions, events.prediction_buffer, self.metrics
+        )
+        # Waiting for broker acks happens here, never on the threads that run predictions.
+        self._feedback_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
         threading.Thread(target=self._load_until_ready, name="model-loader", daemon=True).start()
+
+    def _ensure_topics(self) -> None:
+        topics = settings.events.topics.model_dump().values()
+        while True:
+            try:
+                self.bus.ensure_topics(topics)
+                return
+            except Exception as exc:  # the broker may come up after the service; keep trying
+                log.warning("cannot create Kafka topics yet (%s); retrying in 5 s", exc)
+                time.sleep(5)
 
     def _load_until_ready(self) -> None:
         """Retry until a verified version loads, so a replica started before bootstrap comes up by itself."""
@@ -130,18 +173,60 @@ class Classifier:
         self.metrics.batch_texts.observe(len(texts))
         labels = live.manifest.labels
         predictions = []
-        for row in scores.probabilities:
+        for text, row in zip(texts, scores.probabilities, strict=True):
             label = labels[int(row.argmax())]
             self.metrics.predictions.labels(label, str(live.version)).inc()
-            predictions.append(
-                Prediction(
-                    request_id=uuid.uuid4().hex,
-                    label=label,
-                    scores={name: round(float(p), 6) for name, p in zip(labels, row, strict=True)},
-                    model_version=live.version,
-                )
+            prediction = Prediction(
+                request_id=uuid.uuid4().hex,
+                label=label,
+                scores={name: round(float(p), 6) for name, p in zip(labels, row, strict=True)},
+                model_version=live.version,
             )
+            predictions.append(prediction)
+            event = PredictionEvent(text=text, **prediction.model_dump())
+            self.prediction_events.offer(prediction.request_id.encode(), event.model_dump_json().encode())
         return predictions
+
+    @bentoml.api(route="/feedback")
+    async def feedback(
+        self,
+        ctx: bentoml.Context,
+        label: str,
+        request_id: str | None = None,
+        text: str | None = None,
+        feedback_id: str | None = None,
+        source: str = "api",
+    ) -> FeedbackAccepted:
+        """Label a prediction (by request_id) or a text. 202 once the feedback is durable."""
+        fields = {"label": label, "request_id": request_id, "text": text, "feedback_id": feedback_id, "source": source}
+        try:
+            event = FeedbackEvent(**{k: v for k, v in fields.items() if v is not None})
+        except ValidationError as exc:
+            return _error(ctx, 400, "invalid feedback", exc.errors(include_url=False, include_context=False))
+        return await self._accept([event], ctx)
+
+    @bentoml.api(route="/feedback/batch")
+    async def feedback_batch(self, ctx: bentoml.Context, items: FeedbackBatch) -> FeedbackAccepted:
+        """Up to 1,000 feedback items at once, accepted or refused together."""
+        return await self._accept(items, ctx)
+
+    async def _accept(self, events: list[FeedbackEvent], ctx: bentoml.Context) -> FeedbackAccepted | JSONResponse:
+        live = self.live
+        if live is None:
+            return _error(ctx, 503, NOT_LOADED)
+        unknown = sorted({event.label for event in events} - set(live.manifest.labels))
+        if unknown:
+            return _error(ctx, 400, f"unknown label(s) {unknown}; model v{live.version} knows {live.manifest.labels}")
+        messages = [(event.feedback_id.encode(), event.model_dump_json().encode()) for event in events]
+        loop = asyncio.get_running_loop()
+        try:
+            spooled = await loop.run_in_executor(self._feedback_executor, self.feedback_sink.submit, messages)
+        except FeedbackRefused as exc:
+            return _error(ctx, 503, f"feedback not accepted, retry later: {exc}")
+        self.metrics.feedback_accepted.labels("bus").inc(len(events) - spooled)
+        self.metrics.feedback_accepted.labels("spool").inc(spooled)
+        ctx.response.status_code = 202
+        return FeedbackAccepted(accepted=len(events), spooled=spooled, feedback_ids=[e.feedback_id for e in events])
 
 
 class ModelGateMiddleware:

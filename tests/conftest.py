@@ -110,3 +110,74 @@ def wait_until_up(server: Server, need_ready: bool, timeout: float = 180) -> Non
 def service(registry_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with running_service(registry_path, tmp_path_factory.mktemp("serve")) as server:
         yield server
+
+
+def _load_local_broker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_broker", ROOT / "deploy" / "kafka" / "local_broker.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+local_broker = _load_local_broker()
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[object]:
+    """One real Kafka broker (KRaft) on loopback for the whole session."""
+    with local_broker.running_kafka() as broker:
+        yield broker
+
+
+def bus_env(kind: str, tmp_path: Path, bootstrap_servers: str = "", **extra: str) -> dict[str, str]:
+    """Settings for a service and a controller sharing one bus, store and (with Kafka) fresh topics."""
+    env = {
+        "TUNELOOP_CONTROLLER__STORE_PATH": str(tmp_path / "store.db"),
+        "TUNELOOP_CONTROLLER__PORT": str(free_port()),
+        "TUNELOOP_EVENTS__SPOOL_DIR": str(tmp_path / "spool"),
+        "TUNELOOP_EVENTS__ACK_TIMEOUT_S": "2",
+    }
+    if kind == "kafka":
+        suffix = tmp_path.name.replace("_", "-")
+        env |= {
+            "TUNELOOP_EVENTS__KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+            "TUNELOOP_CONTROLLER__GROUP_ID": f"controller-{suffix}",
+        }
+        for topic in ("predictions", "feedback", "dead_letter", "model"):
+            env[f"TUNELOOP_EVENTS__TOPICS__{topic.upper()}"] = f"{topic}-{suffix}"
+    else:
+        env["TUNELOOP_EVENTS__EMBEDDED_PATH"] = str(tmp_path / "events.db")
+    return env | extra
+
+
+@contextlib.contextmanager
+def running_controller(registry: Path, tmp_path: Path, env: dict[str, str], wait: bool = True) -> Iterator[subprocess.Popen]:
+    log = tmp_path / f"controller-{time.monotonic_ns()}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "tuneloop"), "controller"], cwd=ROOT, env=tuneloop_env(registry, **env),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    process.log = log  # type: ignore[attr-defined]
+    try:
+        if wait:
+            url = f"http://127.0.0.1:{env['TUNELOOP_CONTROLLER__PORT']}/metrics"
+            deadline = time.monotonic() + 60
+            while True:
+                assert process.poll() is None, log.read_text()
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()

@@ -104,6 +104,20 @@ def serve(
 
 
 @app.command()
+def controller() -> None:
+    """Consume prediction and feedback events into the feedback store; /metrics on controller.port."""
+    from monitoring.controller import serve_controller
+
+    settings = load_settings()
+    bus = settings.events.kafka_bootstrap_servers or f"embedded log {settings.events.embedded_path}"
+    console.print(
+        f"controller: {bus} -> {settings.controller.store_path}; "
+        f"metrics on http://{settings.controller.host}:{settings.controller.port}/metrics"
+    )
+    serve_controller(settings)
+
+
+@app.command()
 def history() -> None:
     """Every promotion and rollback, oldest first."""
     registry = _registry()

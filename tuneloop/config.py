@@ -90,6 +90,35 @@ class ServeConfig(Section):
     )
 
 
+class TopicsConfig(Section):
+    predictions: str = "tuneloop.predictions"
+    feedback: str = "tuneloop.feedback"
+    dead_letter: str = "tuneloop.feedback.dead-letter"
+    model: str = "tuneloop.model-events"
+
+
+class EventsConfig(Section):
+    kafka_bootstrap_servers: str = Field(
+        "", description="Kafka brokers (host:port,...). Empty: the embedded durable log. KAFKA_BOOTSTRAP_SERVERS also sets it."
+    )
+    embedded_path: Path = Field(Path("var/events.db"), description="The embedded log (SQLite, WAL) when Kafka is off.")
+    spool_dir: Path = Field(Path("var/spool"), description="Accepted feedback waits here while Kafka is unreachable.")
+    topics: TopicsConfig = TopicsConfig()
+    ack_timeout_s: float = Field(5.0, gt=0, description="How long /feedback waits for the broker before spooling.")
+    prediction_buffer: int = Field(10_000, ge=1, description="Prediction events queued per worker; beyond it they are dropped.")
+
+
+class ControllerConfig(Section):
+    store_path: Path = Field(Path("var/feedback.db"), description="The feedback store (SQLite).")
+    group_id: str = "tuneloop-controller"
+    join_timeout_s: float = Field(
+        300.0, gt=0, description="Feedback whose prediction has not arrived by then goes to the dead-letter topic."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(3100, ge=1, le=65535, description="The controller's /metrics port.")
+    poll_max_records: int = Field(500, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TUNELOOP_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
@@ -100,6 +129,8 @@ class Settings(BaseSettings):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
+    events: EventsConfig = EventsConfig()
+    controller: ControllerConfig = ControllerConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -127,4 +158,9 @@ def config_file() -> Path | None:
 
 @lru_cache(maxsize=1)
 def load_settings() -> Settings:
-    return Settings()
+    settings = Settings()
+    # The conventional variable works too, unless the tuneloop-specific one is set.
+    kafka = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if kafka and not os.environ.get("TUNELOOP_EVENTS__KAFKA_BOOTSTRAP_SERVERS"):
+        settings.events.kafka_bootstrap_servers = kafka
+    return settings

@@ -1,0 +1,157 @@
+"""Getting events out of the service: feedback durably, prediction events without slowing predictions.
+
+Feedback is answered 202 only once it is durable: acknowledged by the bus, or, while Kafka is
+unreachable, written to a local spool (SQLite, fsynced) that a background thread replays in
+order when the broker returns. While the spool holds anything, new feedback queues behind it,
+so the order of acceptance is the order on the topic. A replay after a crash can repeat a
+message; the controller's deduplication by feedback_id stores it once.
+
+Prediction events go through a bounded queue drained by a background thread; when it is full
+they are dropped and counted. Feedback is never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneloop.bus import Bus, BusUnavailable, Message
+
+log = logging.getLogger("tuneloop.events")
+
+
+class FeedbackRefused(Exception):
+    """Nothing durable accepted the feedback; the client must retry."""
+
+
+class Spool:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, key BLOB, value BLOB)")
+
+    def append(self, messages: list[Message]) -> None:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT INTO spool (key, value) VALUES (?, ?)", messages)
+
+    def oldest(self, limit: int) -> list[tuple[int, bytes | None, bytes]]:
+        return self._db.execute("SELECT seq, key, value FROM spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
+
+    def remove_through(self, seq: int) -> None:
+        self._db.execute("DELETE FROM spool WHERE seq <= ?", (seq,))
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]
+
+
+class FeedbackSink:
+    def __init__(self, bus: Bus, topic: str, ack_timeout_s: float, spool: Spool | None, metrics: Any) -> None:
+        self.bus = bus
+        self.topic = topic
+        self.ack_timeout_s = ack_timeout_s
+        self.spool = spool  # None on the embedded bus: its commit is already local and durable
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        if spool is not None:
+            self.metrics.feedback_spooled.set(len(spool))
+            threading.Thread(target=self._replay_forever, name="feedback-replay", daemon=True).start()
+
+    def submit(self, messages: list[Message]) -> int:
+        """Make messages durable, in order; return how many went to the spool. Raises FeedbackRefused."""
+        with self._lock:
+            if self.spool is not None and len(self.spool):
+                return self._to_spool(messages)
+            try:
+                acknowledged = self.bus.publish_many(self.topic, messages, self.ack_timeout_s)
+            except BusUnavailable as exc:
+                if self.spool is None:
+                    raise FeedbackRefused(str(exc)) from exc
+                acknowledged = [False] * len(messages)
+            # Acks arrive in order, so everything after the first miss is spooled, keeping the order.
+            first_miss = acknowledged.index(False) if False in acknowledged else len(messages)
+            if first_miss == len(messages):
+                return 0
+            if self.spool is None:
+                raise FeedbackRefused(f"the event log did not acknowledge {len(messages) - first_miss} messages")
+            return self._to_spool(messages[first_miss:])
+
+    def _to_spool(self, messages: list[Message]) -> int:
+        assert self.spool is not None
+        self.spool.append(messages)
+        self.metrics.feedback_spooled.set(len(self.spool))
+        self._wake.set()
+        return len(messages)
+
+    def _replay_forever(self) -> None:
+        assert self.spool is not None
+        while True:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            while self._replay_once():
+                pass
+
+    def _replay_once(self) -> bool:
+        """Publish the oldest spooled messages; True when some went out and more may follow."""
+        assert self.spool is not None
+        batch = self.spool.oldest(500)
+        if not batch:
+            return False
+        try:
+            acknowledged = self.bus.publish_many(self.topic, [(key, value) for _, key, value in batch], self.ack_timeout_s)
+        except BusUnavailable:
+            acknowledged = []
+        sent = next((i for i, ok in enumerate(acknowledged) if not ok), len(acknowledged))
+        if sent == 0:
+            time.sleep(1.0)  # broker still away
+            return False
+        with self._lock:
+            self.spool.remove_through(batch[sent - 1][0])
+            remaining = len(self.spool)
+        self.metrics.feedback_spooled.set(remaining)
+        self.metrics.feedback_replayed.inc(sent)
+        log.info("replayed %d spooled feedback messages, %d left", sent, remaining)
+        return remaining > 0
+
+
+class PredictionPublisher:
+    """Bounded, best-effort: a full queue drops the event (counted) rather than slow a prediction."""
+
+    def __init__(self, bus: Bus, topic: str, capacity: int, metrics: Any) -> None:
+        self.bus = bus
+        self.topic = topic
+        self.metrics = metrics
+        self._queue: queue.Queue[Message] = queue.Queue(maxsize=capacity)
+        threading.Thread(target=self._drain_forever, name="prediction-events", daemon=True).start()
+
+    def offer(self, key: bytes, value: bytes) -> None:
+        try:
+            self._queue.put_nowait((key, value))
+        except queue.Full:
+            self.metrics.prediction_events_dropped.inc()
+
+    def _drain_forever(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 500:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                acknowledged = self.bus.publish_many(self.topic, batch, timeout_s=10.0)
+            except BusUnavailable:
+                acknowledged = [False] * len(batch)
+            self.metrics.prediction_events_published.inc(sum(acknowledged))
+            lost = len(batch) - sum(acknowledged)
+            if lost:
+                self.metrics.prediction_events_dropped.inc(lost)

@@ -1,0 +1,209 @@
+"""Feedback from HTTP through the bus into the store, on a real Kafka broker and on the embedded log."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import bus_env, local_broker, running_controller, running_service
+from tuneloop.bus import EmbeddedBus, KafkaBus
+from tuneloop.feedback_store import FeedbackStore
+
+pytestmark = pytest.mark.slow
+BUSES = ["embedded", "kafka"]
+
+
+@pytest.fixture(params=BUSES)
+def setup(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    servers = request.getfixturevalue("kafka").bootstrap_servers if request.param == "kafka" else ""
+    return bus_env(request.param, tmp_path, servers)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def store(env: dict[str, str]) -> FeedbackStore:
+    return FeedbackStore(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
+
+
+def open_test_bus(env: dict[str, str]) -> EmbeddedBus | KafkaBus:
+    if env.get("TUNELOOP_EVENTS__KAFKA_BOOTSTRAP_SERVERS"):
+        return KafkaBus(env["TUNELOOP_EVENTS__KAFKA_BOOTSTRAP_SERVERS"])
+    return EmbeddedBus(Path(env["TUNELOOP_EVENTS__EMBEDDED_PATH"]))
+
+
+def dead_letters(env: dict[str, str], expected: int) -> list[dict]:
+    topic = env.get("TUNELOOP_EVENTS__TOPICS__DEAD_LETTER", "tuneloop.feedback.dead-letter")
+    consumer = open_test_bus(env).consumer("test-reader", [topic])
+    letters: list[dict] = []
+    deadline = time.monotonic() + 30
+    while len(letters) < expected and time.monotonic() < deadline:
+        letters += [json.loads(r.value) for r in consumer.poll(100, timeout_s=1.0)]
+    consumer.close()
+    return letters
+
+
+def metric(url: str, series: str) -> float:
+    match = re.search(rf"^{re.escape(series)} (\S+)$", httpx.get(url).text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_feedback_round_trip_joins_predictions_and_stores_each_once(
+    setup: dict[str, str], registry_path: Path, tmp_path: Path
+) -> None:
+    with running_service(registry_path, tmp_path, **setup) as server, server.client() as client, running_controller(
+        registry_path, tmp_path, setup
+    ):
+        predictions = client.post("/predict", json={"texts": ["A gem of a film.", "Painfully boring."]}).json()
+        single = client.post("/feedback", json={"request_id": predictions[0]["request_id"], "label": "positive"})
+        assert single.status_code == 202, single.text
+        batch = client.post(
+            "/feedback/batch",
+            json={"items": [
+                {"request_id": predictions[1]["request_id"], "label": "positive", "feedback_id": "fb-joined"},
+                {"text": "Brilliant cast, weak ending.", "label": "negative", "feedback_id": "fb-text", "source": "qa"},
+            ]},
+        )
+        assert batch.status_code == 202, batch.text
+        assert batch.json()["feedback_ids"] == ["fb-joined", "fb-text"]
+        resent = client.post("/feedback", json={"text": "again", "label": "negative", "feedback_id": "fb-text"})
+        assert resent.status_code == 202
+        wait_for(lambda: store(setup).count() == 3, 60, "3 stored feedback rows")
+        metrics = f"http://127.0.0.1:{setup['TUNELOOP_CONTROLLER__PORT']}/metrics"
+        wait_for(lambda: metric(metrics, "tuneloop_controller_duplicates_skipped_total") >= 1, 30, "duplicate count")
+    rows = {row["feedback_id"]: row for row in store(setup).feedback_rows()}
+    first = rows[single.json()["feedback_ids"][0]]
+    assert (first["text"], first["label"], first["predicted_label"], first["model_version"]) == (
+        "A gem of a film.", "positive", "positive", 1)
+    assert (rows["fb-joined"]["text"], rows["fb-joined"]["predicted_label"]) == ("Painfully boring.", "negative")
+    assert (rows["fb-text"]["text"], rows["fb-text"]["source"]) == ("Brilliant cast, weak ending.", "qa")
+    assert store(setup).count("predictions") >= 2
+
+
+INVALID = [
+    ("unknown label", "/feedback", {"text": "x", "label": "meh"}, "unknown label(s) ['meh']"),
+    ("no request_id or text", "/feedback", {"label": "positive"}, "needs a request_id"),
+    ("no label", "/feedback", {"text": "x"}, "label"),
+    ("label not a string", "/feedback", {"text": "x", "label": 3}, "string"),
+    ("bad feedback_id", "/feedback", {"text": "x", "label": "positive", "feedback_id": "a b/c"}, "pattern"),
+    ("unknown field", "/feedback/batch", {"items": [{"text": "x", "label": "positive", "colour": "red"}]}, "extra"),
+    ("empty batch", "/feedback/batch", {"items": []}, "at least 1"),
+    ("one bad item refuses the batch", "/feedback/batch",
+     {"items": [{"text": "x", "label": "positive"}, {"text": "y", "label": "meh"}]}, "unknown label"),
+]
+
+
+def test_invalid_feedback_gets_a_4xx_and_stores_nothing(setup: dict[str, str], registry_path: Path, tmp_path: Path) -> None:
+    with running_service(registry_path, tmp_path, **setup) as server, server.client() as client:
+        for case, path, body, message in INVALID:
+            response = client.post(path, json=body)
+            assert response.status_code == 400, (case, response.text)
+            assert message in response.text, (case, response.text)
+        with running_controller(registry_path, tmp_path, setup):
+            ok = client.post("/feedback", json={"text": "fine", "label": "positive"})
+            assert ok.status_code == 202
+            wait_for(lambda: store(setup).count() == 1, 60, "the one valid row")
+        assert [r["text"] for r in store(setup).feedback_rows()] == ["fine"]
+
+
+def test_malformed_and_unjoinable_feedback_is_dead_lettered_with_a_reason(
+    setup: dict[str, str], registry_path: Path, tmp_path: Path
+) -> None:
+    env = setup | {"TUNELOOP_CONTROLLER__JOIN_TIMEOUT_S": "2"}
+    feedback_topic = env.get("TUNELOOP_EVENTS__TOPICS__FEEDBACK", "tuneloop.feedback")
+    bus = open_test_bus(env)
+    bus.ensure_topics([feedback_topic])
+    # Written straight to the topic: the service would refuse these with a 400.
+    assert bus.publish_many(feedback_topic, [(None, b"{not json"), (None, b'{"label": "positive"}')]) == [True, True]
+    with running_service(registry_path, tmp_path, **env) as server, server.client() as client, running_controller(
+        registry_path, tmp_path, env
+    ):
+        orphan = client.post("/feedback", json={"request_id": "never-served", "label": "negative"})
+        assert orphan.status_code == 202
+        letters = dead_letters(env, expected=3)
+    assert len(letters) == 3, letters
+    malformed = [letter for letter in letters if "malformed" in letter["reason"]]
+    assert sorted(letter["raw"] for letter in malformed) == ['{"label": "positive"}', "{not json"]
+    assert any("needs a request_id" in letter["reason"] for letter in malformed)
+    orphans = [letter for letter in letters if "did not arrive within 2 s" in letter["reason"]]
+    assert len(orphans) == 1 and "never-served" in orphans[0]["raw"]
+    assert store(env).count() == 0
+
+
+def test_controller_crash_between_write_and_commit_stores_nothing_twice(
+    setup: dict[str, str], registry_path: Path, tmp_path: Path
+) -> None:
+    with running_service(registry_path, tmp_path, **setup) as server, server.client() as client:
+        items = [{"text": f"review {i}", "label": "positive", "feedback_id": f"crash-{i}"} for i in range(20)]
+        assert client.post("/feedback/batch", json={"items": items}).status_code == 202
+        crashing = setup | {"TUNELOOP_CONTROLLER_FAULT": "exit-after-write"}
+        with running_controller(registry_path, tmp_path, crashing, wait=False) as doomed:
+            assert doomed.wait(timeout=60) == 17  # wrote the batch, died before committing offsets
+        assert store(setup).count() == 20
+        with running_controller(registry_path, tmp_path, setup):
+            metrics = f"http://127.0.0.1:{setup['TUNELOOP_CONTROLLER__PORT']}/metrics"
+            wait_for(lambda: metric(metrics, "tuneloop_controller_duplicates_skipped_total") == 20, 60,
+                     "the redelivered batch to be recognised")
+    assert store(setup).count() == 20
+    assert sorted(r["feedback_id"] for r in store(setup).feedback_rows()) == sorted(i["feedback_id"] for i in items)
+
+
+@pytest.fixture
+def own_broker() -> Iterator[object]:
+    """A broker of this test's own, since the test kills it."""
+    broker = local_broker.LocalKafka().start()
+    try:
+        yield broker
+    finally:
+        broker.cleanup()
+
+
+def test_broker_sigkill_mid_stream_loses_and_duplicates_nothing(
+    own_broker: object, registry_path: Path, tmp_path: Path
+) -> None:
+    env = bus_env("kafka", tmp_path, own_broker.bootstrap_servers)
+    accepted: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def send_feedback(client: httpx.Client) -> None:
+        i = 0
+        while not stop.is_set():
+            feedback_id = f"kill-{i}"
+            response = client.post("/feedback", json={"text": f"text {i}", "label": "negative", "feedback_id": feedback_id})
+            if response.status_code == 202:
+                accepted.append(feedback_id)
+            else:
+                failures.append(f"{response.status_code} {response.text}")
+            i += 1
+
+    with running_service(registry_path, tmp_path, **env) as server, server.client() as client, running_controller(
+        registry_path, tmp_path, env
+    ):
+        sender = threading.Thread(target=send_feedback, args=(client,))
+        sender.start()
+        wait_for(lambda: len(accepted) >= 50, 60, "50 accepted before the kill")
+        own_broker.kill()
+        killed_at = len(accepted)
+        wait_for(lambda: len(accepted) >= killed_at + 30, 120, "30 accepted while the broker is down")
+        own_broker.start()
+        wait_for(lambda: len(accepted) >= killed_at + 60, 120, "more accepted after the restart")
+        stop.set()
+        sender.join()
+        wait_for(lambda: store(env).count() >= len(accepted), 120, f"all {len(accepted)} accepted rows stored")
+        spooled = metric(server.url + "/metrics", 'tuneloop_feedback_accepted_total{via="spool"}')
+    stored = [r["feedback_id"] for r in store(env).feedback_rows()]
+    assert failures == []
+    assert sorted(stored) == sorted(accepted)  # every 202 stored, exactly once
+    assert spooled > 0  # the outage really was bridged by the spool

@@ -1,0 +1,290 @@
+"""The event bus: Kafka when configured, else an embedded durable log with the same interface.
+
+Both give at-least-once delivery: `publish` returns only once the message is durable (Kafka:
+acks=all from an idempotent producer; embedded: an fsynced SQLite commit), and a consumer's
+position moves only when it commits after processing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuneloop.config import EventsConfig
+
+
+class BusUnavailable(Exception):
+    """The bus did not acknowledge in time; the message may or may not have been stored."""
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+class Consumer(Protocol):
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]: ...
+    def commit(self, records: list[Record]) -> None: ...
+    def lag(self) -> dict[tuple[str, int], int]: ...
+    def close(self) -> None: ...
+
+
+Message = tuple[bytes | None, bytes]  # (key, value)
+
+
+class Bus(Protocol):
+    def ensure_topics(self, topics: Iterable[str]) -> None: ...
+    def publish_many(self, topic: str, messages: list[Message], timeout_s: float = 5.0) -> list[bool]:
+        """Send in order; True for each message acknowledged as durable within the timeout."""
+        ...
+    def consumer(self, group: str, topics: list[str]) -> Consumer: ...
+    def close(self) -> None: ...
+
+
+# -- embedded ---------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    offset INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic  TEXT NOT NULL,
+    key    BLOB,
+    value  BLOB NOT NULL,
+    time   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_topic ON messages (topic, offset);
+CREATE TABLE IF NOT EXISTS consumer_offsets (
+    grp    TEXT NOT NULL,
+    topic  TEXT NOT NULL,
+    next   INTEGER NOT NULL,
+    PRIMARY KEY (grp, topic)
+);
+"""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=FULL")  # a returned commit is on disk
+    connection.executescript(_SCHEMA)
+    return connection
+
+
+class EmbeddedBus:
+    """A single-partition durable log per topic in one SQLite file, shared by processes on one host."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = _connect(path)
+        self._lock = threading.Lock()
+
+    def ensure_topics(self, topics: Iterable[str]) -> None:
+        return None  # topics exist implicitly
+
+    def publish_many(self, topic: str, messages: list[Message], timeout_s: float = 5.0) -> list[bool]:
+        now = time.time()
+        try:
+            with self._lock, self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT INTO messages (topic, key, value, time) VALUES (?, ?, ?, ?)",
+                    [(topic, key, value, now) for key, value in messages],
+                )
+        except sqlite3.Error as exc:
+            raise BusUnavailable(f"embedded log {self.path}: {exc}") from exc
+        return [True] * len(messages)
+
+    def consumer(self, group: str, topics: list[str]) -> EmbeddedConsumer:
+        return EmbeddedConsumer(self.path, group, topics)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class EmbeddedConsumer:
+    """Like a Kafka consumer: polling advances an in-memory position, commit makes it durable."""
+
+    def __init__(self, path: Path, group: str, topics: list[str]) -> None:
+        self._db = _connect(path)
+        self.group = group
+        self.topics = topics
+        self._position = self._committed()
+
+    def _committed(self) -> dict[str, int]:
+        rows = self._db.execute(
+            f"SELECT topic, next FROM consumer_offsets WHERE grp = ? AND topic IN ({','.join('?' * len(self.topics))})",
+            (self.group, *self.topics),
+        ).fetchall()
+        return {topic: 0 for topic in self.topics} | dict(rows)
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            records = []
+            for topic, start in self._position.items():
+                rows = self._db.execute(
+                    "SELECT offset, key, value FROM messages WHERE topic = ? AND offset >= ? ORDER BY offset LIMIT ?",
+                    (topic, start, max_records),
+                ).fetchall()
+                records += [Record(topic, 0, offset, key, value) for offset, key, value in rows]
+            records = sorted(records, key=lambda r: r.offset)[:max_records]
+            for record in records:
+                self._position[record.topic] = max(self._position[record.topic], record.offset + 1)
+            if records or time.monotonic() >= deadline:
+                return records
+            time.sleep(0.05)
+
+    def commit(self, records: list[Record]) -> None:
+        latest: dict[str, int] = {}
+        for record in records:
+            latest[record.topic] = max(latest.get(record.topic, -1), record.offset)
+        with self._db:
+            for topic, offset in latest.items():
+                self._db.execute(
+                    "INSERT INTO consumer_offsets (grp, topic, next) VALUES (?, ?, ?) "
+                    "ON CONFLICT (grp, topic) DO UPDATE SET next = MAX(next, excluded.next)",
+                    (self.group, topic, offset + 1),
+                )
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        lags = {}
+        for topic, start in self._position.items():
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM messages WHERE topic = ? AND offset >= ?", (topic, start)
+            ).fetchone()
+            lags[(topic, 0)] = count
+        return lags
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# -- Kafka ------------------------------------------------------------------------------------
+
+
+class KafkaBus:
+    def __init__(self, bootstrap_servers: str, max_block_ms: int = 2000) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.max_block_ms = max_block_ms
+        self._producer_instance: object | None = None
+        self._producer_lock = threading.Lock()
+
+    @property
+    def _producer(self) -> Any:
+        """Connect on first use, so a process can start (and spool) while the broker is down."""
+        from kafka import KafkaProducer
+        from kafka.errors import KafkaError
+
+        with self._producer_lock:
+            if self._producer_instance is None:
+                try:
+                    self._producer_instance = KafkaProducer(
+                        bootstrap_servers=self.bootstrap_servers,
+                        acks="all",
+                        enable_idempotence=True,
+                        linger_ms=2,
+                        max_block_ms=self.max_block_ms,  # how long send() may wait for metadata or buffer space
+                        request_timeout_ms=5000,
+                        delivery_timeout_ms=30000,
+                    )
+                except KafkaError as exc:
+                    raise BusUnavailable(f"cannot reach Kafka at {self.bootstrap_servers}: {exc!r}") from exc
+            return self._producer_instance
+
+    def ensure_topics(self, topics: Iterable[str]) -> None:
+        from kafka import KafkaAdminClient
+        from kafka.admin import NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        try:
+            missing = set(topics) - set(admin.list_topics())
+            if missing:
+                with contextlib.suppress(TopicAlreadyExistsError):  # another process created it meanwhile
+                    admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1) for name in missing])
+        finally:
+            admin.close()
+
+    def publish_many(self, topic: str, messages: list[Message], timeout_s: float = 5.0) -> list[bool]:
+        from kafka.errors import KafkaError
+
+        deadline = time.monotonic() + timeout_s
+        futures = []
+        for key, value in messages:
+            try:
+                futures.append(self._producer.send(topic, value=value, key=key))
+            except KafkaError:  # no metadata (broker down) or buffer full: this and the rest are not sent
+                break
+        acknowledged = []
+        for future in futures:
+            try:
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
+                acknowledged.append(True)
+            except (KafkaError, TimeoutError):
+                acknowledged.append(False)
+        return acknowledged + [False] * (len(messages) - len(futures))
+
+    def consumer(self, group: str, topics: list[str]) -> KafkaEventConsumer:
+        return KafkaEventConsumer(self.bootstrap_servers, group, topics)
+
+    def close(self) -> None:
+        if self._producer_instance is not None:
+            self._producer_instance.close(timeout=5)
+
+
+class KafkaEventConsumer:
+    def __init__(self, bootstrap_servers: str, group: str, topics: list[str]) -> None:
+        from kafka import KafkaConsumer
+
+        self._consumer = KafkaConsumer(
+            *topics,
+            bootstrap_servers=bootstrap_servers,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        records = [
+            Record(m.topic, m.partition, m.offset, m.key, m.value) for messages in batches.values() for m in messages
+        ]
+        return records
+
+    def commit(self, records: list[Record]) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        latest: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            latest[tp] = max(latest.get(tp, -1), record.offset)
+        if latest:
+            self._consumer.commit({tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in latest.items()})
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        assigned = self._consumer.assignment()
+        if not assigned:
+            return {}
+        ends = self._consumer.end_offsets(list(assigned))
+        return {(tp.topic, tp.partition): max(0, ends[tp] - self._consumer.position(tp)) for tp in assigned}
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def open_bus(config: EventsConfig) -> Bus:
+    if config.kafka_bootstrap_servers:
+        return KafkaBus(config.kafka_bootstrap_servers)
+    return EmbeddedBus(config.embedded_path)

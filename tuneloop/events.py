@@ -1,0 +1,62 @@
+"""What travels on the bus: JSON messages, validated on both ends by these schemas."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class PredictionEvent(BaseModel):
+    request_id: str
+    text: str
+    label: str
+    scores: dict[str, float]
+    model_version: int
+    timestamp: str = Field(default_factory=utc_now)
+
+
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
+class FeedbackEvent(BaseModel):
+    """One labelled example sent back by an application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feedback_id: Identifier = Field(default_factory=new_id, description="Deduplication key; a resend stores nothing twice.")
+    request_id: Identifier | None = Field(None, description="The prediction this labels; its text is joined in.")
+    text: Annotated[str, StringConstraints(min_length=1)] | None = Field(None, description="Needed without request_id.")
+    label: Annotated[str, StringConstraints(min_length=1)]
+    source: Annotated[str, StringConstraints(max_length=128)] = "api"
+    timestamp: str = Field(default_factory=utc_now)
+
+    @model_validator(mode="after")
+    def needs_request_id_or_text(self) -> FeedbackEvent:
+        if self.request_id is None and self.text is None:
+            raise ValueError("feedback needs a request_id (of a served prediction) or the text it labels")
+        return self
+
+
+class DeadLetter(BaseModel):
+    topic: str
+    reason: str
+    raw: str
+    timestamp: str = Field(default_factory=utc_now)
+
+
+class ModelEvent(BaseModel):
+    action: Literal["promote", "rollback"]
+    version: int
+    previous: int | None = None
+    timestamp: str = Field(default_factory=utc_now)

@@ -1,0 +1,138 @@
+"""The durable feedback store (SQLite): the controller writes it, the trainer reads it.
+
+Schema:
+
+    predictions       request_id PK, text, label, scores (JSON), model_version, created_at
+    feedback          feedback_id PK, request_id, text, label, predicted_label, model_version,
+                      source, created_at (sent by the application), stored_at
+    pending_feedback  feedback_id PK, request_id, payload (the message), received_at (unix s):
+                      feedback whose prediction has not arrived yet
+
+Feedback with a request_id is joined to its prediction (text, predicted label, version). Writes
+are idempotent by key, so a redelivered message stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tuneloop.events import FeedbackEvent, PredictionEvent
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    request_id TEXT PRIMARY KEY, text TEXT NOT NULL, label TEXT NOT NULL, scores TEXT NOT NULL,
+    model_version INTEGER NOT NULL, created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    feedback_id TEXT PRIMARY KEY, request_id TEXT, text TEXT NOT NULL, label TEXT NOT NULL,
+    predicted_label TEXT, model_version INTEGER, source TEXT NOT NULL, created_at TEXT NOT NULL,
+    stored_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_feedback (
+    feedback_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, payload TEXT NOT NULL, received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_by_request ON pending_feedback (request_id);
+"""
+
+
+@dataclass
+class WriteResult:
+    stored: int = 0
+    duplicates: int = 0
+    pending: int = 0
+
+
+class FeedbackStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def write(self, predictions: list[PredictionEvent], feedback: list[FeedbackEvent]) -> WriteResult:
+        """Store a consumed batch in one transaction: all of it or none of it."""
+        result = WriteResult()
+        stored_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO predictions VALUES (?, ?, ?, ?, ?, ?)",
+                [(p.request_id, p.text, p.label, json.dumps(p.scores), p.model_version, p.timestamp) for p in predictions],
+            )
+            for event in feedback:
+                if self._known(event.feedback_id):
+                    result.duplicates += 1
+                elif event.request_id is not None and not self._prediction(event.request_id):
+                    self._db.execute(
+                        "INSERT INTO pending_feedback VALUES (?, ?, ?, ?)",
+                        (event.feedback_id, event.request_id, event.model_dump_json(), time.time()),
+                    )
+                    result.pending += 1
+                else:
+                    self._insert(event, stored_at)
+                    result.stored += 1
+            result.stored += self._resolve_pending(stored_at)
+        return result
+
+    def _known(self, feedback_id: str) -> bool:
+        return bool(
+            self._db.execute("SELECT 1 FROM feedback WHERE feedback_id = ?", (feedback_id,)).fetchone()
+            or self._db.execute("SELECT 1 FROM pending_feedback WHERE feedback_id = ?", (feedback_id,)).fetchone()
+        )
+
+    def _prediction(self, request_id: str) -> tuple[str, str, int] | None:
+        return self._db.execute(
+            "SELECT text, label, model_version FROM predictions WHERE request_id = ?", (request_id,)
+        ).fetchone()
+
+    def _insert(self, event: FeedbackEvent, stored_at: str) -> None:
+        text, predicted, version = event.text, None, None
+        if event.request_id is not None:
+            joined_text, predicted, version = self._prediction(event.request_id)
+            text = text or joined_text
+        self._db.execute(
+            "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (event.feedback_id, event.request_id, text, event.label, predicted, version, event.source,
+             event.timestamp, stored_at),
+        )
+
+    def _resolve_pending(self, stored_at: str) -> int:
+        rows = self._db.execute(
+            "SELECT f.payload FROM pending_feedback f JOIN predictions p ON p.request_id = f.request_id"
+        ).fetchall()
+        for (payload,) in rows:
+            event = FeedbackEvent.model_validate_json(payload)
+            self._insert(event, stored_at)
+            self._db.execute("DELETE FROM pending_feedback WHERE feedback_id = ?", (event.feedback_id,))
+        return len(rows)
+
+    def expired_pending(self, older_than_s: float) -> list[tuple[str, str]]:
+        """(feedback_id, payload) of feedback whose prediction did not arrive in time."""
+        return self._db.execute(
+            "SELECT feedback_id, payload FROM pending_feedback WHERE received_at < ? ORDER BY received_at",
+            (time.time() - older_than_s,),
+        ).fetchall()
+
+    def drop_pending(self, feedback_ids: list[str]) -> None:
+        with self._db:
+            self._db.executemany("DELETE FROM pending_feedback WHERE feedback_id = ?", [(i,) for i in feedback_ids])
+
+    def count(self, table: str = "feedback") -> int:
+        if table not in ("feedback", "predictions", "pending_feedback"):
+            raise ValueError(f"no table {table}")
+        return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+    def feedback_rows(self) -> list[dict[str, object]]:
+        cursor = self._db.execute("SELECT * FROM feedback ORDER BY stored_at, feedback_id")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def close(self) -> None:
+        self._db.close()
