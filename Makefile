@@ -10,11 +10,14 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: up install bootstrap serve test bench clean
 
+# The service in the foreground, the controller beside it (stopped with the service).
 up: install bootstrap
 	@echo
 	@echo "tuneloop serves on http://$(HOST):$(PORT)  (OpenAPI: http://$(HOST):$(PORT)/docs.json)"
 	@echo "try:  curl -s -X POST http://$(HOST):$(PORT)/predict -H 'content-type: application/json' -d '{\"texts\": [\"What a wonderful film\"]}'"
+	@echo "      curl -s -X POST http://$(HOST):$(PORT)/feedback -H 'content-type: application/json' -d '{\"text\": \"What a wonderful film\", \"label\": \"positive\"}'"
 	@echo
+	$(BIN)/tuneloop controller & controller=$$!; trap 'kill $$controller 2>/dev/null' EXIT; \
 	$(BIN)/tuneloop serve --host $(HOST) --port $(PORT)
 
 install: $(VENV)/.installed

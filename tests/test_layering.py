@@ -33,6 +33,7 @@ def imported_modules(package: str) -> dict[str, set[str]]:
         ("services", {"torch", "transformers", "peft", "trainer", "exporters", "sentence_transformers"}),
         ("trainer", {"services", "exporters", "bentoml"}),
         ("exporters", {"services", "bentoml"}),
+        ("monitoring", {"services", "trainer", "exporters", "torch", "transformers", "bentoml"}),
     ],
 )
 def test_package_does_not_import(package: str, forbidden: set[str]) -> None:
