@@ -274,11 +274,14 @@ class KafkaEventConsumer:
             self._consumer.commit({tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in latest.items()})
 
     def lag(self) -> dict[tuple[str, int], int]:
-        assigned = self._consumer.assignment()
-        if not assigned:
-            return {}
-        ends = self._consumer.end_offsets(list(assigned))
-        return {(tp.topic, tp.partition): max(0, ends[tp] - self._consumer.position(tp)) for tp in assigned}
+        # The high watermark arrives with every fetch response; asking the broker (end_offsets)
+        # instead costs a blocking round trip of about 0.4 s per call with kafka-python.
+        lags = {}
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                lags[(tp.topic, tp.partition)] = max(0, highwater - self._consumer.position(tp))
+        return lags
 
     def close(self) -> None:
         self._consumer.close()
