@@ -4,7 +4,11 @@ Compares the int8 ONNX backend with the same version run as PyTorch eager (serve
 same batching settings), and with the raw ONNX Runtime ceiling on the same cores. Load comes from
 wrk (C, one thread), so the load generator takes little of the CPU it measures.
 
-    python benchmarks/serving.py [--duration 20] [--concurrency 1 8 32] [--registry var/registry]
+    python benchmarks/serving.py [--duration 15] [--repeat 3] [--concurrency 1 8 32] [--registry var/registry]
+
+Each point is measured --repeat times with fresh connections and the median run is reported with
+the range: BentoML's HTTP workers share one listening socket, so how a handful of keep-alive
+connections lands on the workers varies from run to run.
 
 Writes benchmarks/results/serving.json and prints a Markdown table.
 """
@@ -104,7 +108,8 @@ def raw_ceiling(registry: Path, seconds: float = 10.0) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", type=Path, default=Path(os.environ.get("TUNELOOP_REGISTRY__PATH", "var/registry")))
-    parser.add_argument("--duration", type=int, default=20, help="seconds per measurement")
+    parser.add_argument("--duration", type=int, default=15, help="seconds per measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="measurements per point; the median is reported")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--backends", nargs="+", default=["onnx", "torch"])
     args = parser.parse_args()
@@ -126,9 +131,18 @@ def main() -> None:
             with running_service(registry, Path(work), TUNELOOP_SERVE__BACKEND=backend) as server:
                 run_wrk(server.url + "/predict", script, 8, 3)  # warm-up
                 for concurrency in args.concurrency:
-                    row = run_wrk(server.url + "/predict", script, concurrency, args.duration)
+                    runs = sorted(
+                        (run_wrk(server.url + "/predict", script, concurrency, args.duration) for _ in range(args.repeat)),
+                        key=lambda r: r["requests_per_second"],
+                    )
+                    row = runs[len(runs) // 2] | {
+                        "min_requests_per_second": runs[0]["requests_per_second"],
+                        "max_requests_per_second": runs[-1]["requests_per_second"],
+                        "failed": sum(r["failed"] for r in runs),
+                    }
                     rows.append(row)
-                    print(f"{backend:5s} c={concurrency:<3d} {row['requests_per_second']:7.1f} req/s  "
+                    print(f"{backend:5s} c={concurrency:<3d} {row['requests_per_second']:7.1f} req/s "
+                          f"({row['min_requests_per_second']:.0f}-{row['max_requests_per_second']:.0f})  "
                           f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}")
             results[backend] = rows
     results["raw_onnx_ceiling"] = raw_ceiling(registry)
@@ -137,16 +151,21 @@ def main() -> None:
     print(markdown(results))
 
 
+def range_of(row: dict) -> str:
+    return f"{row['min_requests_per_second']:.0f}-{row['max_requests_per_second']:.0f}"
+
+
 def markdown(results: dict) -> str:
     ceiling = results["raw_onnx_ceiling"]["texts_per_second"]
     lines = [
-        "| concurrency | int8 ONNX req/s | p50 ms | p99 ms | PyTorch eager req/s | p50 ms | p99 ms | ONNX / eager | ONNX / raw ceiling |",
+        "| concurrency | int8 ONNX req/s (range) | p50 ms | p99 ms | PyTorch eager req/s (range) | p50 ms | p99 ms | ONNX / eager | ONNX / raw ceiling |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for onnx_row, eager_row in zip(results.get("onnx", []), results.get("torch", []), strict=False):
         lines.append(
-            f"| {onnx_row['concurrency']} | {onnx_row['requests_per_second']:.0f} | {onnx_row['p50_ms']:.1f} | "
-            f"{onnx_row['p99_ms']:.1f} | {eager_row['requests_per_second']:.0f} | {eager_row['p50_ms']:.1f} | "
+            f"| {onnx_row['concurrency']} | {onnx_row['requests_per_second']:.0f} ({range_of(onnx_row)}) | "
+            f"{onnx_row['p50_ms']:.1f} | {onnx_row['p99_ms']:.1f} | "
+            f"{eager_row['requests_per_second']:.0f} ({range_of(eager_row)}) | {eager_row['p50_ms']:.1f} | "
             f"{eager_row['p99_ms']:.1f} | {onnx_row['requests_per_second'] / eager_row['requests_per_second']:.1f}x | "
             f"{onnx_row['requests_per_second'] / ceiling:.0%} |"
         )

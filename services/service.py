@@ -27,7 +27,7 @@ from services.metrics import service_metrics
 from services.middleware import BodyLimitMiddleware, RequestMetricsMiddleware, send_json_error
 from tuneloop.config import load_settings
 from tuneloop.bus import KafkaBus, open_bus
-from tuneloop.events import FeedbackEvent, PredictionEvent
+from tuneloop.events import FeedbackEvent
 from tuneloop.registry import Registry
 
 log = logging.getLogger("tuneloop.service")
@@ -183,8 +183,7 @@ class Classifier:
                 model_version=live.version,
             )
             predictions.append(prediction)
-            event = PredictionEvent(text=text, **prediction.model_dump())
-            self.prediction_events.offer(prediction.request_id.encode(), event.model_dump_json().encode())
+            self.prediction_events.offer(prediction, text)
         return predictions
 
     @bentoml.api(route="/feedback")

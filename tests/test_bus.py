@@ -34,3 +34,15 @@ def test_topics_are_separate_and_offsets_ordered(tmp_path: Path) -> None:
     records = bus.consumer("g", ["a"]).poll(10, timeout_s=0.1)
     assert [r.value for r in records] == [b"a1", b"a2"]
     assert records[0].offset < records[1].offset
+
+
+def test_prediction_events_match_the_schema_the_controller_validates(tmp_path: Path) -> None:
+    from services.events import PredictionPublisher
+    from services.service import Prediction
+    from tuneloop.events import PredictionEvent
+
+    prediction = Prediction(request_id="r1", label="positive", scores={"negative": 0.1, "positive": 0.9}, model_version=3)
+    key, value = PredictionPublisher._message(prediction, "a fine film", "2026-11-23T00:00:00.000+00:00")
+    event = PredictionEvent.model_validate_json(value)
+    assert key == b"r1"
+    assert (event.text, event.label, event.model_version, event.scores["positive"]) == ("a fine film", "positive", 3, 0.9)
