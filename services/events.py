@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from tuneloop.bus import Bus, BusUnavailable, Message
+from tuneloop.durable_sqlite import connect
 from tuneloop.events import utc_now
 
 log = logging.getLogger("tuneloop.events")
@@ -33,12 +33,8 @@ class FeedbackRefused(Exception):
 
 class Spool:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, key BLOB, value BLOB)")
+        self._db = connect(path, "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, key BLOB, value BLOB);")
 
     def append(self, messages: list[Message]) -> None:
         with self._db:

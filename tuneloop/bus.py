@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tuneloop.config import EventsConfig
+from tuneloop.durable_sqlite import connect
 
 
 class BusUnavailable(Exception):
@@ -71,21 +72,12 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (
 """
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=FULL")  # a returned commit is on disk
-    connection.executescript(_SCHEMA)
-    return connection
-
-
 class EmbeddedBus:
     """A single-partition durable log per topic in one SQLite file, shared by processes on one host."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = _connect(path)
+        self._db = connect(path, _SCHEMA)
         self._lock = threading.Lock()
 
     def ensure_topics(self, topics: Iterable[str]) -> None:
@@ -115,7 +107,7 @@ class EmbeddedConsumer:
     """Like a Kafka consumer: polling advances an in-memory position, commit makes it durable."""
 
     def __init__(self, path: Path, group: str, topics: list[str]) -> None:
-        self._db = _connect(path)
+        self._db = connect(path, _SCHEMA)
         self.group = group
         self.topics = topics
         self._position = self._committed()

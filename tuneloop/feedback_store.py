@@ -15,12 +15,12 @@ are idempotent by key, so a redelivered message stores nothing twice.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tuneloop.durable_sqlite import connect
 from tuneloop.events import FeedbackEvent, PredictionEvent
 
 _SCHEMA = """
@@ -49,12 +49,8 @@ class WriteResult:
 
 class FeedbackStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = connect(path, _SCHEMA)
 
     def write(self, predictions: list[PredictionEvent], feedback: list[FeedbackEvent]) -> WriteResult:
         """Store a consumed batch in one transaction: all of it or none of it."""
