@@ -128,7 +128,11 @@ class Classifier:
         )
         # Waiting for broker acks happens here, never on the threads that run predictions.
         self._feedback_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
-        threading.Thread(target=self._load_until_ready, name="model-loader", daemon=True).start()
+        # Load before this worker takes traffic: readiness is answered by whichever worker a probe
+        # reaches, so a worker that loaded later would refuse requests behind a "ready" replica.
+        # Only a registry with nothing loadable leaves the worker up, unready, and retrying.
+        if not self._try_load():
+            threading.Thread(target=self._load_until_ready, name="model-loader", daemon=True).start()
 
     def _ensure_topics(self) -> None:
         topics = settings.events.topics.model_dump().values()
@@ -140,21 +144,24 @@ class Classifier:
                 log.warning("cannot create Kafka topics yet (%s); retrying in 5 s", exc)
                 time.sleep(5)
 
+    def _try_load(self) -> bool:
+        try:
+            live = load_live_model(self.registry, settings)
+        except Exception as exc:  # any failure leaves the replica not ready; the reason goes to the log
+            self.metrics.model_load_failures.inc()
+            log.warning("model not loaded (%s); retrying in 2 s", exc)
+            return False
+        gc.freeze()  # the loaded model's objects live for good; keep full collections from rescanning them
+        self.live = live
+        self.metrics.model_version.set(live.version)
+        self.metrics.model_loaded.set(1)
+        log.info("serving model v%s (%s backend)", live.version, live.backend)
+        return True
+
     def _load_until_ready(self) -> None:
         """Retry until a verified version loads, so a replica started before bootstrap comes up by itself."""
-        while self.live is None:
-            try:
-                live = load_live_model(self.registry, settings)
-            except Exception as exc:  # any failure leaves the replica not ready; the reason goes to the log
-                self.metrics.model_load_failures.inc()
-                log.warning("model not loaded (%s); retrying in 2 s", exc)
-                time.sleep(2)
-                continue
-            gc.freeze()  # the loaded model's objects live for good; keep full collections from rescanning them
-            self.live = live
-            self.metrics.model_version.set(live.version)
-            self.metrics.model_loaded.set(1)
-            log.info("serving model v%s (%s backend)", live.version, live.backend)
+        while not self._try_load():
+            time.sleep(2)
 
     def __is_ready__(self) -> bool:
         return self.live is not None

@@ -71,3 +71,11 @@ def test_torch_eager_backend_switch_serves_the_same_version(registry_path: Path,
         assert e["model_version"] == o["model_version"] == 1
         for label in e["scores"]:
             assert e["scores"][label] == pytest.approx(o["scores"][label], abs=0.1)
+
+
+def test_every_worker_is_ready_once_the_service_reports_ready(registry_path: Path, tmp_path: Path) -> None:
+    """Readiness is answered per worker; with a model present no worker may take traffic before loading it."""
+    with running_service(registry_path, tmp_path, TUNELOOP_SERVE__WORKERS="2") as server:
+        # Fresh connections land on either worker; none may refuse.
+        statuses = [httpx.post(server.url + "/predict", json={"texts": ["ok"]}, timeout=30).status_code for _ in range(40)]
+    assert statuses == [200] * 40
