@@ -1,0 +1,132 @@
+"""Drift statistics: a window of recent traffic against the reference captured at publish time.
+
+Every test statistic and p-value comes from scipy; what is computed here is only the population
+stability index (a formula, not a test) and the counts behind accuracy and recall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+from scipy.spatial.distance import jensenshannon
+
+# The PSI convention: below 0.1 no shift, 0.1-0.25 moderate, above 0.25 significant.
+PSI_MODERATE, PSI_SIGNIFICANT = 0.1, 0.25
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    value: float
+    threshold: float
+    p_value: float | None = None
+
+    @property
+    def drifted(self) -> bool:
+        return self.value > self.threshold if self.p_value is None else self.p_value < self.threshold
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
+    """Population stability index over the reference's quantile bins."""
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)))
+    edges[0], edges[-1] = -np.inf, np.inf
+    expected = np.histogram(reference, edges)[0] / len(reference) + _EPS
+    actual = np.histogram(current, edges)[0] / len(current) + _EPS
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def confidence_signals(reference: np.ndarray, current: np.ndarray, alpha: float) -> list[Signal]:
+    """Top-class confidence: PSI against its convention, and a two-sample KS test."""
+    ks = stats.ks_2samp(reference, current)
+    return [
+        Signal("confidence_psi", psi(reference, current), PSI_SIGNIFICANT),
+        Signal("confidence_ks", float(ks.statistic), alpha, float(ks.pvalue)),
+    ]
+
+
+def class_mix_signals(reference: list[str], current: list[str], labels: list[str], alpha: float,
+                      js_threshold: float = 0.1) -> list[Signal]:
+    """Predicted-class mix: chi-square test of homogeneity and Jensen-Shannon distance."""
+    counts = np.array([[labels_seen.count(label) for label in labels] for labels_seen in (reference, current)])
+    present = counts.sum(axis=0) > 0  # a class neither window predicted carries no information
+    chi2 = stats.chi2_contingency(counts[:, present]) if present.sum() > 1 else None
+    shares = (counts + _EPS) / (counts + _EPS).sum(axis=1, keepdims=True)
+    return [
+        Signal("class_mix_chi2", float(chi2.statistic) if chi2 else 0.0, alpha, float(chi2.pvalue) if chi2 else 1.0),
+        Signal("class_mix_js", float(jensenshannon(shares[0], shares[1], base=2)), js_threshold),
+    ]
+
+
+def _rbf_kernel(points: np.ndarray) -> np.ndarray:
+    squared = np.sum((points[:, None, :] - points[None, :, :]) ** 2, axis=-1)
+    bandwidth = np.median(squared[squared > 0]) if np.any(squared > 0) else 1.0  # the median heuristic
+    return np.exp(-squared / bandwidth)
+
+
+def embedding_signal(reference: np.ndarray, current: np.ndarray, alpha: float, resamples: int = 200,
+                     seed: int = 0) -> Signal:
+    """Maximum mean discrepancy (RBF kernel) with a permutation p-value from scipy."""
+    kernel = _rbf_kernel(np.vstack([reference, current]))
+
+    def mmd2(rows_a: np.ndarray, rows_b: np.ndarray) -> float:
+        return float(
+            kernel[np.ix_(rows_a, rows_a)].mean() + kernel[np.ix_(rows_b, rows_b)].mean()
+            - 2 * kernel[np.ix_(rows_a, rows_b)].mean()
+        )
+
+    # Multivariate samples: permute row indices, as scipy's permutation_test permutes 1-D samples.
+    n = len(reference)
+    result = stats.permutation_test(
+        (np.arange(n), np.arange(n, n + len(current))), mmd2, permutation_type="independent",
+        vectorized=False, n_resamples=resamples, alternative="greater", random_state=seed,
+    )
+    return Signal("embedding_mmd", float(result.statistic), alpha, float(result.pvalue))
+
+
+def length_signal(reference: np.ndarray, current: np.ndarray, alpha: float) -> Signal:
+    ks = stats.ks_2samp(reference, current)
+    return Signal("input_length_ks", float(ks.statistic), alpha, float(ks.pvalue))
+
+
+def unknown_token_signal(reference_rate: float, current_rate: float, max_increase: float = 0.02) -> Signal:
+    """Share of tokens the vocabulary maps to [UNK]; the value is the rise over the reference."""
+    return Signal("unknown_token_rate", current_rate - reference_rate, max_increase)
+
+
+def fdr_adjusted(signals: list[Signal]) -> list[Signal]:
+    """Adjust the tests' p-values for testing several signals every window.
+
+    Benjamini-Yekutieli (scipy's false_discovery_control), which stays valid when the signals are
+    dependent, as confidence, class mix and embeddings of one window are.
+    """
+    tested = [s for s in signals if s.p_value is not None]
+    if not tested:
+        return signals
+    adjusted = iter(stats.false_discovery_control([s.p_value for s in tested], method="by"))
+    return [Signal(s.name, s.value, s.threshold, float(next(adjusted))) if s.p_value is not None else s for s in signals]
+
+
+@dataclass(frozen=True)
+class FeedbackQuality:
+    rows: int
+    accuracy: float
+    macro_f1: float
+    recall: dict[str, float]
+
+
+def feedback_quality(true_labels: list[str], predicted: list[str], labels: list[str]) -> FeedbackQuality:
+    """Accuracy, macro-F1 (over labels seen in truth or prediction) and per-class recall of labelled feedback."""
+    truth, guess = np.array(true_labels), np.array(predicted)
+    recall, f1 = {}, []
+    for label in labels:
+        tp = int(np.sum((truth == label) & (guess == label)))
+        actual, claimed = int(np.sum(truth == label)), int(np.sum(guess == label))
+        if actual:
+            recall[label] = tp / actual
+        if actual or claimed:
+            f1.append(2 * tp / (actual + claimed))
+    accuracy = float(np.mean(truth == guess)) if len(truth) else float("nan")
+    return FeedbackQuality(len(truth), accuracy, float(np.mean(f1)) if f1 else float("nan"), recall)
