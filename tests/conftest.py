@@ -84,13 +84,19 @@ def running_service(registry: Path, tmp_path: Path, wait_ready: bool = True, **e
         wait_until_up(server, need_ready=wait_ready)
         yield server
     finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM the process group (children too, even when the leader already exited); SIGKILL after the timeout."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
 
 def wait_until_up(server: Server, need_ready: bool, timeout: float = 180) -> None:
@@ -174,10 +180,4 @@ def running_controller(registry: Path, tmp_path: Path, env: dict[str, str], wait
                 time.sleep(0.3)
         yield process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)
