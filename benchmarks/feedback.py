@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import re
-import shutil
 import sys
 import tempfile
 import threading
@@ -26,10 +25,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import run_wrk, texts  # noqa: E402
+from benchmarks.serving import default_registry, preflight, run_wrk, texts  # noqa: E402
 from tests.conftest import bus_env, local_broker, running_controller, running_service  # noqa: E402
 from tuneloop.feedback_store import FeedbackStore  # noqa: E402
-from tuneloop.registry import Registry  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -56,17 +54,13 @@ def lag(metrics_url: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--registry", type=Path, default=Path("var/registry"))
+    parser.add_argument("--registry", type=Path, default=default_registry())
     parser.add_argument("--duration", type=int, default=20)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--bus", choices=["kafka", "embedded"], default="kafka")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is needed for the load: apt-get install wrk")
-    registry = args.registry.resolve()
-    if Registry(registry).current_version() is None:
-        sys.exit(f"no model in {registry}: run `tuneloop bootstrap --data data/sentiment/imdb.csv` first")
+    registry = preflight(args.registry)
 
     with tempfile.TemporaryDirectory() as work, contextlib.ExitStack() as stack:
         workdir = Path(work)

@@ -105,19 +105,29 @@ def raw_ceiling(registry: Path, seconds: float = 10.0) -> dict[str, float]:
     return best
 
 
+def default_registry() -> Path:
+    return Path(os.environ.get("TUNELOOP_REGISTRY__PATH", "var/registry"))
+
+
+def preflight(registry: Path) -> Path:
+    """Exit with what to do unless wrk is installed and the registry serves a model; the resolved registry."""
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed for the load: apt-get install wrk")
+    registry = registry.resolve()
+    if Registry(registry).current_version() is None:
+        sys.exit(f"no model in {registry}: run `tuneloop bootstrap --data {IMDB.relative_to(ROOT)}` first")
+    return registry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--registry", type=Path, default=Path(os.environ.get("TUNELOOP_REGISTRY__PATH", "var/registry")))
+    parser.add_argument("--registry", type=Path, default=default_registry())
     parser.add_argument("--duration", type=int, default=15, help="seconds per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="measurements per point; the median is reported")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--backends", nargs="+", default=["onnx", "torch"])
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is needed for the load: apt-get install wrk")
-    registry = args.registry.resolve()
-    if Registry(registry).current_version() is None:
-        sys.exit(f"no model in {registry}: run `tuneloop bootstrap --data {IMDB.relative_to(ROOT)}` first")
+    registry = preflight(args.registry)
 
     results: dict[str, object] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",

@@ -13,11 +13,10 @@ attention output 0.007. The error is spread evenly over the layers, so keeping s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import re
 
 import numpy as np
 import onnx
@@ -73,16 +72,18 @@ def parity(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> Parity
     return Parity(len(reference_logits), agreement, float(np.abs(reference_logits - candidate_logits).max()))
 
 
-def head_nodes(model_path: Path) -> list[str]:
+def head_nodes(graph: onnx.GraphProto) -> list[str]:
     """Nodes after pooling: the classifier and the sketch projection (output-side, tiny, precision-sensitive)."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     return [node.name for node in graph.node if "classifier" in node.name or any(o == "sketch" for o in node.output)]
 
 
-def _quantize(source: Path, target: Path, recipe: Recipe, head: list[str]) -> None:
-    names = [node.name for node in onnx.load(str(source), load_external_data=False).graph.node]
-    excluded = [n for n in names if any(re.search(p, n) for p in recipe.fp32_patterns)]
-    excluded += head if recipe.fp32_head else []
+def fp32_nodes(graph: onnx.GraphProto, recipe: Recipe) -> list[str]:
+    """The nodes a recipe keeps in fp32: those matching its patterns, plus the head when it says so."""
+    excluded = [node.name for node in graph.node if any(re.search(p, node.name) for p in recipe.fp32_patterns)]
+    return excluded + (head_nodes(graph) if recipe.fp32_head else [])
+
+
+def _quantize(source: Path, target: Path, recipe: Recipe, excluded: list[str]) -> None:
     quantize_dynamic(
         source,
         target,
@@ -103,11 +104,11 @@ def quantize_until_parity(
     min_agreement: float,
 ) -> tuple[Recipe, Parity, list[Attempt]]:
     """Quantize with each recipe in turn; keep the first whose logits agree with the reference."""
-    head = head_nodes(source)
+    graph = onnx.load(str(source), load_external_data=False).graph  # read once, not per attempt
     attempts: list[Attempt] = []
 
     def attempt(recipe: Recipe) -> Parity | None:
-        _quantize(source, target, recipe, head)
+        _quantize(source, target, recipe, fp32_nodes(graph, recipe))
         result = parity(reference_logits, run_logits(target, recipe))
         passed = result.argmax_agreement >= min_agreement
         attempts.append(Attempt(recipe.name, result, passed))

@@ -31,6 +31,11 @@ class FeedbackRefused(Exception):
     """Nothing durable accepted the feedback; the client must retry."""
 
 
+def acknowledged_prefix(acknowledged: list[bool]) -> int:
+    """How many messages, from the first, were acknowledged before the first miss (acks come in order)."""
+    return next((i for i, ok in enumerate(acknowledged) if not ok), len(acknowledged))
+
+
 class Spool:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -75,8 +80,8 @@ class FeedbackSink:
                 if self.spool is None:
                     raise FeedbackRefused(str(exc)) from exc
                 acknowledged = [False] * len(messages)
-            # Acks arrive in order, so everything after the first miss is spooled, keeping the order.
-            first_miss = acknowledged.index(False) if False in acknowledged else len(messages)
+            # Everything from the first miss on is spooled, keeping the order.
+            first_miss = acknowledged_prefix(acknowledged)
             if first_miss == len(messages):
                 return 0
             if self.spool is None:
@@ -108,7 +113,7 @@ class FeedbackSink:
             acknowledged = self.bus.publish_many(self.topic, [(key, value) for _, key, value in batch], self.ack_timeout_s)
         except BusUnavailable:
             acknowledged = []
-        sent = next((i for i, ok in enumerate(acknowledged) if not ok), len(acknowledged))
+        sent = acknowledged_prefix(acknowledged)
         if sent == 0:
             time.sleep(1.0)  # broker still away
             return False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from tuneloop.config import Settings
@@ -24,14 +23,13 @@ class TextClassifier(Protocol):
 class LiveModel:
     version: int
     manifest: Manifest
-    directory: Path
     classifier: TextClassifier
     backend: str
 
 
-def load_live_model(registry: Registry, settings: Settings, version: int | None = None) -> LiveModel:
-    """Verify every file of the version (default: current), build its backend and warm it up."""
-    manifest, directory = registry.resolve(version)
+def load_live_model(registry: Registry, settings: Settings) -> LiveModel:
+    """Verify every file of the current version, build its backend and warm it up."""
+    manifest, directory = registry.resolve()
     serve = settings.serve
     if serve.backend == "onnx":
         classifier: TextClassifier = OnnxTextClassifier.from_version(
@@ -44,4 +42,4 @@ def load_live_model(registry: Registry, settings: Settings, version: int | None 
             raise RuntimeError(f"serve.backend=torch needs the train extra installed ({exc})") from exc
         classifier = eager.EagerTextClassifier.from_version(manifest, directory, settings)
     classifier.predict(["warm-up"])  # first run allocates buffers; keep that off the first user request
-    return LiveModel(manifest.version, manifest, directory, classifier, serve.backend)
+    return LiveModel(manifest.version, manifest, classifier, serve.backend)
