@@ -20,6 +20,7 @@ from trainer.data import LabelledTexts
 from trainer.model import BaseEncoder, predict, weights_digest
 from tuneloop.config import Settings
 from tuneloop.inference import OnnxTextClassifier
+from tuneloop.reference import REFERENCE_FILE, Reference
 from tuneloop.registry import Manifest, Registry
 
 STEPS = ("reference logits", "save adapter", "merge + export ONNX", "optimize graph", "quantize + parity", "publish")
@@ -82,17 +83,21 @@ def build_and_publish(
             "outputs": onnx_export.OUTPUT_NAMES,
         }
 
-        def int8_logits(path: Path, recipe: Recipe) -> np.ndarray:
-            session = OnnxTextClassifier(
+        def int8_classifier(path: Path, recipe: Recipe) -> OnnxTextClassifier:
+            return OnnxTextClassifier(
                 path, stage / "tokenizer.json", labels, max_length, tokenizer.pad_token,
                 max_rows_per_run=recipe.max_rows_per_run,
             )
-            return session.predict(val.texts).logits
+
+        def int8_logits(path: Path, recipe: Recipe) -> np.ndarray:
+            return int8_classifier(path, recipe).predict(val.texts).logits
 
         recipe, parity, attempts = quantize_until_parity(
             optimized_path, stage / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement
         )
-        onnx_logits = int8_logits(stage / "model.onnx", recipe)
+        served = int8_classifier(stage / "model.onnx", recipe).predict(val.texts)
+        onnx_logits = served.logits
+        Reference.from_scores(served, val.labels, labels).save(stage / REFERENCE_FILE)
         step(STEPS[4])
 
         export_info |= {

@@ -1,9 +1,14 @@
-"""The controller: consumes prediction and feedback events into the feedback store.
+"""The controller: consumes prediction and feedback events into the feedback store, watches drift,
+and starts training runs when the trigger policy says so.
 
 Each polled batch is written in one store transaction; malformed messages and feedback whose
 prediction never arrived are sent to the dead-letter topic with a reason; only then are the
 offsets committed. A crash anywhere before the commit redelivers the batch, and the store's
 keys turn the redelivery into counted duplicates, so nothing is stored twice or lost.
+
+Stored prediction events also feed the drift windows (`monitoring.windows`); each closed window
+is exported as metrics, recorded, and handed to the trigger policy (`trainer.trigger`). A fired
+decision starts a training run as its own process (`monitoring.runs`).
 """
 
 from __future__ import annotations
@@ -11,16 +16,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
+from monitoring.admin import ControllerStatus, admin_app
+from monitoring.runs import RunLauncher
+from monitoring.state import ControllerState, iso
+from monitoring.windows import WindowMonitor, WindowReport
+from trainer.trigger import DAY_S, Decision, TriggerPolicy, TriggerState
+
 from tuneloop.bus import Bus, Consumer, Record, open_bus
 from tuneloop.config import Settings
 from tuneloop.events import DeadLetter, FeedbackEvent, PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
+from tuneloop.reference import REFERENCE_FILE, Reference
+from tuneloop.registry import Registry, RegistryError
 
 log = logging.getLogger("tuneloop.controller")
 
@@ -37,6 +54,19 @@ class ControllerMetrics:
     dead_lettered: Any
     pending: Any
     lag: Any
+    drift_value: Any
+    drift_threshold: Any
+    drift_p_value: Any
+    drift_detected: Any
+    windows: Any
+    window_seconds: Any
+    feedback_recall: Any
+    feedback_rows: Any
+    consecutive: Any
+    decisions: Any
+    runs: Any
+    runs_in_progress: Any
+    last_run_started: Any
 
 
 def controller_metrics() -> ControllerMetrics:
@@ -53,6 +83,45 @@ def controller_metrics() -> ControllerMetrics:
         ),
         pending=prom.Gauge("tuneloop_controller_pending_feedback", "Feedback waiting for its prediction to arrive."),
         lag=prom.Gauge("tuneloop_controller_consumer_lag", "Messages not yet consumed.", ["topic", "partition"]),
+        drift_value=prom.Gauge(
+            "tuneloop_drift_value", "A drift signal's value in the latest window.", ["signal", "model_version"]
+        ),
+        drift_threshold=prom.Gauge(
+            "tuneloop_drift_threshold",
+            "The threshold the signal is held against: alpha for tests (compare the p-value), else the value's limit.",
+            ["signal", "model_version"],
+        ),
+        drift_p_value=prom.Gauge(
+            "tuneloop_drift_p_value", "A test signal's p-value, adjusted for the window's tests.", ["signal", "model_version"]
+        ),
+        drift_detected=prom.Gauge(
+            "tuneloop_drift_detected", "1 when the signal drifted in the latest window.", ["signal", "model_version"]
+        ),
+        windows=prom.Counter(
+            "tuneloop_drift_windows_total", "Drift windows evaluated, by whether any signal drifted.",
+            ["model_version", "drifted"],
+        ),
+        window_seconds=prom.Histogram(
+            "tuneloop_drift_window_evaluation_seconds", "Time to compute one window's signals.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        ),
+        feedback_recall=prom.Gauge(
+            "tuneloop_feedback_recall", "Recall per true label over the latest labelled feedback.", ["label", "model_version"]
+        ),
+        feedback_rows=prom.Gauge(
+            "tuneloop_feedback_window_rows", "Labelled feedback rows behind the feedback signals.", ["model_version"]
+        ),
+        consecutive=prom.Gauge(
+            "tuneloop_trigger_consecutive_drift_windows", "Windows in a row with drift, per model version.", ["model_version"]
+        ),
+        decisions=prom.Counter(
+            "tuneloop_trigger_decisions_total", "Trigger decisions by source, outcome and reason.",
+            ["source", "outcome", "reason"],
+        ),
+        runs=prom.Counter("tuneloop_training_runs_total", "Training runs by outcome (started, then how they ended).",
+                          ["outcome"]),
+        runs_in_progress=prom.Gauge("tuneloop_training_runs_in_progress", "Training runs going now."),
+        last_run_started=prom.Gauge("tuneloop_training_last_run_start_time_seconds", "Unix time the last run started."),
     )
 
 
@@ -64,6 +133,25 @@ class Controller:
         self.store = FeedbackStore(settings.controller.store_path)
         self.metrics = metrics or controller_metrics()
         self.fault = os.environ.get(FAULT_ENV, "")
+        self.registry = Registry(settings.registry.path)
+        self.monitor = WindowMonitor(settings.drift, self._reference, self.store.recent_labelled)
+        self.state = ControllerState(settings.controller.store_path)
+        self.policy = TriggerPolicy(settings.trigger, started_at=time.time())
+        self.launcher = RunLauncher(settings.trigger, self.state)
+        self._manual: queue.Queue[tuple[str, Future[tuple[Decision, int | None]]]] = queue.Queue()
+        self.metrics.runs_in_progress.set(int(self.launcher.in_progress))
+        last = self.state.last_run_started()
+        if last is not None:
+            self.metrics.last_run_started.set(last)
+
+    def _reference(self, version: int) -> Reference | None:
+        try:
+            manifest, directory = self.registry.resolve(version)
+        except RegistryError as exc:
+            log.warning("cannot read the drift reference of v%s: %s", version, exc)
+            return None
+        path = directory / REFERENCE_FILE
+        return Reference.load(path, manifest.labels) if path.is_file() else None
 
     def run(self, stop: threading.Event) -> None:
         """Consume until stopped; after any failure, reconnect and resume from the last committed offsets."""
@@ -111,7 +199,101 @@ class Controller:
         self.metrics.pending.set(self.store.count("pending_feedback"))
         for (topic, partition), lag in consumer.lag().items():
             self.metrics.lag.labels(topic, str(partition)).set(lag)
+        self._watch(predictions)
         return len(records)
+
+    # -- drift, trigger and runs ---------------------------------------------------------------
+
+    def _watch(self, predictions: list[PredictionEvent]) -> None:
+        """After the offsets are committed: windows, decisions, runs. A failure here loses no event."""
+        for run in self.launcher.poll():
+            self.metrics.runs.labels(run.status).inc()
+            log.log(logging.INFO if run.status == "succeeded" else logging.WARNING,
+                    "training run %s %s (exit code %s)", run.run_id, run.status, run.exit_code)
+        started = time.perf_counter()
+        reports = self.monitor.observe(predictions)
+        if reports:
+            self.metrics.window_seconds.observe((time.perf_counter() - started) / len(reports))
+        for report in reports:
+            self._export(report)
+            self.state.record_window(report)
+            version = report.model_version
+            decision = self.policy.on_window(version, report.drifted(self.settings.trigger.signals), self._trigger_state())
+            self.metrics.consecutive.labels(str(version)).set(self.policy.consecutive(version))
+            self._act(decision)
+        scheduled = self.policy.on_tick(self._trigger_state())
+        if scheduled is not None:
+            self._act(scheduled)
+        while not self._manual.empty():
+            reason, answer = self._manual.get_nowait()
+            decision = self.policy.on_manual(self._trigger_state(), reason)
+            answer.set_result((decision, self._act(decision)))
+        self.metrics.runs_in_progress.set(int(self.launcher.in_progress))
+
+    def _export(self, report: WindowReport) -> None:
+        version = str(report.model_version)
+        for signal in report.signals:
+            self.metrics.drift_value.labels(signal.name, version).set(signal.value)
+            self.metrics.drift_threshold.labels(signal.name, version).set(signal.threshold)
+            self.metrics.drift_detected.labels(signal.name, version).set(int(signal.drifted))
+            if signal.p_value is not None:
+                self.metrics.drift_p_value.labels(signal.name, version).set(signal.p_value)
+        for label, recall in report.recall.items():
+            self.metrics.feedback_recall.labels(label, version).set(recall)
+        self.metrics.feedback_rows.labels(version).set(report.feedback_rows)
+        self.metrics.windows.labels(version, str(bool(report.drifted())).lower()).inc()
+
+    def _trigger_state(self) -> TriggerState:
+        now = time.time()
+        last = self.state.last_run_started()
+        return TriggerState(
+            now=now,
+            new_rows=self.store.count_stored_since(iso(last) if last is not None else None),
+            last_run_started=last,
+            runs_last_day=self.state.runs_since(now - DAY_S),
+            run_in_progress=self.launcher.in_progress,
+        )
+
+    def _act(self, decision: Decision) -> int | None:
+        """Count and log every decision; record the ones that did or could have started a run; start it."""
+        self.metrics.decisions.labels(decision.source, decision.outcome, decision.reason).inc()
+        if decision.outcome == "none":
+            log.debug("trigger: %s", decision.detail)
+            return None
+        self.state.record_decision(decision)
+        log.log(logging.WARNING if decision.fired else logging.INFO, "trigger %s (%s): %s",
+                decision.outcome, decision.reason, decision.detail)
+        if not decision.fired:
+            return None
+        state = self._trigger_state()
+        run_id = self.state.start_run(decision, state.new_rows, state.now)
+        self.metrics.last_run_started.set(state.now)
+        try:
+            self.launcher.start(run_id)
+        except OSError:
+            self.metrics.runs.labels("failed").inc()
+            log.exception("training run %s could not start", run_id)
+            return run_id
+        self.metrics.runs.labels("started").inc()
+        return run_id
+
+    def request_manual(self, reason: str, timeout_s: float = 30.0) -> tuple[Decision, int | None]:
+        """From another thread: ask the loop for a run; returns its decision and the run id if one started."""
+        answer: Future[tuple[Decision, int | None]] = Future()
+        self._manual.put((reason, answer))
+        try:
+            return answer.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"the controller loop did not answer within {timeout_s:g} s; is the event bus up?") from None
+
+    def status(self) -> ControllerStatus:
+        runs = self.state.runs()
+        return ControllerStatus(
+            running_runs=[r for r in runs if r["status"] == "running"],
+            recent_runs=runs[-20:],
+            recent_decisions=self.state.decisions()[-50:],
+            consecutive_drift_windows=self.policy.consecutive_by_version(),
+        )
 
     def _expire_pending(self) -> None:
         expired = self.store.expired_pending(self.settings.controller.join_timeout_s)
@@ -132,8 +314,13 @@ class Controller:
 
 
 def serve_controller(settings: Settings, stop: threading.Event | None = None) -> None:
-    """Run the controller with its /metrics endpoint until stopped."""
-    import prometheus_client as prom
+    """Run the controller with its HTTP side (/metrics, /admin) until stopped."""
+    import uvicorn
 
-    prom.start_http_server(settings.controller.port, addr=settings.controller.host)
-    Controller(settings).run(stop or threading.Event())
+    controller = Controller(settings)
+    app = admin_app(controller, settings.controller.admin_token.get_secret_value())
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.controller.host, port=settings.controller.port, log_level="warning")
+    )
+    threading.Thread(target=server.run, name="controller-http", daemon=True).start()
+    controller.run(stop or threading.Event())

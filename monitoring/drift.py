@@ -6,7 +6,7 @@ stability index (a formula, not a test) and the counts behind accuracy and recal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
@@ -19,14 +19,20 @@ _EPS = 1e-6
 
 @dataclass(frozen=True)
 class Signal:
+    """One statistic of one window. A test drifts when its p-value falls below the threshold (alpha);
+    any other signal when its value passes the threshold: above it, or below it for quality signals."""
+
     name: str
     value: float
     threshold: float
     p_value: float | None = None
+    lower_is_drift: bool = False
 
     @property
     def drifted(self) -> bool:
-        return self.value > self.threshold if self.p_value is None else self.p_value < self.threshold
+        if self.p_value is not None:
+            return self.p_value < self.threshold
+        return self.value < self.threshold if self.lower_is_drift else self.value > self.threshold
 
 
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
@@ -38,11 +44,13 @@ def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
-def confidence_signals(reference: np.ndarray, current: np.ndarray, alpha: float) -> list[Signal]:
+def confidence_signals(
+    reference: np.ndarray, current: np.ndarray, alpha: float, psi_threshold: float = PSI_SIGNIFICANT
+) -> list[Signal]:
     """Top-class confidence: PSI against its convention, and a two-sample KS test."""
     ks = stats.ks_2samp(reference, current)
     return [
-        Signal("confidence_psi", psi(reference, current), PSI_SIGNIFICANT),
+        Signal("confidence_psi", psi(reference, current), psi_threshold),
         Signal("confidence_ks", float(ks.statistic), alpha, float(ks.pvalue)),
     ]
 
@@ -70,18 +78,22 @@ def embedding_signal(reference: np.ndarray, current: np.ndarray, alpha: float, r
                      seed: int = 0) -> Signal:
     """Maximum mean discrepancy (RBF kernel) with a permutation p-value from scipy."""
     kernel = _rbf_kernel(np.vstack([reference, current]))
+    n, total = len(reference), len(reference) + len(current)
 
-    def mmd2(rows_a: np.ndarray, rows_b: np.ndarray) -> float:
-        return float(
-            kernel[np.ix_(rows_a, rows_a)].mean() + kernel[np.ix_(rows_b, rows_b)].mean()
-            - 2 * kernel[np.ix_(rows_a, rows_b)].mean()
-        )
+    def mmd2(rows_a: np.ndarray, rows_b: np.ndarray, axis: int = -1) -> np.ndarray:
+        # MMD^2 = w' K w with w = 1/n_a on sample a's rows and -1/n_b on b's; one row of w per resample.
+        single = rows_a.ndim == 1
+        rows_a, rows_b = np.atleast_2d(rows_a), np.atleast_2d(rows_b)
+        weights = np.zeros((len(rows_a), total))
+        np.put_along_axis(weights, rows_a, 1.0 / rows_a.shape[1], axis=1)
+        np.put_along_axis(weights, rows_b, -1.0 / rows_b.shape[1], axis=1)
+        values = np.einsum("rn,nm,rm->r", weights, kernel, weights, optimize=True)
+        return values[0] if single else values
 
     # Multivariate samples: permute row indices, as scipy's permutation_test permutes 1-D samples.
-    n = len(reference)
     result = stats.permutation_test(
-        (np.arange(n), np.arange(n, n + len(current))), mmd2, permutation_type="independent",
-        vectorized=False, n_resamples=resamples, alternative="greater", random_state=seed,
+        (np.arange(n), np.arange(n, total)), mmd2, permutation_type="independent",
+        vectorized=True, n_resamples=resamples, alternative="greater", random_state=seed,
     )
     return Signal("embedding_mmd", float(result.statistic), alpha, float(result.pvalue))
 
@@ -106,7 +118,7 @@ def fdr_adjusted(signals: list[Signal]) -> list[Signal]:
     if not tested:
         return signals
     adjusted = iter(stats.false_discovery_control([s.p_value for s in tested], method="by"))
-    return [Signal(s.name, s.value, s.threshold, float(next(adjusted))) if s.p_value is not None else s for s in signals]
+    return [replace(s, p_value=float(next(adjusted))) if s.p_value is not None else s for s in signals]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from tuneloop.durable_sqlite import connect
 from tuneloop.events import utc_now
 
 log = logging.getLogger("tuneloop.events")
+
+# Per text: its embedding sketch, token count and unknown-token count (the latter two may be None).
+DriftInputs = tuple[Sequence[float], int | None, int | None]
 
 
 class FeedbackRefused(Exception):
@@ -137,17 +141,18 @@ class PredictionPublisher:
         self.bus = bus
         self.topic = topic
         self.metrics = metrics
-        self._queue: queue.Queue[tuple[Any, str, str]] = queue.Queue(maxsize=capacity)
+        self._queue: queue.Queue[tuple[Any, str, DriftInputs, str]] = queue.Queue(maxsize=capacity)
         threading.Thread(target=self._drain_forever, name="prediction-events", daemon=True).start()
 
-    def offer(self, prediction: Any, text: str) -> None:
+    def offer(self, prediction: Any, text: str, drift_inputs: DriftInputs) -> None:
         try:
-            self._queue.put_nowait((prediction, text, utc_now()))
+            self._queue.put_nowait((prediction, text, drift_inputs, utc_now()))
         except queue.Full:
             self.metrics.prediction_events_dropped.inc()
 
     @staticmethod
-    def _message(prediction: Any, text: str, timestamp: str) -> Message:
+    def _message(prediction: Any, text: str, drift_inputs: DriftInputs, timestamp: str) -> Message:
+        sketch, tokens, unknown_tokens = drift_inputs
         event = {
             "request_id": prediction.request_id,
             "text": text,
@@ -155,6 +160,10 @@ class PredictionPublisher:
             "scores": prediction.scores,
             "model_version": prediction.model_version,
             "timestamp": timestamp,
+            # Four decimals keep the message small; the drift statistics need no more.
+            "sketch": [round(float(x), 4) for x in sketch],
+            "tokens": None if tokens is None else int(tokens),
+            "unknown_tokens": None if unknown_tokens is None else int(unknown_tokens),
         }
         return prediction.request_id.encode(), json.dumps(event).encode()
 

@@ -180,7 +180,9 @@ class Classifier:
         self.metrics.batch_texts.observe(len(texts))
         labels = live.manifest.labels
         predictions = []
-        for text, row in zip(texts, scores.probabilities, strict=True):
+        tokens = scores.tokens if scores.tokens is not None else [None] * len(texts)
+        unknown = scores.unknown_tokens if scores.unknown_tokens is not None else [None] * len(texts)
+        for i, (text, row) in enumerate(zip(texts, scores.probabilities, strict=True)):
             label = labels[int(row.argmax())]
             self.metrics.predictions.labels(label, str(live.version)).inc()
             prediction = Prediction(
@@ -190,7 +192,7 @@ class Classifier:
                 model_version=live.version,
             )
             predictions.append(prediction)
-            self.prediction_events.offer(prediction, text)
+            self.prediction_events.offer(prediction, text, (scores.sketch[i], tokens[i], unknown[i]))
         return predictions
 
     @bentoml.api(route="/feedback")

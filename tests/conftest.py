@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +17,21 @@ from pathlib import Path
 import httpx
 import pytest
 
+from trainer.data import LabelledTexts, load_csv, split, write_csv
+
 ROOT = Path(__file__).resolve().parent.parent
 IMDB = ROOT / "data" / "sentiment" / "imdb.csv"
 BIN = Path(sys.executable).parent
+AMAZON = IMDB.with_name("amazon.csv")
 # CI trains v1 for at most 3 epochs (about 100 s on 2 cores); `make up` uses the full default.
 TEST_EPOCHS = "3"
+
+
+@functools.cache
+def imdb_parts() -> tuple[Path, LabelledTexts]:
+    """Model v1 bootstraps on 70 % of imdb (this CSV); the other 30 % is traffic it has never seen."""
+    bootstrap, traffic = split(load_csv(IMDB), 0.3, seed=13)
+    return write_csv(Path(tempfile.mkdtemp(prefix="tuneloop-data-")) / "imdb-bootstrap.csv", bootstrap), traffic
 
 
 def free_port() -> int:
@@ -45,9 +57,9 @@ def run_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.C
 
 @pytest.fixture(scope="session")
 def registry_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A registry holding model v1, bootstrapped on the shipped imdb data by the real CLI."""
+    """A registry holding model v1, bootstrapped on 70 % of the shipped imdb data by the real CLI."""
     path = tmp_path_factory.mktemp("registry")
-    run_cli("bootstrap", "--data", str(IMDB), "--no-progress", env=tuneloop_env(path))
+    run_cli("bootstrap", "--data", str(imdb_parts()[0]), "--no-progress", env=tuneloop_env(path))
     return path
 
 
@@ -65,9 +77,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_service(registry: Path, tmp_path: Path, wait_ready: bool = True, **env: str) -> Iterator[Server]:
-    """Start `bentoml serve` on a free loopback port and stop it afterwards."""
-    port = free_port()
+def running_service(
+    registry: Path, tmp_path: Path, wait_ready: bool = True, port: int | None = None, **env: str
+) -> Iterator[Server]:
+    """Start `bentoml serve` on a loopback port (a free one by default) and stop it afterwards."""
+    port = port or free_port()
     log = tmp_path / f"serve-{port}.log"
     process_env = tuneloop_env(registry, BENTOML_HOME=str(tmp_path / "bentoml"), **env)
     with log.open("wb") as out:
@@ -179,5 +193,69 @@ def running_controller(registry: Path, tmp_path: Path, env: dict[str, str], wait
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.3)
         yield process
+    finally:
+        stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
+def clinc_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference scenario's v1: three CLINC150 domains (30 rows per intent), all six domains' intents declared."""
+    from trainer import scenario
+
+    path = tmp_path_factory.mktemp("clinc-registry")
+    data = write_csv(path.parent / f"{path.name}-bootstrap.csv", scenario.sample(scenario.OLD_DOMAINS, "train", 30, seed=0))
+    labels = ",".join(scenario.label_set())
+    run_cli("bootstrap", "--data", str(data), "--labels", labels, "--no-progress", env=tuneloop_env(path))
+    return path
+
+
+class Prometheus:
+    def __init__(self, url: str, log: Path) -> None:
+        self.url = url
+        self.log = log
+
+    def query(self, expr: str) -> list[dict]:
+        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = response.json()
+        assert response.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+        return body["data"]["result"]
+
+
+@contextlib.contextmanager
+def running_prometheus(targets: dict[str, str], tmp_path: Path) -> Iterator[Prometheus]:
+    """A real Prometheus (Debian's package) with the shipped config and rules, scraping `targets` every second."""
+    import shutil
+
+    import yaml
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise AssertionError("prometheus is not installed: `apt-get install prometheus` (.ci/run does it)")
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(ROOT / "deploy" / "prometheus" / rule) for rule in config["rule_files"]]
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+    config_path = tmp_path / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [binary, f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        yield Prometheus(url, log)
     finally:
         stop_process_group(process)

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import IMDB, run_cli, tuneloop_env
+from tests.conftest import imdb_parts, run_cli, tuneloop_env
 from trainer.data import LabelledTexts, load_csv, split
 from trainer.model import load_adapted, load_tokenizer, predict, resolve_base
 from tuneloop.config import Settings
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 @functools.cache
 def validation_split() -> LabelledTexts:
     settings = Settings()
-    return split(load_csv(IMDB), settings.train.val_fraction, settings.train.seed)[1]
+    return split(load_csv(imdb_parts()[0]), settings.train.val_fraction, settings.train.seed)[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,9 @@ def test_manifest_records_lineage_data_and_checks(registry_path: Path) -> None:
     assert manifest.parent_version is None
     assert manifest.labels == ["negative", "positive"]
     assert manifest.base_model.startswith("sentence-transformers/all-MiniLM-L6-v2@sha256:")
-    assert manifest.training_data["sha256"] == load_csv(IMDB).source["sha256"]
-    assert manifest.training_data["train_rows"] == 800
-    assert manifest.metrics["val_rows"] == 200
+    assert manifest.training_data["sha256"] == load_csv(imdb_parts()[0]).source["sha256"]
+    assert manifest.training_data["train_rows"] == 560
+    assert manifest.metrics["val_rows"] == 140
     assert manifest.metrics["parity"]["argmax_agreement"] >= 0.99
     assert {"model.onnx", "tokenizer.json", "labels.json", "adapter/adapter_model.safetensors"} <= set(manifest.files)
     assert Registry(registry_path).history()[0].reason == "bootstrap"
@@ -89,7 +89,7 @@ def test_a_texts_scores_do_not_depend_on_its_batch(registry_path: Path) -> None:
 
 
 def test_bootstrap_if_empty_keeps_the_served_version(registry_path: Path) -> None:
-    result = run_cli("bootstrap", "--data", str(IMDB), "--if-empty", env=tuneloop_env(registry_path))
+    result = run_cli("bootstrap", "--data", str(imdb_parts()[0]), "--if-empty", env=tuneloop_env(registry_path))
     assert "already serves v1" in result.stdout
     assert Registry(registry_path).list_versions() == [1]
 

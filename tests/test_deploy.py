@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
 
 from tests.conftest import ROOT
+from tuneloop.config import ALL_SIGNALS
 
 PROJECT_PACKAGES = ("tuneloop", "services", "trainer", "exporters", "monitoring")
 
@@ -56,3 +60,47 @@ def test_kubernetes_probes_use_the_service_health_endpoints() -> None:
     env = {e["name"]: e["value"] for e in container["env"]}
     mount = next(m for m in container["volumeMounts"] if m["name"] == "registry")
     assert env["TUNELOOP_REGISTRY__PATH"] == mount["mountPath"]
+
+
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+GRAFANA_DIR = ROOT / "deploy" / "grafana"
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("promtool")
+    assert binary, "promtool is missing: `apt-get install prometheus` (.ci/run does it)"
+    return subprocess.run([binary, *args], cwd=PROMETHEUS_DIR, capture_output=True, text=True, timeout=60)
+
+
+def test_promtool_accepts_the_config_and_the_rules() -> None:
+    for args in (("check", "config", "prometheus.yml"), ("check", "rules", "tuneloop.rules.yml")):
+        result = promtool(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rules_fire_on_the_series_they_are_written_for() -> None:
+    """promtool's rule unit tests: each alert fires on its series at the expected time, and not before."""
+    result = promtool("test", "rules", "tuneloop.rules.test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_the_issue_names_exists() -> None:
+    rules = yaml.safe_load((PROMETHEUS_DIR / "tuneloop.rules.yml").read_text())
+    names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    assert {"TuneloopDriftSustained", "TuneloopFeedbackAccuracyDrop", "TuneloopConsumerLagHigh",
+            "TuneloopNoModelLoaded", "TuneloopTrainingFailed"} <= names
+
+
+def test_grafana_provisioning_names_the_dashboard_datasource() -> None:
+    datasource = yaml.safe_load((GRAFANA_DIR / "provisioning" / "datasources" / "tuneloop.yml").read_text())
+    uids = {source["uid"] for source in datasource["datasources"]}
+    dashboard = json.loads((GRAFANA_DIR / "dashboards" / "tuneloop.json").read_text())
+    used = {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
+    used |= {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
+    assert used == uids
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for needed in ("request rate", "latency", "model version", "feedback accuracy", "lag", "training runs"):
+        assert needed in titles
+    signals = {t["expr"].split('signal="')[1].split('"')[0] for p in dashboard["panels"]
+               for t in p.get("targets", []) if 'signal="' in t["expr"]}
+    assert signals == set(ALL_SIGNALS)

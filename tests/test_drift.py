@@ -11,9 +11,7 @@ from monitoring.drift import (
     Signal, class_mix_signals, confidence_signals, embedding_signal, fdr_adjusted, feedback_quality, length_signal, psi,
     unknown_token_signal,
 )
-from tests.conftest import IMDB
-
-AMAZON = IMDB.with_name("amazon.csv")
+from tests.conftest import AMAZON, IMDB
 
 
 @pytest.fixture

@@ -14,16 +14,17 @@ from tests.conftest import ROOT
 PACKAGES = ("tuneloop", "services", "trainer", "exporters", "monitoring")
 
 
-def imported_modules(package: str) -> dict[str, set[str]]:
+def imported_modules(package: str, full: bool = False) -> dict[str, set[str]]:
+    """Per file, the modules it imports: top-level package names, or full dotted names."""
     found: dict[str, set[str]] = {}
     for path in (ROOT / package).rglob("*.py"):
         names: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                names |= {alias.name.split(".")[0] for alias in node.names}
+                names |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        found[str(path.relative_to(ROOT))] = names
+                names.add(node.module)
+        found[str(path.relative_to(ROOT))] = names if full else {name.split(".")[0] for name in names}
     return found
 
 
@@ -33,12 +34,23 @@ def imported_modules(package: str) -> dict[str, set[str]]:
         ("services", {"torch", "transformers", "peft", "trainer", "exporters", "sentence_transformers"}),
         ("trainer", {"services", "exporters", "bentoml"}),
         ("exporters", {"services", "bentoml"}),
-        ("monitoring", {"services", "trainer", "exporters", "torch", "transformers", "bentoml"}),
+        ("monitoring", {"services", "exporters", "torch", "transformers", "bentoml"}),
     ],
 )
 def test_package_does_not_import(package: str, forbidden: set[str]) -> None:
     offenders = {path: names & forbidden for path, names in imported_modules(package).items() if names & forbidden}
     assert offenders == {}
+
+
+def test_controller_takes_only_the_trigger_policy_from_the_trainer() -> None:
+    """The controller starts training as a process; of the trainer it imports only the torch-free policy."""
+    from_trainer = {
+        path: {name for name in names if name.split(".")[0] == "trainer"}
+        for path, names in imported_modules("monitoring", full=True).items()
+    }
+    assert set().union(*from_trainer.values()) == {"trainer.trigger"}
+    policy_imports = imported_modules("trainer", full=True)["trainer/trigger.py"]
+    assert {name.split(".")[0] for name in policy_imports} <= {"__future__", "dataclasses", "typing", "tuneloop"}
 
 
 def test_shared_modules_import_no_layer_above_them() -> None:

@@ -56,6 +56,16 @@ def load_csv(path: Path | str) -> LabelledTexts:
     return LabelledTexts(texts, labels, source)
 
 
+def write_csv(path: Path, data: LabelledTexts) -> Path:
+    """Write text,label rows (the format load_csv reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(data.texts, data.labels, strict=True))
+    return path
+
+
 def label_set(data: LabelledTexts, declared: list[str] | None = None) -> list[str]:
     """The model's output labels: the declared list (which may name labels the data lacks) or the sorted data labels."""
     found = sorted(set(data.labels))

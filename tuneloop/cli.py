@@ -118,6 +118,31 @@ def controller() -> None:
 
 
 @app.command()
+def trigger(
+    reason: Annotated[str, typer.Option(help="Recorded with the decision and the run.")] = "manual (CLI)",
+    url: Annotated[str | None, typer.Option(help="Controller base URL. Default: controller.host and port.")] = None,
+) -> None:
+    """Ask the running controller to start a training run now (needs controller.admin_token)."""
+    import httpx
+
+    settings = load_settings()
+    base = url or f"http://{settings.controller.host}:{settings.controller.port}"
+    token = settings.controller.admin_token.get_secret_value()
+    try:
+        response = httpx.post(
+            f"{base}/admin/trigger", json={"reason": reason}, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/red] no controller answered at {base} ({exc}); start it with `tuneloop controller`")
+        raise typer.Exit(1) from None
+    if response.status_code != 202:
+        console.print(f"[red]not started ({response.status_code}):[/red] {response.json().get('detail', response.text)}")
+        raise typer.Exit(1)
+    body = response.json()
+    console.print(f"training run {body['run_id']} started: {body['detail']}")
+
+
+@app.command()
 def history() -> None:
     """Every promotion and rollback, oldest first."""
     registry = _registry()

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -117,6 +117,55 @@ class ControllerConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(3100, ge=1, le=65535, description="The controller's /metrics port.")
     poll_max_records: int = Field(500, ge=1)
+    admin_token: SecretStr = Field(
+        SecretStr(""), description="Bearer token for the controller's /admin endpoints; empty disables them."
+    )
+
+
+class DriftConfig(Section):
+    window_size: int = Field(200, ge=20, description="Prediction events per drift window, compared with the reference.")
+    window_step: int = Field(50, ge=1, description="A window is evaluated every this many events (sliding windows).")
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="False-discovery level for a window's tests (Benjamini-Yekutieli adjusted p-values)."
+    )
+    psi_threshold: float = Field(0.25, gt=0, description="Confidence PSI above this is drift (the 0.1 / 0.25 convention).")
+    class_mix_js_threshold: float = Field(0.1, gt=0, le=1, description="Jensen-Shannon distance (base 2) of the class mix.")
+    unknown_rate_increase: float = Field(0.02, gt=0, description="Rise of the unknown-token share over the reference.")
+    mmd_permutations: int = Field(200, ge=20, description="Permutations behind the embedding MMD p-value.")
+    feedback_rows: int = Field(200, ge=10, description="Accuracy, macro-F1 and recall over this many latest feedback rows.")
+    feedback_min_rows: int = Field(30, ge=1, description="Fewer labelled rows than this: no feedback signals yet.")
+    max_accuracy_drop: float = Field(0.1, gt=0, lt=1, description="Feedback accuracy this far below validation accuracy is drift.")
+    max_macro_f1_drop: float = Field(0.1, gt=0, lt=1, description="The same for macro-F1.")
+
+
+ALL_SIGNALS = [
+    "confidence_psi", "confidence_ks", "class_mix_chi2", "class_mix_js", "embedding_mmd",
+    "input_length_ks", "unknown_token_rate", "feedback_accuracy", "feedback_macro_f1",
+]
+
+
+class TriggerConfig(Section):
+    consecutive_windows: int = Field(3, ge=1, description="K: windows in a row with drift before a run starts.")
+    min_new_rows: int = Field(200, ge=0, description="M: labelled rows stored since the last run, needed to start one.")
+    cooldown_s: float = Field(3600, ge=0, description="After a run starts, drift starts no other for this long.")
+    max_runs_per_day: int = Field(6, ge=1, description="Runs started in any 24 hours, drift and schedule together.")
+    schedule_interval_s: float = Field(0, ge=0, description="Start a run this long after the last one (0: no schedule).")
+    signals: list[str] = Field(
+        default_factory=lambda: list(ALL_SIGNALS), description="Signals whose drift counts towards a trigger."
+    )
+    command: list[str] = Field(
+        default_factory=lambda: ["tuneloop", "train", "--run-id", "{run_id}"],
+        description="The training run the controller starts, as its own process; {run_id} is filled in.",
+    )
+    runs_dir: Path = Field(Path("var/runs"), description="Each run's log, run-<id>.log.")
+
+    @field_validator("signals")
+    @classmethod
+    def known_signals(cls, signals: list[str]) -> list[str]:
+        unknown = sorted(set(signals) - set(ALL_SIGNALS))
+        if unknown:
+            raise ValueError(f"unknown signal(s) {unknown}; choose from {ALL_SIGNALS}")
+        return signals
 
 
 class Settings(BaseSettings):
@@ -131,6 +180,8 @@ class Settings(BaseSettings):
     serve: ServeConfig = ServeConfig()
     events: EventsConfig = EventsConfig()
     controller: ControllerConfig = ControllerConfig()
+    drift: DriftConfig = DriftConfig()
+    trigger: TriggerConfig = TriggerConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -24,6 +24,10 @@ class PredictionEvent(BaseModel):
     scores: dict[str, float]
     model_version: int
     timestamp: str = Field(default_factory=utc_now)
+    # What the drift statistics need beyond the scores; absent from backends that cannot give them.
+    sketch: list[float] = Field(default_factory=list, description="The model's embedding sketch of the text.")
+    tokens: int | None = Field(None, description="Tokens after truncation, special tokens included.")
+    unknown_tokens: int | None = Field(None, description="Of those, how many are the unknown token.")
 
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]

@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS pending_feedback (
     feedback_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, payload TEXT NOT NULL, received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pending_by_request ON pending_feedback (request_id);
+CREATE INDEX IF NOT EXISTS feedback_by_version ON feedback (model_version, stored_at);
+CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (stored_at);
 """
 
 
@@ -129,6 +131,20 @@ class FeedbackStore:
         cursor = self._db.execute("SELECT * FROM feedback ORDER BY stored_at, feedback_id")
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def recent_labelled(self, model_version: int, limit: int) -> list[tuple[str, str]]:
+        """(true label, predicted label) of the latest feedback on predictions that version served."""
+        return self._db.execute(
+            "SELECT label, predicted_label FROM feedback WHERE model_version = ? AND predicted_label IS NOT NULL "
+            "ORDER BY stored_at DESC, feedback_id DESC LIMIT ?",
+            (model_version, limit),
+        ).fetchall()
+
+    def count_stored_since(self, stored_at: str | None) -> int:
+        """Feedback rows stored after an ISO timestamp (all of them for None)."""
+        if stored_at is None:
+            return self.count("feedback")
+        return self._db.execute("SELECT COUNT(*) FROM feedback WHERE stored_at > ?", (stored_at,)).fetchone()[0]
 
     def close(self) -> None:
         self._db.close()

@@ -6,6 +6,7 @@ it, so what is gated is exactly what is served.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,19 @@ class Scores:
     logits: np.ndarray  # (n, labels)
     probabilities: np.ndarray  # (n, labels)
     sketch: np.ndarray  # (n, sketch_dim)
+    tokens: np.ndarray | None = None  # (n,) tokens per text after truncation
+    unknown_tokens: np.ndarray | None = None  # (n,) of those, how many the vocabulary mapped to the unknown token
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def unknown_token_id(tokenizer: Tokenizer) -> int | None:
+    """The id the vocabulary gives words it cannot represent (WordPiece's [UNK]), if it has one."""
+    unknown = json.loads(tokenizer.to_str())["model"].get("unk_token")
+    return tokenizer.token_to_id(unknown) if unknown else None
 
 
 def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
@@ -71,6 +80,7 @@ class OnnxTextClassifier:
         if pad_id is None:
             raise ValueError(f"{tokenizer_path}: pad token {pad_token!r} is not in the vocabulary")
         self.pad_id = pad_id
+        self.unknown_id = unknown_token_id(self.tokenizer)
         self.max_padding_waste = max_padding_waste
         # Dynamic int8 picks one activation scale per tensor, so a row's scores would depend on its
         # batch neighbours (measured: 2-6 label flips per 1,000 texts); such graphs run one row at a time.
@@ -108,6 +118,7 @@ class OnnxTextClassifier:
             raise ValueError("predict needs at least one text")
         encodings = self.tokenizer.encode_batch(texts)
         lengths = np.array([len(e.ids) for e in encodings])
+        unknown = np.array([e.ids.count(self.unknown_id) for e in encodings]) if self.unknown_id is not None else None
         order = np.argsort(lengths, kind="stable")
         outputs: list[np.ndarray | None] = [None] * len(self.output_names)
         for group in length_groups(lengths[order], self.max_padding_waste, self.max_rows_per_run):
@@ -119,7 +130,7 @@ class OnnxTextClassifier:
                 outputs[k][rows] = result
         logits = outputs[0]
         sketch = outputs[1] if len(outputs) > 1 else np.zeros((len(texts), 0), dtype=np.float32)
-        return Scores(logits=logits, probabilities=softmax(logits), sketch=sketch)
+        return Scores(logits, softmax(logits), sketch, tokens=lengths, unknown_tokens=unknown)
 
     def _feeds(self, sequences: list[list[int]]) -> dict[str, np.ndarray]:
         width = max(len(ids) for ids in sequences)

@@ -1,0 +1,83 @@
+"""Training runs as their own processes: started by the controller, watched until they exit.
+
+A run is a separate process (by default `tuneloop train --run-id N`), so a crash in training
+never takes the controller down, and a controller restart does not kill a run: the next
+controller adopts it by pid and waits for it to go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+
+from monitoring.state import ControllerState
+from tuneloop.config import TriggerConfig
+
+log = logging.getLogger("tuneloop.runs")
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    run_id: int
+    status: str  # succeeded, failed or lost
+    exit_code: int | None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLauncher:
+    def __init__(self, config: TriggerConfig, state: ControllerState) -> None:
+        self.config = config
+        self.state = state
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._adopted: dict[int, int] = {}  # run id -> pid of a run an earlier controller started
+        for run in state.running():
+            if run["pid"] and _alive(run["pid"]):
+                self._adopted[run["id"]] = run["pid"]
+            else:
+                state.finish_run(run["id"], "lost", None)
+                log.warning("training run %s was running when the controller stopped and is gone", run["id"])
+
+    @property
+    def in_progress(self) -> bool:
+        return bool(self._children or self._adopted)
+
+    def start(self, run_id: int) -> None:
+        command = [part.replace("{run_id}", str(run_id)) for part in self.config.command]
+        self.config.runs_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.config.runs_dir / f"run-{run_id}.log"
+        with log_path.open("ab") as out:
+            try:
+                process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                out.write(f"cannot start {command}: {exc}\n".encode())
+                self.state.finish_run(run_id, "failed", None)
+                raise
+        self._children[run_id] = process
+        self.state.run_started(run_id, process.pid, log_path)
+        log.info("training run %s started (pid %s): %s; log %s", run_id, process.pid, " ".join(command), log_path)
+
+    def poll(self) -> list[FinishedRun]:
+        finished = []
+        for run_id, process in list(self._children.items()):
+            code = process.poll()
+            if code is not None:
+                del self._children[run_id]
+                finished.append(FinishedRun(run_id, "succeeded" if code == 0 else "failed", code))
+        for run_id, pid in list(self._adopted.items()):
+            if not _alive(pid):
+                del self._adopted[run_id]
+                finished.append(FinishedRun(run_id, "lost", None))  # not our child: its exit code is unknowable
+        for run in finished:
+            self.state.finish_run(run.run_id, run.status, run.exit_code)
+        return finished

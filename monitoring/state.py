@@ -1,0 +1,109 @@
+"""The controller's own records, beside the feedback store: drift windows, trigger decisions, training runs.
+
+Tables (SQLite, same file as the feedback store):
+
+    drift_windows      id, model_version, events_seen, drifted (JSON list), signals (JSON), evaluated_at
+    trigger_decisions  id, decided_at, source, outcome, reason, detail
+    training_runs      id, source, reason, started_at, finished_at, status, exit_code, pid, new_rows, log_path
+
+A run's status is `running`, then `succeeded` or `failed` (by exit code), or `lost` when the
+controller restarted and the process had gone without it seeing the exit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from monitoring.windows import WindowReport
+from trainer.trigger import Decision
+from tuneloop.durable_sqlite import connect
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS drift_windows (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model_version INTEGER NOT NULL, events_seen INTEGER NOT NULL,
+    drifted TEXT NOT NULL, signals TEXT NOT NULL, evaluated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trigger_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, decided_at TEXT NOT NULL, source TEXT NOT NULL, outcome TEXT NOT NULL,
+    reason TEXT NOT NULL, detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS training_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, reason TEXT NOT NULL, started_at TEXT NOT NULL,
+    started_unix REAL NOT NULL, finished_at TEXT, status TEXT NOT NULL, exit_code INTEGER, pid INTEGER,
+    new_rows INTEGER NOT NULL, log_path TEXT
+);
+"""
+
+
+def iso(unix_seconds: float) -> str:
+    return datetime.fromtimestamp(unix_seconds, UTC).isoformat(timespec="milliseconds")
+
+
+def _rows(cursor: Any) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+class ControllerState:
+    def __init__(self, path: Path) -> None:
+        self._db = connect(path, _SCHEMA)
+
+    def record_window(self, report: WindowReport) -> None:
+        signals = [asdict(s) | {"drifted": s.drifted} for s in report.signals]
+        self._db.execute(
+            "INSERT INTO drift_windows (model_version, events_seen, drifted, signals, evaluated_at) VALUES (?, ?, ?, ?, ?)",
+            (report.model_version, report.events_seen, json.dumps(report.drifted()), json.dumps(signals), iso(time.time())),
+        )
+
+    def windows(self, model_version: int | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM drift_windows", ()
+        if model_version is not None:
+            query, args = query + " WHERE model_version = ?", (model_version,)
+        rows = _rows(self._db.execute(query + " ORDER BY id", args))
+        for row in rows:
+            row["drifted"], row["signals"] = json.loads(row["drifted"]), json.loads(row["signals"])
+        return rows
+
+    def record_decision(self, decision: Decision) -> None:
+        self._db.execute(
+            "INSERT INTO trigger_decisions (decided_at, source, outcome, reason, detail) VALUES (?, ?, ?, ?, ?)",
+            (iso(time.time()), decision.source, decision.outcome, decision.reason, decision.detail),
+        )
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return _rows(self._db.execute("SELECT * FROM trigger_decisions ORDER BY id"))
+
+    def start_run(self, decision: Decision, new_rows: int, now: float) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO training_runs (source, reason, started_at, started_unix, status, new_rows) "
+            "VALUES (?, ?, ?, ?, 'running', ?)",
+            (decision.source, decision.detail, iso(now), now, new_rows),
+        )
+        return int(cursor.lastrowid)
+
+    def run_started(self, run_id: int, pid: int, log_path: Path) -> None:
+        self._db.execute("UPDATE training_runs SET pid = ?, log_path = ? WHERE id = ?", (pid, str(log_path), run_id))
+
+    def finish_run(self, run_id: int, status: str, exit_code: int | None) -> None:
+        self._db.execute(
+            "UPDATE training_runs SET status = ?, exit_code = ?, finished_at = ? WHERE id = ?",
+            (status, exit_code, iso(time.time()), run_id),
+        )
+
+    def runs(self) -> list[dict[str, Any]]:
+        return _rows(self._db.execute("SELECT * FROM training_runs ORDER BY id"))
+
+    def running(self) -> list[dict[str, Any]]:
+        return _rows(self._db.execute("SELECT * FROM training_runs WHERE status = 'running' ORDER BY id"))
+
+    def last_run_started(self) -> float | None:
+        row = self._db.execute("SELECT MAX(started_unix) FROM training_runs").fetchone()
+        return row[0]
+
+    def runs_since(self, unix_seconds: float) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM training_runs WHERE started_unix >= ?", (unix_seconds,)).fetchone()[0]

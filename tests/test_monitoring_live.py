@@ -1,0 +1,199 @@
+"""Drift and the trigger on live replays: real `bentoml serve`, real controller, real Prometheus.
+
+(a) imdb traffic the model never saw, then amazon reviews: no false trigger on imdb (the
+false-alarm rate over many windows is reported), and the switch shows up in the embedding and
+length signals within a measured number of events.
+(b) The reference scenario on the real Kafka broker: v1 knows three CLINC150 domains and meets
+the three others; confidence and feedback accuracy fall, the trigger fires once, and the
+cooldown suppresses it after that. Prometheus scrapes both processes throughout: every panel
+of the shipped Grafana dashboard returns data and every alert rule evaluates.
+
+The controller's training command is replaced by a stand-in process that sleeps and exits 0:
+these tests are about when a run starts, not about training (the loop tests run the real one).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from monitoring.state import ControllerState
+from tests.conftest import (
+    AMAZON, BIN, ROOT, Prometheus, bus_env, free_port, imdb_parts, running_controller, running_prometheus,
+    running_service, tuneloop_env,
+)
+from trainer import scenario
+from trainer.data import load_csv
+from tuneloop.config import DriftConfig
+
+pytestmark = pytest.mark.slow
+
+STAND_IN_RUN = json.dumps([sys.executable, "-c", "import time; time.sleep(3)"])
+WINDOW = DriftConfig().window_size
+STEP = DriftConfig().window_step
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "tuneloop.json"
+
+
+def replay(client: httpx.Client, texts: list[str], labels: list[str] | None = None, batch: int = 32) -> None:
+    """Predict every text, in order; with labels, send each prediction's true label back as feedback."""
+    for start in range(0, len(texts), batch):
+        response = client.post("/predict", json={"texts": texts[start : start + batch]})
+        assert response.status_code == 200, response.text
+        if labels is not None:
+            items = [
+                {"request_id": p["request_id"], "label": label}
+                for p, label in zip(response.json(), labels[start : start + batch], strict=True)
+            ]
+            feedback = client.post("/feedback/batch", json={"items": items})
+            assert feedback.status_code == 202, feedback.text
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def events_windowed(state: ControllerState) -> int:
+    windows = state.windows()
+    return windows[-1]["events_seen"] if windows else 0
+
+
+def trigger_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "TUNELOOP_TRIGGER__CONSECUTIVE_WINDOWS": "2",
+        "TUNELOOP_TRIGGER__MIN_NEW_ROWS": "100",
+        "TUNELOOP_TRIGGER__COOLDOWN_S": "3600",
+        "TUNELOOP_TRIGGER__COMMAND": STAND_IN_RUN,
+        "TUNELOOP_TRIGGER__RUNS_DIR": str(tmp_path / "runs"),
+    } | extra
+
+
+def test_imdb_raises_no_alarm_and_amazon_shows_in_embedding_and_length(registry_path: Path, tmp_path: Path) -> None:
+    traffic = imdb_parts()[1]  # 300 rows v1 never trained or validated on
+    rng = random.Random(5)
+    picks = [rng.randrange(len(traffic)) for _ in range(2000)]
+    imdb_texts, imdb_labels = [traffic.texts[i] for i in picks], [traffic.labels[i] for i in picks]
+    amazon = load_csv(AMAZON).texts[:800]
+    env = bus_env("embedded", tmp_path, **trigger_env(tmp_path))
+    state = ControllerState(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
+    with running_service(registry_path, tmp_path, **env) as service, running_controller(registry_path, tmp_path, env):
+        with service.client() as client:
+            replay(client, imdb_texts, imdb_labels)
+            wait_for(lambda: events_windowed(state) >= len(imdb_texts), 120, "the imdb windows")
+            imdb_windows = state.windows()
+            imdb_decisions = state.decisions()
+            replay(client, amazon)
+            wait_for(lambda: events_windowed(state) >= len(imdb_texts) + len(amazon), 120, "the amazon windows")
+    windows = len(imdb_windows)
+    assert windows == (len(imdb_texts) - WINDOW) // STEP + 1
+    alarms = [w for w in imdb_windows if w["drifted"]]
+    print(f"\nimdb: {len(alarms)} of {windows} windows flagged any signal "
+          f"(false-alarm rate {len(alarms) / windows:.3f}): {[w['drifted'] for w in alarms]}")
+    assert len(alarms) / windows <= 0.1
+    assert not [d for d in imdb_decisions if d["outcome"] == "fired"], imdb_decisions
+
+    after = [w for w in state.windows() if w["events_seen"] > len(imdb_texts)]
+    delays = {}
+    for signal in ("embedding_mmd", "input_length_ks"):
+        first = next((w for w in after if signal in w["drifted"]), None)
+        assert first is not None, f"{signal} never flagged amazon traffic: {[w['drifted'] for w in after]}"
+        delays[signal] = first["events_seen"] - len(imdb_texts)
+    print(f"amazon detected after {delays} events (window {WINDOW}, step {STEP})")
+    assert max(delays.values()) <= WINDOW
+
+
+def test_clinc_shift_fires_the_trigger_once_per_cooldown_and_drives_the_dashboard(
+    clinc_registry: Path, kafka: object, tmp_path: Path
+) -> None:
+    old = scenario.sample(scenario.OLD_DOMAINS, "test", 10, seed=1)  # 450 rows of known intents
+    new = scenario.sample(scenario.NEW_DOMAINS, "test", 20, seed=1)  # 900 rows of intents v1 never saw
+    service_port, controller_port, token = free_port(), free_port(), "test-admin-token"
+    env = bus_env(
+        "kafka", tmp_path, kafka.bootstrap_servers,
+        **trigger_env(tmp_path, TUNELOOP_CONTROLLER__PORT=str(controller_port), TUNELOOP_CONTROLLER__ADMIN_TOKEN=token),
+    )
+    state = ControllerState(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
+    targets = {"tuneloop-service": f"127.0.0.1:{service_port}", "tuneloop-controller": f"127.0.0.1:{controller_port}"}
+    with (
+        running_prometheus(targets, tmp_path) as prometheus,
+        running_service(clinc_registry, tmp_path, port=service_port, **env) as service,
+        running_controller(clinc_registry, tmp_path, env) as controller,
+        service.client() as client,
+    ):
+        replay(client, old.texts, old.labels)
+        wait_for(lambda: events_windowed(state) >= len(old) - STEP, 120, "the old-domain windows")
+        assert [d for d in state.decisions() if d["outcome"] == "fired"] == []
+
+        replay(client, new.texts, new.labels)
+        wait_for(lambda: events_windowed(state) >= len(old) + len(new) - STEP, 120, "the new-domain windows")
+        decisions = state.decisions()
+        fired = [d for d in decisions if d["outcome"] == "fired"]
+        assert len(fired) == 1 and fired[0]["source"] == "drift", decisions
+        suppressed = [d["reason"] for d in decisions if d["outcome"] == "suppressed" and d["id"] > fired[0]["id"]]
+        assert suppressed and set(suppressed) <= {"cooldown", "run_in_progress"}, decisions
+        shifted = [w for w in state.windows() if w["events_seen"] > len(old) + WINDOW]
+        assert all({"confidence_ks", "feedback_accuracy"} <= set(w["drifted"]) for w in shifted[-3:]), shifted[-3:]
+        wait_for(lambda: state.runs()[0]["status"] != "running", 30, "the stand-in run to end")
+        assert [(r["id"], r["status"], r["source"]) for r in state.runs()] == [(1, "succeeded", "drift")]
+        assert "trigger fired (drift_sustained)" in controller.log.read_text()
+
+        # A manual run bypasses the cooldown; the admin endpoint wants the token.
+        admin = f"http://127.0.0.1:{controller_port}/admin/trigger"
+        assert httpx.post(admin, json={"reason": "no token"}).status_code == 401
+        assert httpx.post(admin, json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        cli_env = tuneloop_env(clinc_registry, **env)
+        manual = subprocess.run(
+            [str(BIN / "tuneloop"), "trigger", "--reason", "operator test"],
+            env=cli_env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )
+        assert manual.returncode == 0 and "training run 2 started" in manual.stdout, manual.stdout + manual.stderr
+        busy = httpx.post(admin, json={"reason": "again"}, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert busy.status_code == 409 and "in progress" in busy.json()["detail"]
+
+        check_dashboard_and_rules(prometheus)
+
+
+def dashboard_queries() -> tuple[list[tuple[str, str]], list[str]]:
+    """(panel title, PromQL) of every panel target, and the annotations' PromQL, with Grafana's variables filled in."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {"$__rate_interval": "30s", "$__range": "1h", "$__interval": "5s"}
+
+    def filled(expr: str) -> str:
+        for name, value in variables.items():
+            expr = expr.replace(name, value)
+        return expr
+
+    panels = [(p["title"], filled(t["expr"])) for p in dashboard["panels"] for t in p.get("targets", [])]
+    return panels, [filled(a["expr"]) for a in dashboard["annotations"]["list"]]
+
+
+def check_dashboard_and_rules(prometheus: Prometheus) -> None:
+    # The run counter appears with the first run; by then every other series has been scraped for a while.
+    wait_for(lambda: bool(prometheus.query("tuneloop_training_runs_total")), 60, "the training-run counter in Prometheus")
+    panels, annotations = dashboard_queries()
+    for expr in annotations:
+        prometheus.query(expr)  # annotations mark events (swaps, runs starting): they must parse, not always match
+    empty = {}
+    deadline = time.monotonic() + 60
+    while True:
+        empty = {title: expr for title, expr in panels if not prometheus.query(expr)}
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert empty == {}, f"panels without data: {empty}"
+    groups = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) == 8 and all(rule["health"] == "ok" for rule in rules), rules
+    assert {"TuneloopDriftSustained", "TuneloopFeedbackAccuracyDrop"} <= {
+        rule["name"] for rule in rules if rule["state"] in ("pending", "firing")
+    }

@@ -1,0 +1,104 @@
+"""When to fine-tune: the trigger policy, as plain rules over plain numbers (no torch here).
+
+A run starts when drift (or an accuracy drop) holds for K consecutive windows of one model
+version AND at least M labelled rows arrived since the last run, outside the cooldown and
+under the daily cap; or when the schedule is due (with the same M, cap and no run going); or
+by hand. Every decision, fired or suppressed, comes back with a reason for the log and a
+short reason code for the metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tuneloop.config import TriggerConfig
+
+Outcome = Literal["fired", "suppressed", "none"]
+DAY_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    reason: str  # short code: a metric label
+    detail: str  # the sentence for the log
+    source: Literal["drift", "schedule", "manual"] = "drift"
+
+    @property
+    def fired(self) -> bool:
+        return self.outcome == "fired"
+
+
+@dataclass(frozen=True)
+class TriggerState:
+    """What the policy needs to know about the world at the moment of a decision."""
+
+    now: float  # unix seconds
+    new_rows: int  # labelled rows stored since the last run started
+    last_run_started: float | None
+    runs_last_day: int
+    run_in_progress: bool
+
+
+class TriggerPolicy:
+    def __init__(self, config: TriggerConfig, started_at: float) -> None:
+        self.config = config
+        self._consecutive: dict[int, int] = {}
+        self._next_schedule_check = started_at + config.schedule_interval_s
+
+    def consecutive(self, version: int) -> int:
+        return self._consecutive.get(version, 0)
+
+    def consecutive_by_version(self) -> dict[int, int]:
+        return dict(self._consecutive)
+
+    def on_window(self, version: int, drifted_signals: list[str], state: TriggerState) -> Decision:
+        """Decide after a window of `version` closed with these (trigger-relevant) signals drifted."""
+        if not drifted_signals:
+            self._consecutive[version] = 0
+            return Decision("none", "no_drift", f"v{version}: no drift in this window")
+        held = self._consecutive[version] = self.consecutive(version) + 1
+        what = f"v{version}: drift in {', '.join(drifted_signals)} ({held}/{self.config.consecutive_windows} windows)"
+        if held < self.config.consecutive_windows:
+            return Decision("none", "drift_not_sustained", what)
+        blocked = self._blocked(state, cooldown=True)
+        if blocked:
+            return Decision("suppressed", blocked[0], f"{what}; not starting a run: {blocked[1]}")
+        self._consecutive[version] = 0
+        return Decision("fired", "drift_sustained", f"{what}; {state.new_rows} new labelled rows")
+
+    def on_tick(self, state: TriggerState) -> Decision | None:
+        """The periodic schedule; None while it is off or not due."""
+        interval = self.config.schedule_interval_s
+        if not interval:
+            return None
+        due = max(self._next_schedule_check, (state.last_run_started or 0.0) + interval)
+        if state.now < due:
+            return None
+        blocked = self._blocked(state, cooldown=False)
+        if blocked:
+            # Look again later rather than every step: one suppressed decision per retry period.
+            self._next_schedule_check = state.now + min(interval, 600.0)
+            return Decision("suppressed", blocked[0], f"schedule due; not starting a run: {blocked[1]}", "schedule")
+        self._next_schedule_check = state.now + interval
+        return Decision("fired", "schedule", f"schedule due every {interval:g} s; {state.new_rows} new labelled rows", "schedule")
+
+    def on_manual(self, state: TriggerState, reason: str) -> Decision:
+        """A person asked: only a run already going stops it (no cooldown, cap or row minimum)."""
+        if state.run_in_progress:
+            return Decision("suppressed", "run_in_progress", f"manual request ({reason}): a run is in progress", "manual")
+        return Decision("fired", "manual", f"manual request: {reason}", "manual")
+
+    def _blocked(self, state: TriggerState, cooldown: bool) -> tuple[str, str] | None:
+        config = self.config
+        if state.run_in_progress:
+            return "run_in_progress", "a run is in progress"
+        if cooldown and state.last_run_started is not None and state.now - state.last_run_started < config.cooldown_s:
+            left = config.cooldown_s - (state.now - state.last_run_started)
+            return "cooldown", f"cooldown of {config.cooldown_s:g} s has {left:.0f} s left"
+        if state.runs_last_day >= config.max_runs_per_day:
+            return "daily_limit", f"{state.runs_last_day} runs in the last 24 h (max {config.max_runs_per_day})"
+        if state.new_rows < config.min_new_rows:
+            return "too_few_new_rows", f"{state.new_rows} new labelled rows, {config.min_new_rows} needed"
+        return None
