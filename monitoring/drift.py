@@ -64,8 +64,14 @@ def class_mix_signals(reference: list[str], current: list[str], labels: list[str
     shares = (counts + _EPS) / (counts + _EPS).sum(axis=1, keepdims=True)
     return [
         Signal("class_mix_chi2", float(chi2.statistic) if chi2 else 0.0, alpha, float(chi2.pvalue) if chi2 else 1.0),
-        Signal("class_mix_js", float(jensenshannon(shares[0], shares[1], base=2)), js_threshold),
+        Signal("class_mix_js", js_distance(shares[0], shares[1]), js_threshold),
     ]
+
+
+def js_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon distance (base 2); identical inputs can round to a tiny negative divergence, read as 0."""
+    with np.errstate(invalid="ignore"):
+        return float(np.nan_to_num(jensenshannon(p, q, base=2)))
 
 
 def _rbf_kernel(points: np.ndarray) -> np.ndarray:

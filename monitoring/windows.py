@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
-from scipy.spatial.distance import jensenshannon
 
 from monitoring.drift import (
-    Signal, class_mix_signals, confidence_signals, embedding_signal, fdr_adjusted, feedback_quality, length_signal, psi,
-    unknown_token_signal,
+    Signal, class_mix_signals, confidence_signals, embedding_signal, fdr_adjusted, feedback_quality, js_distance,
+    length_signal, psi, unknown_token_signal,
 )
 from tuneloop.config import DriftConfig
 from tuneloop.events import PredictionEvent
@@ -71,7 +70,7 @@ class _VersionWindow:
         n_labels = len(self.reference.labels)
 
         def distance(a: np.ndarray, b: np.ndarray) -> float:
-            return float(jensenshannon(np.bincount(a, minlength=n_labels) + 1e-6, np.bincount(b, minlength=n_labels) + 1e-6, base=2))
+            return js_distance(np.bincount(a, minlength=n_labels) + 1e-6, np.bincount(b, minlength=n_labels) + 1e-6)
 
         return self._noise_floor(distance, self.reference.predicted)
 

@@ -1,0 +1,116 @@
+"""Sliding drift windows and training-run bookkeeping, on synthetic events of known shape."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from monitoring.runs import RunLauncher
+from monitoring.state import ControllerState
+from monitoring.windows import WindowMonitor
+from trainer.trigger import Decision
+from tuneloop.config import DriftConfig, TriggerConfig
+from tuneloop.events import PredictionEvent
+from tuneloop.reference import Reference
+
+LABELS = ["a", "b"]
+CONFIG = DriftConfig(window_size=100, window_step=25, feedback_min_rows=20)
+
+
+def reference(rng: np.random.Generator, n: int = 300) -> Reference:
+    predicted = rng.integers(0, 2, n)
+    return Reference(
+        labels=LABELS, confidence=rng.uniform(0.8, 1.0, n), predicted=predicted, truth=predicted.copy(),
+        sketch=rng.normal(size=(n, 8)), tokens=rng.integers(10, 30, n), unknown_tokens=np.zeros(n, dtype=int),
+    )
+
+
+def events(rng: np.random.Generator, n: int, version: int = 1, shift: float = 0.0, length: int = 10) -> list[PredictionEvent]:
+    out = []
+    for i in range(n):
+        label = LABELS[int(rng.integers(0, 2))]
+        top = float(rng.uniform(0.8, 1.0))
+        out.append(PredictionEvent(
+            request_id=f"r{i}", text="t", label=label, scores={label: top, "b" if label == "a" else "a": 1 - top},
+            model_version=version, sketch=list(rng.normal(shift, 1, 8)), tokens=int(rng.integers(length, length + 20)),
+            unknown_tokens=0,
+        ))
+    return out
+
+
+def test_windows_close_every_step_once_full_and_flag_a_shift() -> None:
+    rng = np.random.default_rng(3)
+    monitor = WindowMonitor(CONFIG, lambda version: reference(np.random.default_rng(0)), lambda version, n: [])
+    steady = monitor.observe(events(rng, 200))
+    assert [r.events_seen for r in steady] == [100, 125, 150, 175, 200]
+    assert not any(r.drifted() for r in steady)
+    moved = monitor.observe(events(rng, 100, shift=1.0, length=40))
+    assert {"embedding_mmd", "input_length_ks"} <= set(moved[-1].drifted())
+    assert "confidence_ks" not in moved[-1].drifted()
+    assert {s.name for s in moved[-1].signals} == {
+        "confidence_psi", "confidence_ks", "class_mix_chi2", "class_mix_js", "embedding_mmd", "input_length_ks",
+        "unknown_token_rate",
+    }
+
+
+def test_a_version_without_reference_is_not_monitored_and_feedback_signals_need_enough_rows() -> None:
+    rng = np.random.default_rng(4)
+    wrong = [("a", "b")] * 30  # every labelled prediction wrong
+    monitor = WindowMonitor(
+        CONFIG, lambda version: reference(np.random.default_rng(0)) if version == 2 else None,
+        lambda version, n: wrong[:n],
+    )
+    assert monitor.observe(events(rng, 150, version=1)) == []
+    report = monitor.observe(events(rng, 100, version=2))[-1]
+    accuracy = next(s for s in report.signals if s.name == "feedback_accuracy")
+    assert accuracy.value == 0.0 and accuracy.threshold == 0.9 and accuracy.drifted
+    assert report.feedback_rows == 30 and report.recall == {"a": 0.0}
+    sparse = WindowMonitor(CONFIG, lambda version: reference(np.random.default_rng(0)), lambda version, n: wrong[:10])
+    assert "feedback_accuracy" not in {s.name for s in sparse.observe(events(rng, 100))[-1].signals}
+
+
+def launcher(tmp_path: Path, code: str) -> tuple[RunLauncher, ControllerState]:
+    state = ControllerState(tmp_path / "state.db")
+    config = TriggerConfig(command=[sys.executable, "-c", code, "{run_id}"], runs_dir=tmp_path / "runs")
+    return RunLauncher(config, state), state
+
+
+def wait_finished(runner: RunLauncher) -> list:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        finished = runner.poll()
+        if finished:
+            return finished
+        time.sleep(0.1)
+    raise AssertionError("run did not finish")
+
+
+def test_a_run_is_a_process_whose_exit_code_decides_its_status(tmp_path: Path) -> None:
+    runner, state = launcher(tmp_path, "import sys; print('run', sys.argv[1]); sys.exit(3)")
+    run_id = state.start_run(Decision("fired", "manual", "test", "manual"), new_rows=5, now=time.time())
+    runner.start(run_id)
+    assert runner.in_progress
+    [finished] = wait_finished(runner)
+    assert (finished.run_id, finished.status, finished.exit_code) == (run_id, "failed", 3)
+    [row] = state.runs()
+    assert row["status"] == "failed" and row["exit_code"] == 3 and row["new_rows"] == 5
+    assert Path(row["log_path"]).read_text().strip() == f"run {run_id}"  # {run_id} was filled in
+
+
+def test_a_restarted_controller_adopts_a_live_run_and_marks_a_vanished_one_lost(tmp_path: Path) -> None:
+    runner, state = launcher(tmp_path, "import time; time.sleep(2)")
+    decision = Decision("fired", "drift_sustained", "test")
+    live = state.start_run(decision, 0, time.time())
+    runner.start(live)
+    gone = state.start_run(decision, 0, time.time())
+    state.run_started(gone, 2**22 + 12345, tmp_path / "none.log")  # a pid no process has
+    adopted = RunLauncher(runner.config, state)  # as a new controller would, with the first still running
+    assert adopted.in_progress
+    assert {r["id"]: r["status"] for r in state.runs()} == {live: "running", gone: "lost"}
+    # Here the test process is the run's parent, so it reaps the exit; the adopter sees the pid gone.
+    assert [(f.run_id, f.status) for f in wait_finished(runner)] == [(live, "succeeded")]
+    assert [(f.run_id, f.status, f.exit_code) for f in adopted.poll()] == [(live, "lost", None)]
+    assert not adopted.in_progress
