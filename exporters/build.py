@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,15 +16,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from exporters import onnx_export
-from exporters.quantize import Recipe, attempts_as_dicts, quantize_until_parity
-from trainer.data import LabelledTexts
+from exporters.quantize import Parity, Recipe, attempts_as_dicts, quantize_until_parity
+from trainer.data import LabelledTexts, write_csv
 from trainer.model import BaseEncoder, predict, weights_digest
 from tuneloop.config import Settings
 from tuneloop.inference import OnnxTextClassifier
 from tuneloop.reference import REFERENCE_FILE, Reference
 from tuneloop.registry import Manifest, Registry
 
-STEPS = ("reference logits", "save adapter", "merge + export ONNX", "optimize graph", "quantize + parity", "publish")
+STEPS = ("reference logits", "save adapter", "merge + export ONNX", "optimize graph", "quantize + parity + gate", "publish")
+
+# Judges a candidate (a fresh ONNX Runtime session on the staged files) and its int8 parity: {"passed", "checks"}.
+Gate = Callable[[OnnxTextClassifier, Parity], dict[str, Any]]
 
 
 def _accuracy(logits: np.ndarray, labels: list[str], label_names: list[str]) -> float:
@@ -42,8 +46,17 @@ def build_and_publish(
     training: dict[str, Any],
     parent_version: int | None = None,
     progress: bool = True,
+    datasets: dict[str, LabelledTexts] | None = None,
+    gate: Gate | None = None,
+    reason: str | None = None,
 ) -> Manifest:
-    """Publish the model as the next version and promote it; raises (publishing nothing) if parity fails."""
+    """Publish the model as the next version; raises (publishing nothing) if no quantization reaches parity.
+
+    Without a gate the version is promoted (bootstrap). With one, it is promoted only when the
+    gate passes; otherwise it is kept, marked rejected with the gate's figures, and never served.
+    `datasets` are stored with the version as CSV (`data/<name>.csv`): what it was trained on is
+    the next run's replay pool, and the original data's holdout travels down the lineage.
+    """
     max_length = settings.model.max_seq_length
     encoder_config = model.get_base_model().encoder.config
     steps = tqdm(total=len(STEPS), desc="export", unit="step", disable=not progress)
@@ -75,6 +88,8 @@ def build_and_publish(
         tokenizer.save_pretrained(tokenizer_dir)
         shutil.copy(tokenizer_dir / "tokenizer.json", stage / "tokenizer.json")
         (stage / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+        for name, rows in (datasets or {}).items():
+            write_csv(stage / "data" / f"{name}.csv", rows)
         export_info: dict[str, Any] = {
             "max_seq_length": max_length,
             "pad_token": tokenizer.pad_token,
@@ -95,9 +110,11 @@ def build_and_publish(
         recipe, parity, attempts = quantize_until_parity(
             optimized_path, stage / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement
         )
-        served = int8_classifier(stage / "model.onnx", recipe).predict(val.texts)
+        candidate = int8_classifier(stage / "model.onnx", recipe)  # a fresh session on the staged files
+        served = candidate.predict(val.texts)
         onnx_logits = served.logits
         Reference.from_scores(served, val.labels, labels).save(stage / REFERENCE_FILE)
+        verdict = gate(candidate, parity) if gate is not None else None
         step(STEPS[4])
 
         export_info |= {
@@ -122,7 +139,9 @@ def build_and_publish(
             training_data=training,
             metrics=metrics,
             export=export_info,
-            reason="bootstrap" if parent_version is None else "published",
+            reason=reason or ("bootstrap" if parent_version is None else "published"),
+            status="accepted" if verdict is None or verdict["passed"] else "rejected",
+            gate=verdict,
         )
         step(STEPS[5])
     steps.close()

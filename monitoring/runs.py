@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from monitoring.state import ControllerState
 from tuneloop.config import TriggerConfig
@@ -18,10 +21,14 @@ from tuneloop.config import TriggerConfig
 log = logging.getLogger("tuneloop.runs")
 
 
+# `tuneloop train`'s exit codes; any other is a failure.
+EXIT_STATUS = {0: "succeeded", 2: "skipped", 3: "rejected"}
+
+
 @dataclass(frozen=True)
 class FinishedRun:
     run_id: int
-    status: str  # succeeded, failed or lost
+    status: str  # succeeded, rejected, skipped, failed or lost
     exit_code: int | None
 
 
@@ -54,6 +61,10 @@ class RunLauncher:
 
     def start(self, run_id: int) -> None:
         command = [part.replace("{run_id}", str(run_id)) for part in self.config.command]
+        # `tuneloop` is found on PATH, or beside this interpreter (a virtualenv not on PATH).
+        sibling = Path(sys.executable).with_name(command[0])
+        if not shutil.which(command[0]) and sibling.is_file():
+            command[0] = str(sibling)
         self.config.runs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.config.runs_dir / f"run-{run_id}.log"
         with log_path.open("ab") as out:
@@ -73,7 +84,7 @@ class RunLauncher:
             code = process.poll()
             if code is not None:
                 del self._children[run_id]
-                finished.append(FinishedRun(run_id, "succeeded" if code == 0 else "failed", code))
+                finished.append(FinishedRun(run_id, EXIT_STATUS.get(code, "failed"), code))
         for run_id, pid in list(self._adopted.items()):
             if not _alive(pid):
                 del self._adopted[run_id]

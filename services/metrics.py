@@ -25,6 +25,8 @@ class ServiceMetrics:
     model_version: Any
     model_loaded: Any
     model_load_failures: Any
+    model_swaps: Any
+    model_swap_seconds: Any
     feedback_accepted: Any
     feedback_spooled: Any
     feedback_replayed: Any
@@ -63,6 +65,11 @@ def service_metrics() -> ServiceMetrics:
         ),
         model_load_failures=prom.Counter(
             "tuneloop_model_load_failures_total", "Model loads that failed (missing, corrupt or unreadable)."
+        ),
+        model_swaps=prom.Counter("tuneloop_model_swaps_total", "Hot swaps to a newly promoted or rolled-back version."),
+        model_swap_seconds=prom.Histogram(
+            "tuneloop_model_swap_duration_seconds", "Load, verify and warm a new version, up to the swap.",
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
         ),
         feedback_accepted=prom.Counter(
             "tuneloop_feedback_accepted_total", "Feedback answered 202, by how it was made durable.", ["via"]

@@ -131,8 +131,9 @@ class Classifier:
         # Load before this worker takes traffic: readiness is answered by whichever worker a probe
         # reaches, so a worker that loaded later would refuse requests behind a "ready" replica.
         # Only a registry with nothing loadable leaves the worker up, unready, and retrying.
-        if not self._try_load():
-            threading.Thread(target=self._load_until_ready, name="model-loader", daemon=True).start()
+        if self._try_load():
+            gc.freeze()  # the first model's objects live for good; keep full collections from rescanning them
+        threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True).start()
 
     def _ensure_topics(self) -> None:
         topics = settings.events.topics.model_dump().values()
@@ -145,23 +146,50 @@ class Classifier:
                 time.sleep(5)
 
     def _try_load(self) -> bool:
+        """Load the registry's current version and swap it in; False (old model kept) when it fails."""
+        previous = self.live
+        started = time.perf_counter()
         try:
             live = load_live_model(self.registry, settings)
-        except Exception as exc:  # any failure leaves the replica not ready; the reason goes to the log
+        except Exception as exc:  # the replica keeps what it serves (or stays not ready); the reason goes to the log
             self.metrics.model_load_failures.inc()
-            log.warning("model not loaded (%s); retrying in 2 s", exc)
+            log.warning("model not loaded (%s); serving %s", exc, f"v{previous.version}" if previous else "nothing")
             return False
-        gc.freeze()  # the loaded model's objects live for good; keep full collections from rescanning them
+        # One reference assignment: a batch already running holds the old model and finishes on it;
+        # every later batch gets the new one. Responses name the version that served them.
         self.live = live
         self.metrics.model_version.set(live.version)
         self.metrics.model_loaded.set(1)
-        log.info("serving model v%s (%s backend)", live.version, live.backend)
+        if previous is not None:
+            self.metrics.model_swaps.inc()
+            self.metrics.model_swap_seconds.observe(time.perf_counter() - started)
+            log.warning("swapped model v%s -> v%s in %.2f s", previous.version, live.version, time.perf_counter() - started)
+        else:
+            log.info("serving model v%s (%s backend)", live.version, live.backend)
         return True
 
-    def _load_until_ready(self) -> None:
-        """Retry until a verified version loads, so a replica started before bootstrap comes up by itself."""
-        while not self._try_load():
-            time.sleep(2)
+    def _watch_registry(self) -> None:
+        """Follow the registry's current version: promotions and rollbacks load in the background, then swap.
+
+        A version that failed to load is retried when the pointer moves again, or after 30 s (2 s while
+        the replica serves nothing yet).
+        """
+        failed: tuple[int | None, float] = (None, 0.0)
+        while True:
+            time.sleep(settings.serve.watch_interval_s)
+            try:
+                wanted = self.registry.current_version()
+            except Exception as exc:  # a half-edited pointer file: keep serving, say why
+                log.warning("cannot read the registry's current version: %s", exc)
+                continue
+            served = self.live.version if self.live is not None else None
+            if wanted is None or wanted == served:
+                continue
+            backoff = 2.0 if served is None else 30.0  # a replica serving nothing keeps trying harder
+            if failed[0] == wanted and time.monotonic() - failed[1] < backoff:
+                continue
+            if not self._try_load():
+                failed = (wanted, time.monotonic())
 
     def __is_ready__(self) -> bool:
         return self.live is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tuneloop.config import load_settings
+from tuneloop.config import Settings, load_settings
 from tuneloop.registry import Registry, RegistryError
 
 app = typer.Typer(help="Serve a LoRA-tuned text classifier as int8 ONNX and keep it tuned.", no_args_is_help=True)
@@ -72,7 +73,8 @@ def bootstrap(
         "lora": settings.train.model_dump(include={"lora_r", "lora_alpha", "lora_dropout", "target_modules"}),
     }
     manifest = build_and_publish(
-        registry, result.model, tokenizer, label_names, base, val_rows, settings, training, progress=progress
+        registry, result.model, tokenizer, label_names, base, val_rows, settings, training, progress=progress,
+        datasets={"train": train_rows, "holdout": val_rows},
     )
     table = Table(title=f"published v{manifest.version} to {registry.root}", show_header=False)
     parity = manifest.metrics["parity"]
@@ -88,6 +90,95 @@ def bootstrap(
     ):
         table.add_row(key, value)
     console.print(table)
+
+
+EXIT_REJECTED, EXIT_NOTHING_TO_TRAIN = 3, 2
+
+
+@app.command()
+def train(
+    run_id: Annotated[int | None, typer.Option(help="The controller's run id, recorded in the manifest.")] = None,
+    replay_ratio: Annotated[
+        float | None, typer.Option(help="Replayed older rows per new row. Default: train.replay_ratio.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Fine-tune the live version on new feedback plus replay; export, gate, and promote only if the gate passes.
+
+    Exit codes: 0 promoted, 3 rejected by the gate (kept in the registry, never served), 2 too little new data.
+    """
+    settings = load_settings()
+    started = time.perf_counter()
+    from exporters.build import build_and_publish
+    from exporters.gate import run_gate
+    from exporters.quantize import Parity
+    from trainer.finetune import NothingToTrain, build_dataset, finetune
+    from trainer.model import load_tokenizer, resolve_base
+    from tuneloop.feedback_store import FeedbackStore
+    from tuneloop.inference import OnnxTextClassifier
+
+    registry = Registry(settings.registry.path)
+    live, live_dir = registry.resolve()
+    try:
+        data = build_dataset(FeedbackStore(settings.controller.store_path), live, live_dir, settings, replay_ratio)
+    except NothingToTrain as exc:
+        console.print(f"[yellow]nothing to train:[/yellow] {exc}")
+        raise typer.Exit(EXIT_NOTHING_TO_TRAIN) from None
+    console.print(
+        f"train: from v{live.version}; {data.new_train} new + {len(data.train) - data.new_train} replayed rows "
+        f"to train, {len(data.val)} to validate, holdout {len(data.holdout)}"
+    )
+    result = finetune(settings, live, live_dir, data, progress)
+    live_classifier = OnnxTextClassifier.from_version(live, live_dir, "cpu")
+
+    def gate(candidate: OnnxTextClassifier, parity: Parity) -> dict[str, object]:
+        return run_gate(candidate, live_classifier, data.new_val, data.holdout, parity,
+                        settings.export.min_argmax_agreement, settings.gate)
+
+    ratio = settings.train.replay_ratio if replay_ratio is None else replay_ratio
+    training = {
+        "run_id": run_id, "feedback_since": live.created_at, "new_train_rows": data.new_train,
+        "new_val_rows": len(data.new_val), "replayed_rows": data.replayed, "replay_ratio": ratio,
+        "warm_start": settings.train.warm_start, "learning_rate": settings.train.finetune_learning_rate,
+        "split_seed": settings.train.seed, "device": result.device, "epochs_run": len(result.epochs),
+        "best_epoch": result.best_epoch, "train_samples_per_second": round(result.train_samples_per_second, 1),
+    }
+    base = resolve_base(settings.model)
+    manifest = build_and_publish(
+        registry, result.model, load_tokenizer(base), live.labels, base, data.val, settings, training,
+        parent_version=live.version, progress=progress,
+        datasets={"train": data.train, "holdout": data.holdout, "new_val": data.new_val},
+        gate=gate, reason=f"training run {run_id}" if run_id is not None else "tuneloop train",
+    )
+    accepted = manifest.status == "accepted"
+    if accepted:
+        _announce(settings, "promote", manifest.version, live.version)
+    table = Table(title=f"v{manifest.version} {'promoted' if accepted else 'REJECTED'} (parent v{live.version})")
+    table.add_column("check")
+    table.add_column("passed")
+    table.add_column("figures")
+    for name, check in manifest.gate["checks"].items():
+        figures = {k: v for k, v in check.items() if k != "passed"}
+        table.add_row(name, "yes" if check["passed"] else "[red]no[/red]", json.dumps(figures)[:160])
+    console.print(table)
+    console.print(f"epochs {len(result.epochs)} (best {result.best_epoch}) on {result.device}, "
+                  f"{result.train_samples_per_second:.0f} samples/s; took {time.perf_counter() - started:.0f} s")
+    if not accepted:
+        raise typer.Exit(EXIT_REJECTED)
+
+
+def _announce(settings: Settings, action: str, version: int, previous: int | None) -> None:
+    """Tell listeners on the model topic; replicas also watch the registry, so a lost event delays no swap."""
+    from tuneloop.bus import open_bus
+    from tuneloop.events import ModelEvent
+
+    event = ModelEvent(action=action, version=version, previous=previous)
+    try:
+        bus = open_bus(settings.events)
+        bus.ensure_topics([settings.events.topics.model])
+        bus.publish_many(settings.events.topics.model, [(str(version).encode(), event.model_dump_json().encode())])
+    except Exception as exc:  # the registry already holds the truth; the event is a courtesy
+        console.print(f"[yellow]warning:[/yellow] model event not published ({exc})")
 
 
 @app.command()
@@ -143,14 +234,51 @@ def trigger(
 
 
 @app.command()
+def rollback(
+    to: Annotated[int | None, typer.Option("--to", help="Version to serve. Default: the one served before the current.")] = None,
+    reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual rollback (CLI)",
+) -> None:
+    """Serve an earlier version again; every replica swaps to it within serve.watch_interval_s."""
+    settings = load_settings()
+    registry = Registry(settings.registry.path)
+    current = registry.current_version()
+    target = to
+    if target is None:
+        entry = next((e for e in reversed(registry.history()) if e.version == current and e.previous), None)
+        if entry is None:
+            console.print(f"[red]error:[/red] v{current} has no earlier version to return to; name one with --to")
+            raise typer.Exit(1)
+        target = entry.previous
+    if target == current:
+        console.print(f"v{current} is already served; nothing to do")
+        return
+    try:
+        registry.promote(target, action="rollback", reason=reason)
+    except RegistryError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    _announce(settings, "rollback", target, current)
+    console.print(f"rolled back v{current} -> v{target}")
+
+
+@app.command()
 def history() -> None:
-    """Every promotion and rollback, oldest first."""
+    """Which version served from when (every promotion and rollback), then every version with its gate verdict."""
     registry = _registry()
-    table = Table("time", "action", "version", "previous", "reason")
+    table = Table("from", "action", "serves", "replacing", "reason", title="served")
     for entry in registry.history():
         previous = f"v{entry.previous}" if entry.previous else "-"
         table.add_row(entry.time, entry.action, f"v{entry.version}", previous, entry.reason)
     console.print(table)
+    versions = Table("version", "created", "parent", "status", "failed checks", title="versions")
+    current = registry.current_version()
+    for version in registry.list_versions():
+        manifest = registry.manifest(version)
+        failed = [name for name, check in manifest.gate.get("checks", {}).items() if not check.get("passed")]
+        status = manifest.status + (" (current)" if version == current else "")
+        parent = f"v{manifest.parent_version}" if manifest.parent_version else "-"
+        versions.add_row(f"v{version}", manifest.created_at, parent, status, ", ".join(failed) or "-")
+    console.print(versions)
 
 
 @app.command()

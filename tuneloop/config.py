@@ -56,6 +56,27 @@ class TrainConfig(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 13
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    finetune_learning_rate: float = Field(
+        3e-4, gt=0, description="`tuneloop train` (fine-tuning on feedback): lower than bootstrap's, to keep what v1 knew."
+    )
+    replay_ratio: float = Field(
+        1.0, ge=0, description="Replayed older rows per new feedback row, against forgetting (0: feedback only)."
+    )
+    warm_start: bool = Field(True, description="Continue the live version's adapter; false starts a fresh one.")
+    min_feedback_rows: int = Field(20, ge=1, description="`tuneloop train` refuses to run on fewer new labelled rows.")
+
+
+class GateConfig(Section):
+    min_new_accuracy: float = Field(0.5, ge=0, le=1, description="(a) Floor on accuracy on the new data's validation rows.")
+    max_regression: float = Field(
+        0.02, ge=0, le=1, description="(b) The candidate may trail the live model on the same new rows by at most this."
+    )
+    max_forgetting: float = Field(
+        0.05, ge=0, le=1, description="(c) Accuracy on the original data's holdout may fall at most this far below live."
+    )
+    max_latency_increase: float = Field(
+        0.5, ge=0, description="(e) Median single-text latency may exceed the live model's by at most this fraction."
+    )
 
 
 class ExportConfig(Section):
@@ -87,6 +108,9 @@ class ServeConfig(Section):
     max_batch_size: int = Field(32, ge=1, description="Adaptive batching: most texts in one inference batch.")
     max_latency_ms: int = Field(
         2000, ge=1, description="Adaptive batching: a request predicted to wait longer is refused with 503 (load shedding)."
+    )
+    watch_interval_s: float = Field(
+        1.0, gt=0, description="How often each replica checks the registry's current version (hot swap)."
     )
 
 
@@ -177,6 +201,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
+    gate: GateConfig = GateConfig()
     serve: ServeConfig = ServeConfig()
     events: EventsConfig = EventsConfig()
     controller: ControllerConfig = ControllerConfig()

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -53,6 +53,8 @@ class Manifest(BaseModel):
     training_data: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     export: dict[str, Any] = Field(default_factory=dict)
+    status: Literal["accepted", "rejected"] = "accepted"
+    gate: dict[str, Any] = Field(default_factory=dict, description="Every validation check with its figures.")
     files: dict[str, FileEntry]
 
 
@@ -144,6 +146,8 @@ class Registry:
         export: dict[str, Any] | None = None,
         promote: bool = True,
         reason: str = "published",
+        status: Literal["accepted", "rejected"] = "accepted",
+        gate: dict[str, Any] | None = None,
     ) -> Manifest:
         """Hash, fsync and rename a staged directory into the next version."""
         if (staged / MANIFEST).exists():
@@ -167,13 +171,15 @@ class Registry:
                 training_data=training_data or {},
                 metrics=metrics or {},
                 export=export or {},
+                status=status,
+                gate=gate or {},
                 files=files,
             )
             (staged / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
             _fsync_tree(staged)
             os.rename(staged, self.version_dir(version))
             _fsync_dir(self.versions_dir)
-            if promote:
+            if promote and status == "accepted":
                 self._promote_locked(version, "promote", reason)
         return manifest
 
@@ -182,7 +188,10 @@ class Registry:
             self._promote_locked(version, action, reason)
 
     def _promote_locked(self, version: int, action: str, reason: str) -> None:
-        self.verify(version)
+        manifest = self.verify(version)
+        if manifest.status != "accepted":
+            failed = [name for name, check in manifest.gate.get("checks", {}).items() if not check.get("passed")]
+            raise RegistryError(f"version {version} was rejected by the validation gate ({', '.join(failed)}); it is never served")
         previous = self.current_version()
         _write_atomic(self.current_file, f"{version}\n".encode())
         entry = HistoryEntry(time=_now(), action=action, version=version, previous=previous, reason=reason)

@@ -1,0 +1,94 @@
+"""`tuneloop train`: fine-tune the live version on new feedback plus a replay of older data.
+
+The dataset: feedback rows stored since the live version was published, split deterministically
+into train and validation, plus a replay sample of the rows the live version was trained on
+(`data/train.csv` in its registry directory), `train.replay_ratio` replayed rows per new row,
+split the same way. Training continues the live adapter (or a fresh one) at the fine-tuning
+learning rate with early stopping on validation loss. Export and the gate follow; nothing is
+published until the whole candidate is staged, so a crash or kill at any point publishes nothing
+(`tuneloop train` in `tuneloop/cli.py` runs these steps, then the exporter and its gate).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from peft import PeftModel
+
+from trainer.data import LabelledTexts, load_csv, split
+from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
+from trainer.train import TrainResult, fit
+from tuneloop.config import Settings
+from tuneloop.feedback_store import FeedbackStore
+from tuneloop.registry import Manifest
+
+
+class NothingToTrain(RuntimeError):
+    """Too little new labelled data; the message says how much there is."""
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    train: LabelledTexts
+    val: LabelledTexts
+    new_train: int
+    new_val: LabelledTexts  # the new rows' validation split: gate checks (a) and (b)
+    replayed: int
+    holdout: LabelledTexts  # the original data's holdout: gate check (c)
+
+
+def _concat(parts: list[LabelledTexts]) -> LabelledTexts:
+    return LabelledTexts([t for p in parts for t in p.texts], [label for p in parts for label in p.labels])
+
+
+def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings: Settings,
+                  replay_ratio: float | None = None) -> FinetuneData:
+    """New feedback since the live version plus its replay sample, both split with the configured seed."""
+    since = datetime.fromisoformat(live.created_at).astimezone(UTC).isoformat(timespec="milliseconds")
+    rows = [r for r in store.feedback_rows() if r["stored_at"] > since]
+    unknown = sorted({r["label"] for r in rows} - set(live.labels))
+    if unknown:  # the service refuses such labels; a row with one can only come from outside it
+        rows = [r for r in rows if r["label"] in live.labels]
+    if len(rows) < settings.train.min_feedback_rows:
+        raise NothingToTrain(
+            f"{len(rows)} labelled rows arrived since v{live.version} was published ({since}); "
+            f"train.min_feedback_rows is {settings.train.min_feedback_rows}"
+        )
+    new = LabelledTexts([str(r["text"]) for r in rows], [str(r["label"]) for r in rows], {"feedback_rows": len(rows)})
+    seed, fraction = settings.train.seed, settings.train.val_fraction
+    new_train, new_val = split(new, fraction, seed)
+    ratio = settings.train.replay_ratio if replay_ratio is None else replay_ratio
+    pool_path = live_dir / "data" / "train.csv"
+    parts_train, parts_val, replayed = [new_train], [new_val], 0
+    if ratio > 0 and pool_path.is_file():
+        pool = load_csv(pool_path)
+        wanted = min(len(pool), round(ratio * len(new)))
+        picked = sorted(random.Random(seed).sample(range(len(pool)), wanted))
+        replay_train, replay_val = split(pool.subset(picked), fraction, seed)
+        parts_train.append(replay_train)
+        parts_val.append(replay_val)
+        replayed = wanted
+    holdout_path = live_dir / "data" / "holdout.csv"
+    if not holdout_path.is_file():
+        raise NothingToTrain(f"v{live.version} carries no original-data holdout ({holdout_path}); the gate needs one")
+    return FinetuneData(
+        train=_concat(parts_train), val=_concat(parts_val), new_train=len(new_train), new_val=new_val,
+        replayed=replayed, holdout=load_csv(holdout_path),
+    )
+
+
+def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneData, progress: bool = True
+             ) -> TrainResult:
+    """Train a candidate from the live version (its adapter, or a fresh one) at the fine-tuning learning rate."""
+    base = resolve_base(settings.model)
+    model = build_classifier(base, len(live.labels), settings.model)
+    if settings.train.warm_start:
+        model = PeftModel.from_pretrained(model, live_dir / "adapter", is_trainable=True)
+    else:
+        model = add_lora(model, settings.train)
+    config = settings.train.model_copy(update={"learning_rate": settings.train.finetune_learning_rate})
+    return fit(model, load_tokenizer(base), data.train, data.val, live.labels, config,
+               settings.model.max_seq_length, progress)
