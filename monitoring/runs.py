@@ -62,9 +62,9 @@ class RunLauncher:
     def start(self, run_id: int) -> None:
         command = [part.replace("{run_id}", str(run_id)) for part in self.config.command]
         # `tuneloop` is found on PATH, or beside this interpreter (a virtualenv not on PATH).
-        sibling = Path(sys.executable).with_name(command[0])
-        if not shutil.which(command[0]) and sibling.is_file():
-            command[0] = str(sibling)
+        if "/" not in command[0] and not shutil.which(command[0]):
+            sibling = Path(sys.executable).with_name(command[0])
+            command[0] = str(sibling) if sibling.is_file() else command[0]
         self.config.runs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.config.runs_dir / f"run-{run_id}.log"
         with log_path.open("ab") as out:
