@@ -89,14 +89,14 @@ def wait_finished(runner: RunLauncher) -> list:
 
 
 def test_a_run_is_a_process_whose_exit_code_decides_its_status(tmp_path: Path) -> None:
-    runner, state = launcher(tmp_path, "import sys; print('run', sys.argv[1]); sys.exit(3)")
+    runner, state = launcher(tmp_path, "import sys; print('run', sys.argv[1]); sys.exit(4)")
     run_id = state.start_run(Decision("fired", "manual", "test", "manual"), new_rows=5, now=time.time())
     runner.start(run_id)
     assert runner.in_progress
     [finished] = wait_finished(runner)
-    assert (finished.run_id, finished.status, finished.exit_code) == (run_id, "failed", 3)
+    assert (finished.run_id, finished.status, finished.exit_code) == (run_id, "failed", 4)
     [row] = state.runs()
-    assert row["status"] == "failed" and row["exit_code"] == 3 and row["new_rows"] == 5
+    assert row["status"] == "failed" and row["exit_code"] == 4 and row["new_rows"] == 5
     assert Path(row["log_path"]).read_text().strip() == f"run {run_id}"  # {run_id} was filled in
 
 
