@@ -262,6 +262,27 @@ def rollback(
 
 
 @app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo's registry, logs and plot go.")] = Path("var/demo"),
+    feedback_per_intent: Annotated[int, typer.Option(help="Labelled feedback rows per new intent.")] = 20,
+    epochs: Annotated[int | None, typer.Option(help="Most training epochs. Default: train.max_epochs.")] = None,
+) -> None:
+    """Run the reference scenario end to end (CLINC150 domain shift) and plot it: demo.png, demo.json."""
+    from tuneloop.demo import plot, run_demo, summary_rows
+
+    started = time.perf_counter()
+    result = run_demo(workdir, feedback_per_intent, epochs, say=console.print)
+    console.print("4/4 writing the plot and the summary")
+    (workdir / "demo.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    plot(result, workdir / "demo.png")
+    table = Table(title=f"tuneloop demo ({time.perf_counter() - started:.0f} s)", show_header=False)
+    for key, value in summary_rows(result):
+        table.add_row(key, value)
+    console.print(table)
+    console.print(f"plot: {workdir / 'demo.png'}")
+
+
+@app.command()
 def history() -> None:
     """Which version served from when (every promotion and rollback), then every version with its gate verdict."""
     registry = _registry()
