@@ -177,7 +177,7 @@ def main() -> None:
             sentiment_delays.setdefault(name, []).append(delay)
 
         before = [old_events[rng.randrange(len(old_events))] for _ in range(args.events)]
-        after = rng.sample(new_events, 1500)
+        after = rng.sample(new_events, 1200)
         cpu, state = run_controller(clinc_registry, before + after, 2, metrics, work / f"clinc-{seed}")
         cpu_per_1000.append(1000 * cpu / (len(before) + len(after)))
         fired = [d for d in state.decisions() if d["outcome"] == "fired"]

@@ -108,7 +108,8 @@ def build_and_publish(
             return int8_classifier(path, recipe).predict(val.texts).logits
 
         recipe, parity, attempts = quantize_until_parity(
-            optimized_path, stage / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement
+            optimized_path, stage / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement,
+            keep_best=gate is not None,
         )
         candidate = int8_classifier(stage / "model.onnx", recipe)  # a fresh session on the staged files
         served = candidate.predict(val.texts)

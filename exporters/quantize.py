@@ -102,8 +102,13 @@ def quantize_until_parity(
     reference_logits: np.ndarray,
     run_logits: Callable[[Path, Recipe], np.ndarray],
     min_agreement: float,
+    keep_best: bool = False,
 ) -> tuple[Recipe, Parity, list[Attempt]]:
-    """Quantize with each recipe in turn; keep the first whose logits agree with the reference."""
+    """Quantize with each recipe in turn; keep the first whose logits agree with the reference.
+
+    When none does: raise ParityError, or with keep_best return the closest one, for a gate to reject
+    with its figures (a rejected candidate is kept on record, never served).
+    """
     graph = onnx.load(str(source), load_external_data=False).graph  # read once, not per attempt
     attempts: list[Attempt] = []
 
@@ -117,6 +122,11 @@ def quantize_until_parity(
     for recipe in RECIPES:
         if (result := attempt(recipe)) is not None:
             return recipe, result, attempts
+    if keep_best:
+        best = max(range(len(attempts)), key=lambda i: attempts[i].parity.argmax_agreement)
+        recipe = RECIPES[best]
+        _quantize(source, target, recipe, fp32_nodes(graph, recipe))
+        return recipe, attempts[best].parity, attempts
     target.unlink(missing_ok=True)
     tried = "; ".join(f"{a.recipe}: {a.parity.argmax_agreement:.4f}" for a in attempts)
     raise ParityError(f"no int8 recipe reached {min_agreement:.2%} argmax agreement with PyTorch ({tried})")

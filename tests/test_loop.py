@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -28,6 +29,9 @@ from tuneloop.registry import Registry
 pytestmark = pytest.mark.slow
 
 FEEDBACK_PER_INTENT = 10
+# Fine-tuning must teach 45 unseen intents from 10 rows each: 3 epochs leave their margins too thin
+# for int8 parity (measured: 97 % agreement, rejected); 6 reach it (99.4 %, about 100 s on 2 cores).
+TRAIN_EPOCHS = "6"
 
 
 @pytest.fixture
@@ -53,9 +57,9 @@ def fill_store(store_path: Path, labels_shuffled: bool = False) -> int:
     return len(data)
 
 
-def train_cli(registry: Path, store: Path, *args: str):
-    return run_cli("train", "--no-progress", *args, env=tuneloop_env(registry, TUNELOOP_CONTROLLER__STORE_PATH=str(store)),
-                   check=False)
+def train_cli(registry: Path, store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = tuneloop_env(registry, TUNELOOP_CONTROLLER__STORE_PATH=str(store), TUNELOOP_TRAIN__MAX_EPOCHS=TRAIN_EPOCHS)
+    return run_cli("train", "--no-progress", *args, env=env, check=False)
 
 
 def test_training_without_replay_is_rejected_for_forgetting_and_never_served(registry: Path, tmp_path: Path) -> None:
@@ -71,8 +75,9 @@ def test_training_without_replay_is_rejected_for_forgetting_and_never_served(reg
     assert manifest.training_data["replayed_rows"] == 0
     with pytest.raises(Exception, match="rejected by the validation gate"):
         reg.promote(2)
-    assert "REJECTED" in result.stdout and "forgetting_on_original_holdout" in run_cli(
-        "history", env=tuneloop_env(registry)).stdout
+    assert "REJECTED" in result.stdout
+    history = run_cli("history", env=tuneloop_env(registry)).stdout
+    assert "rejected" in history and "forgetting" in history
 
 
 def test_a_candidate_trained_on_shuffled_labels_is_rejected(registry: Path, tmp_path: Path) -> None:
@@ -89,7 +94,7 @@ def test_drift_triggers_training_with_replay_and_both_replicas_swap_without_a_fa
 ) -> None:
     env = bus_env("kafka", tmp_path, kafka.bootstrap_servers, **{
         "TUNELOOP_TRIGGER__CONSECUTIVE_WINDOWS": "2", "TUNELOOP_TRIGGER__MIN_NEW_ROWS": "200",
-        "TUNELOOP_TRIGGER__RUNS_DIR": str(tmp_path / "runs"),
+        "TUNELOOP_TRIGGER__RUNS_DIR": str(tmp_path / "runs"), "TUNELOOP_TRAIN__MAX_EPOCHS": TRAIN_EPOCHS,
     })
     state = ControllerState(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
     old_before = accuracy(registry, 1, scenario.OLD_DOMAINS)

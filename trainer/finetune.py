@@ -82,7 +82,8 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
 
 def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneData, progress: bool = True
              ) -> TrainResult:
-    """Train a candidate from the live version (its adapter, or a fresh one) at the fine-tuning learning rate."""
+    """Train a candidate from the live version (its adapter, or a fresh one): the adapter at the fine-tuning
+    learning rate, the head at bootstrap's (it must learn intents it has never seen)."""
     base = resolve_base(settings.model)
     model = build_classifier(base, len(live.labels), settings.model)
     if settings.train.warm_start:
@@ -91,4 +92,4 @@ def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneD
         model = add_lora(model, settings.train)
     config = settings.train.model_copy(update={"learning_rate": settings.train.finetune_learning_rate})
     return fit(model, load_tokenizer(base), data.train, data.val, live.labels, config,
-               settings.model.max_seq_length, progress)
+               settings.model.max_seq_length, progress, head_learning_rate=settings.train.learning_rate)

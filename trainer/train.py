@@ -95,6 +95,7 @@ def fit(
     config: TrainConfig,
     max_length: int,
     progress: bool = True,
+    head_learning_rate: float | None = None,
 ) -> TrainResult:
     """Train until validation loss stops improving; return the model holding its best weights."""
     torch.manual_seed(config.seed)
@@ -113,7 +114,12 @@ def fit(
         list(zip(val.texts, val.labels, strict=True)), batch_size=config.batch_size * 4, collate_fn=collate
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
+    # The head may learn at its own rate: when fine-tuning, new intents need a fast head while the
+    # encoder's adapter moves slowly, keeping what it knew.
+    groups = [{"params": adapter}, {"params": head, "lr": head_learning_rate or config.learning_rate}]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = config.max_epochs * len(train_loader)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * total_steps), total_steps)
 

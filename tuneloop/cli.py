@@ -291,7 +291,8 @@ def history() -> None:
         previous = f"v{entry.previous}" if entry.previous else "-"
         table.add_row(entry.time, entry.action, f"v{entry.version}", previous, entry.reason)
     console.print(table)
-    versions = Table("version", "created", "parent", "status", "failed checks", title="versions")
+    versions = Table("version", "created", "parent", "status", title="versions")
+    versions.add_column("failed checks", overflow="fold")
     current = registry.current_version()
     for version in registry.list_versions():
         manifest = registry.manifest(version)
