@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,6 +162,8 @@ def main() -> None:
     new_events = prediction_events(clinc_registry, scenario.sample(scenario.NEW_DOMAINS, "test", None, seed=1))
 
     cpu_per_1000, imdb_windows, imdb_alarms, imdb_trigger_alarms = [], 0, 0, 0
+    imdb_alarm_signals: Counter[str] = Counter()
+    clinc_windows, clinc_alarm_signals, clinc_false_triggers = 0, Counter(), 0
     sentiment_delays: dict[str, list] = {}
     clinc_delays: dict[str, list] = {}
     for seed in range(args.seeds):
@@ -173,6 +176,7 @@ def main() -> None:
         imdb_windows += len(quiet)
         imdb_alarms += sum(bool(w["drifted"]) for w in quiet)
         imdb_trigger_alarms += sum(bool(set(w["drifted"]) & set(TRIGGER_SIGNALS)) for w in quiet)
+        imdb_alarm_signals.update(name for w in quiet for name in w["drifted"])
         for name, delay in delays(state, len(before), ["embedding_mmd", "input_length_ks", "confidence_ks"]).items():
             sentiment_delays.setdefault(name, []).append(delay)
 
@@ -181,6 +185,9 @@ def main() -> None:
         cpu, state = run_controller(clinc_registry, before + after, 2, metrics, work / f"clinc-{seed}")
         cpu_per_1000.append(1000 * cpu / (len(before) + len(after)))
         fired = [d for d in state.decisions() if d["outcome"] == "fired"]
+        quiet = [w for w in state.windows() if w["events_seen"] <= len(before)]
+        clinc_windows += len(quiet)
+        clinc_alarm_signals.update(name for w in quiet for name in w["drifted"])
         names = ["confidence_ks", "confidence_psi", "class_mix_chi2", "embedding_mmd", "input_length_ks", "feedback_accuracy"]
         for name, delay in delays(state, len(before), names).items():
             clinc_delays.setdefault(name, []).append(delay)
@@ -189,6 +196,9 @@ def main() -> None:
             # The window that fired is the last one recorded before the decision.
             fired_window = [w for w in state.windows() if w["evaluated_at"] <= fired[0]["decided_at"]][-1]
             trigger_delay = fired_window["events_seen"] - len(before)
+            if trigger_delay <= 0:  # fired on the old domains: a false trigger, not a detection
+                clinc_false_triggers += 1
+                trigger_delay = None
         clinc_delays.setdefault("trigger fired", []).append(trigger_delay)
         clinc_delays.setdefault("runs started", []).append(len(state.runs()))
         if seed == 0:
@@ -203,6 +213,9 @@ def main() -> None:
         "controller_cpu_seconds_per_1000_events": summary([round(v, 3) for v in cpu_per_1000]),
         "imdb_false_alarms": {"windows": imdb_windows, "any_signal": imdb_alarms, "trigger_signals": imdb_trigger_alarms,
                               "rate_any": round(imdb_alarms / imdb_windows, 4)},
+        "imdb_alarm_signals": dict(imdb_alarm_signals),
+        "clinc_old_domain_windows": {"windows": clinc_windows, "alarm_signals": dict(clinc_alarm_signals),
+                                     "false_triggers": clinc_false_triggers},
         "imdb_to_amazon_delay_events": {k: summary(v) for k, v in sentiment_delays.items()},
         "clinc_old_to_new_delay_events": {k: summary(v) for k, v in clinc_delays.items() if k != "runs started"},
         "clinc_runs_started_per_replay": clinc_delays["runs started"],

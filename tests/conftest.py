@@ -82,6 +82,7 @@ def running_service(
 ) -> Iterator[Server]:
     """Start `bentoml serve` on a loopback port (a free one by default) and stop it afterwards."""
     port = port or free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log = tmp_path / f"serve-{port}.log"
     process_env = tuneloop_env(registry, BENTOML_HOME=str(tmp_path / "bentoml"), **env)
     with log.open("wb") as out:

@@ -56,6 +56,10 @@ def load_csv(path: Path | str) -> LabelledTexts:
     return LabelledTexts(texts, labels, source)
 
 
+def concat(parts: list[LabelledTexts]) -> LabelledTexts:
+    return LabelledTexts([t for p in parts for t in p.texts], [label for p in parts for label in p.labels])
+
+
 def write_csv(path: Path, data: LabelledTexts) -> Path:
     """Write text,label rows (the format load_csv reads)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from trainer.data import LabelledTexts, load_csv, split
+from trainer.data import LabelledTexts, concat, load_csv, split
 from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
 from trainer.train import TrainResult, fit
 from tuneloop.config import Settings
@@ -38,10 +38,6 @@ class FinetuneData:
     new_val: LabelledTexts  # the new rows' validation split: gate checks (a) and (b)
     replayed: int
     holdout: LabelledTexts  # the original data's holdout: gate check (c)
-
-
-def _concat(parts: list[LabelledTexts]) -> LabelledTexts:
-    return LabelledTexts([t for p in parts for t in p.texts], [label for p in parts for label in p.labels])
 
 
 def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings: Settings,
@@ -75,7 +71,7 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
     if not holdout_path.is_file():
         raise NothingToTrain(f"v{live.version} carries no original-data holdout ({holdout_path}); the gate needs one")
     return FinetuneData(
-        train=_concat(parts_train), val=_concat(parts_val), new_train=len(new_train), new_val=new_val,
+        train=concat(parts_train), val=concat(parts_val), new_train=len(new_train), new_val=new_val,
         replayed=replayed, holdout=load_csv(holdout_path),
     )
 

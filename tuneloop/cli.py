@@ -112,6 +112,7 @@ def train(
     from exporters.build import build_and_publish
     from exporters.gate import run_gate
     from exporters.quantize import Parity
+    from trainer.data import concat
     from trainer.finetune import NothingToTrain, build_dataset, finetune
     from trainer.model import load_tokenizer, resolve_base
     from tuneloop.feedback_store import FeedbackStore
@@ -145,7 +146,10 @@ def train(
     }
     base = resolve_base(settings.model)
     manifest = build_and_publish(
-        registry, result.model, load_tokenizer(base), live.labels, base, data.val, settings, training,
+        # Parity and the new drift reference use validation and original holdout together: more rows
+        # (450 against 180 in the CI scenario) and the old domains the model must still serve.
+        registry, result.model, load_tokenizer(base), live.labels, base, concat([data.val, data.holdout]), settings,
+        training,
         parent_version=live.version, progress=progress,
         datasets={"train": data.train, "holdout": data.holdout, "new_val": data.new_val},
         gate=gate, reason=f"training run {run_id}" if run_id is not None else "tuneloop train",
