@@ -118,7 +118,7 @@ def test_drift_triggers_training_with_replay_and_both_replicas_swap_without_a_fa
                                          else f"HTTP {response.status_code}"))
                     except (httpx.HTTPError, ValueError) as exc:
                         outcomes.append((url, f"{type(exc).__name__}: {exc}"))
-                    time.sleep(0.05)
+                    time.sleep(0.2)
 
         loaders = [threading.Thread(target=load, args=(r.url,), daemon=True) for r in (replica_a, replica_b)]
         for thread in loaders:
