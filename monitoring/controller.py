@@ -218,16 +218,20 @@ class Controller:
             self._export(report)
             self.state.record_window(report)
             version = report.model_version
-            decision = self.policy.on_window(version, report.drifted(self.settings.trigger.signals), self._trigger_state())
+            state = self._trigger_state()
+            decision = self.policy.on_window(version, report.drifted(self.settings.trigger.signals), state)
             self.metrics.consecutive.labels(str(version)).set(self.policy.consecutive(version))
-            self._act(decision)
-        scheduled = self.policy.on_tick(self._trigger_state())
-        if scheduled is not None:
-            self._act(scheduled)
+            self._act(decision, state)
+        if self.settings.trigger.schedule_interval_s:  # the state costs three queries; skip it while off
+            state = self._trigger_state()
+            scheduled = self.policy.on_tick(state)
+            if scheduled is not None:
+                self._act(scheduled, state)
         while not self._manual.empty():
             reason, answer = self._manual.get_nowait()
-            decision = self.policy.on_manual(self._trigger_state(), reason)
-            answer.set_result((decision, self._act(decision)))
+            state = self._trigger_state()
+            decision = self.policy.on_manual(state, reason)
+            answer.set_result((decision, self._act(decision, state)))
         self.metrics.runs_in_progress.set(int(self.launcher.in_progress))
 
     def _export(self, report: WindowReport) -> None:
@@ -254,7 +258,7 @@ class Controller:
             run_in_progress=self.launcher.in_progress,
         )
 
-    def _act(self, decision: Decision) -> int | None:
+    def _act(self, decision: Decision, state: TriggerState) -> int | None:
         """Count and log every decision; record the ones that did or could have started a run; start it."""
         self.metrics.decisions.labels(decision.source, decision.outcome, decision.reason).inc()
         if decision.outcome == "none":
@@ -265,7 +269,6 @@ class Controller:
                 decision.outcome, decision.reason, decision.detail)
         if not decision.fired:
             return None
-        state = self._trigger_state()
         run_id = self.state.start_run(decision, state.new_rows, state.now)
         self.metrics.last_run_started.set(state.now)
         try:
@@ -291,7 +294,7 @@ class Controller:
         return ControllerStatus(
             running_runs=[r for r in runs if r["status"] == "running"],
             recent_runs=runs[-20:],
-            recent_decisions=self.state.decisions()[-50:],
+            recent_decisions=self.state.decisions(last=50),
             consecutive_drift_windows=self.policy.consecutive_by_version(),
         )
 

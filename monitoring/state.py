@@ -75,8 +75,12 @@ class ControllerState:
             (iso(time.time()), decision.source, decision.outcome, decision.reason, decision.detail),
         )
 
-    def decisions(self) -> list[dict[str, Any]]:
-        return _rows(self._db.execute("SELECT * FROM trigger_decisions ORDER BY id"))
+    def decisions(self, last: int | None = None) -> list[dict[str, Any]]:
+        """Oldest first; only the latest `last` when given (the table grows with every suppressed decision)."""
+        if last is None:
+            return _rows(self._db.execute("SELECT * FROM trigger_decisions ORDER BY id"))
+        latest = "SELECT * FROM (SELECT * FROM trigger_decisions ORDER BY id DESC LIMIT ?) ORDER BY id"
+        return _rows(self._db.execute(latest, (last,)))
 
     def start_run(self, decision: Decision, new_rows: int, now: float) -> int:
         cursor = self._db.execute(
