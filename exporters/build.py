@@ -49,12 +49,13 @@ def build_and_publish(
     datasets: dict[str, LabelledTexts] | None = None,
     gate: Gate | None = None,
     reason: str | None = None,
+    promote: bool = True,
 ) -> Manifest:
     """Publish the model as the next version; raises (publishing nothing) if no quantization reaches parity.
 
     Without a gate the version is promoted (bootstrap). With one, it is promoted only when the
-    gate passes; otherwise it is kept, marked rejected with the gate's figures, and never served.
-    `datasets` are stored with the version as CSV (`data/<name>.csv`): what it was trained on is
+    gate passes (and `promote` holds: a rollout starts from it instead); otherwise it is kept, marked
+    rejected with the gate's figures, and never served. `datasets` are stored with the version as CSV (`data/<name>.csv`): what it was trained on is
     the next run's replay pool, and the original data's holdout travels down the lineage.
     """
     max_length = settings.model.max_seq_length
@@ -143,6 +144,7 @@ def build_and_publish(
             reason=reason or ("bootstrap" if parent_version is None else "published"),
             status="accepted" if verdict is None or verdict["passed"] else "rejected",
             gate=verdict,
+            promote=promote,
         )
         step(STEPS[5])
     steps.close()

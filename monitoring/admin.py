@@ -11,6 +11,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from tuneloop.registry import RegistryError, Rollout
+
 if TYPE_CHECKING:
     from monitoring.controller import Controller
 
@@ -29,6 +31,18 @@ class ControllerStatus(BaseModel):
     recent_runs: list[dict[str, Any]]
     recent_decisions: list[dict[str, Any]]
     consecutive_drift_windows: dict[int, int]
+    stable_version: int | None
+    rollout: Rollout | None = Field(description="The candidate in shadow or canary, if any.")
+
+
+class RollbackRequest(BaseModel):
+    to: int | None = Field(None, ge=1, description="Version to serve. Default: the one the current version replaced.")
+    reason: str = Field("manual rollback (admin API)", min_length=1, max_length=500, description="Recorded in the history.")
+
+
+class RolledBack(BaseModel):
+    previous: int | None = Field(description="The version served before.")
+    version: int = Field(description="The version served now; every replica swaps to it within seconds.")
 
 
 def admin_app(controller: Controller, token: str) -> FastAPI:
@@ -67,6 +81,18 @@ def admin_app(controller: Controller, token: str) -> FastAPI:
         if run_id is None:
             raise HTTPException(409, decision.detail)
         return TriggerStarted(run_id=run_id, detail=decision.detail)
+
+    @app.post(
+        "/admin/rollback", response_model=RolledBack, dependencies=[Depends(authorized)],
+        summary="Serve an earlier version again",
+        responses={409: {"description": "No such version, rejected by the gate, or no earlier version to return to"}},
+    )
+    def rollback(request: RollbackRequest) -> RolledBack:
+        try:
+            previous, version = controller.rollback(request.to, request.reason)
+        except RegistryError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return RolledBack(previous=previous, version=version)
 
     @app.get("/admin/status", response_model=ControllerStatus, dependencies=[Depends(authorized)],
              summary="Runs and trigger decisions")

@@ -9,6 +9,10 @@ keys turn the redelivery into counted duplicates, so nothing is stored twice or 
 Stored prediction events also feed the drift windows (`monitoring.windows`); each closed window
 is exported as metrics, recorded, and handed to the trigger policy (`trainer.trigger`). A fired
 decision starts a training run as its own process (`monitoring.runs`).
+
+A candidate in shadow or canary is judged on live feedback against the stable version
+(`monitoring.rollout`); the controller advances, promotes or rolls it back in the registry and
+announces the change on the model topic.
 """
 
 from __future__ import annotations
@@ -22,22 +26,24 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from monitoring.admin import ControllerStatus, admin_app
+from monitoring.rollout import Comparison, Verdict, compare_paired, compare_unpaired, judge
 from monitoring.runs import RunLauncher
 from monitoring.state import ControllerState, iso
 from monitoring.windows import WindowMonitor, WindowReport
 from trainer.trigger import DAY_S, Decision, TriggerPolicy, TriggerState
 
-from tuneloop.bus import Bus, Consumer, Record, open_bus
+from tuneloop.bus import Bus, Consumer, Record, announce, open_bus
 from tuneloop.config import Settings
-from tuneloop.events import DeadLetter, FeedbackEvent, PredictionEvent
+from tuneloop.events import DeadLetter, FeedbackEvent, ModelEvent, PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.reference import REFERENCE_FILE, Reference
-from tuneloop.registry import Registry, RegistryError
+from tuneloop.registry import Registry, RegistryError, Rollout
 
 log = logging.getLogger("tuneloop.controller")
 
@@ -67,6 +73,14 @@ class ControllerMetrics:
     runs: Any
     runs_in_progress: Any
     last_run_started: Any
+    rollout_accuracy: Any
+    rollout_rows: Any
+    rollout_p_worse: Any
+    rollout_stage: Any
+    rollout_verdicts: Any
+
+
+ROLLOUT_STAGES = ("shadow", "canary")
 
 
 def controller_metrics() -> ControllerMetrics:
@@ -122,6 +136,22 @@ def controller_metrics() -> ControllerMetrics:
                           ["outcome"]),
         runs_in_progress=prom.Gauge("tuneloop_training_runs_in_progress", "Training runs going now."),
         last_run_started=prom.Gauge("tuneloop_training_last_run_start_time_seconds", "Unix time the last run started."),
+        rollout_accuracy=prom.Gauge(
+            "tuneloop_rollout_feedback_accuracy",
+            "Live feedback accuracy during the current rollout stage, for the candidate and the stable version.", ["role"],
+        ),
+        rollout_rows=prom.Gauge(
+            "tuneloop_rollout_feedback_rows", "Labelled rows behind tuneloop_rollout_feedback_accuracy.", ["role"]
+        ),
+        rollout_p_worse=prom.Gauge(
+            "tuneloop_rollout_p_worse", "p-value of 'the candidate is less accurate than the stable version'."
+        ),
+        rollout_stage=prom.Gauge(
+            "tuneloop_rollout_stage_version", "The candidate's version in each stage (0: none).", ["stage"]
+        ),
+        rollout_verdicts=prom.Counter(
+            "tuneloop_rollout_verdicts_total", "Rollout stages ended, by action and reason.", ["action", "reason"]
+        ),
     )
 
 
@@ -140,6 +170,7 @@ class Controller:
         self.launcher = RunLauncher(settings.trigger, self.state)
         self._manual: queue.Queue[tuple[str, Future[tuple[Decision, int | None]]]] = queue.Queue()
         self.metrics.runs_in_progress.set(int(self.launcher.in_progress))
+        self._next_judgement = 0.0
         last = self.state.last_run_started()
         if last is not None:
             self.metrics.last_run_started.set(last)
@@ -210,8 +241,10 @@ class Controller:
             self.metrics.runs.labels(run.status).inc()
             log.log(logging.INFO if run.status == "succeeded" else logging.WARNING,
                     "training run %s %s (exit code %s)", run.run_id, run.status, run.exit_code)
+        self._judge_rollout()
         started = time.perf_counter()
-        reports = self.monitor.observe(predictions)
+        # Shadow scores describe a candidate nobody was answered by; the windows watch what was served.
+        reports = self.monitor.observe([p for p in predictions if not p.shadow])
         if reports:
             self.metrics.window_seconds.observe((time.perf_counter() - started) / len(reports))
         for report in reports:
@@ -256,6 +289,7 @@ class Controller:
             last_run_started=last,
             runs_last_day=self.state.runs_since(now - DAY_S),
             run_in_progress=self.launcher.in_progress,
+            rollout_in_progress=self.registry.rollout() is not None,
         )
 
     def _act(self, decision: Decision, state: TriggerState) -> int | None:
@@ -280,6 +314,78 @@ class Controller:
         self.metrics.runs.labels("started").inc()
         return run_id
 
+    # -- rollout: shadow and canary -----------------------------------------------------------
+
+    JUDGE_INTERVAL_S = 5.0  # a verdict needs new feedback, which arrives far slower than this
+
+    def _judge_rollout(self) -> None:
+        now = time.monotonic()
+        if now < self._next_judgement:
+            return
+        self._next_judgement = now + self.JUDGE_INTERVAL_S
+        try:
+            rollout = self.registry.rollout()
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the rollout: %s", exc)
+            return
+        for stage in ROLLOUT_STAGES:
+            self.metrics.rollout_stage.labels(stage).set(rollout.version if rollout and rollout.stage == stage else 0)
+        if rollout is None or rollout.stable is None:
+            return
+        comparison = self._compare(rollout)
+        for role, rows, accuracy in (
+            ("candidate", comparison.candidate_rows, comparison.candidate_accuracy),
+            ("stable", comparison.stable_rows, comparison.stable_accuracy),
+        ):
+            self.metrics.rollout_rows.labels(role).set(rows)
+            self.metrics.rollout_accuracy.labels(role).set(accuracy)
+        self.metrics.rollout_p_worse.set(comparison.p_worse)
+        elapsed = time.time() - datetime.fromisoformat(rollout.stage_started_at).timestamp()
+        verdict = judge(self.settings.rollout, rollout.stage, elapsed, comparison)
+        if verdict.action != "wait":
+            self._conclude(rollout, verdict)
+
+    def _compare(self, rollout: Rollout) -> Comparison:
+        since = rollout.stage_started_at
+        if rollout.stage == "shadow":
+            return compare_paired(self.store.shadow_pairs(rollout.version, since))
+        assert rollout.stable is not None
+        return compare_unpaired(
+            self.store.labelled_since(rollout.version, since), self.store.labelled_since(rollout.stable, since)
+        )
+
+    def _conclude(self, rollout: Rollout, verdict: Verdict) -> None:
+        config = self.settings.rollout
+        reason = f"{verdict.reason}: {verdict.detail}"
+        try:
+            if verdict.action == "advance":
+                stage = config.stages[config.stages.index(rollout.stage) + 1]
+                self.registry.start_rollout(rollout.version, stage, config.canary_share, reason)
+                action = stage
+            else:
+                self.registry.end_rollout(verdict.action == "promote", reason)
+                action = "promote" if verdict.action == "promote" else "abort"
+        except RegistryError as exc:  # someone else ended or changed it meanwhile
+            log.warning("rollout of v%s not %sd: %s", rollout.version, verdict.action, exc)
+            return
+        self.metrics.rollout_verdicts.labels(verdict.action, verdict.reason).inc()
+        log.warning("rollout v%s %s -> %s: %s", rollout.version, rollout.stage, action, reason)
+        self._announce(ModelEvent(action=action, version=rollout.version, previous=rollout.stable, reason=reason))
+
+    def _announce(self, event: ModelEvent) -> None:
+        try:
+            if not announce(self.bus, self.topics.model, event):
+                raise RuntimeError("the bus did not acknowledge it")
+        except Exception as exc:  # the replicas' registry watch finds the change anyway
+            log.warning("model event not published (%s)", exc)
+
+    def rollback(self, to: int | None, reason: str) -> tuple[int | None, int]:
+        """Serve an earlier version again (admin endpoint); the replicas swap to it."""
+        current, target = self.registry.rollback(to, reason)
+        if target != current:
+            self._announce(ModelEvent(action="rollback", version=target, previous=current, reason=reason))
+        return current, target
+
     def request_manual(self, reason: str, timeout_s: float = 30.0) -> tuple[Decision, int | None]:
         """From another thread: ask the loop for a run; returns its decision and the run id if one started."""
         answer: Future[tuple[Decision, int | None]] = Future()
@@ -296,6 +402,8 @@ class Controller:
             recent_runs=runs[-20:],
             recent_decisions=self.state.decisions(last=50),
             consecutive_drift_windows=self.policy.consecutive_by_version(),
+            stable_version=self.registry.current_version(),
+            rollout=self.registry.rollout(),
         )
 
     def _expire_pending(self) -> None:

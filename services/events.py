@@ -141,17 +141,17 @@ class PredictionPublisher:
         self.bus = bus
         self.topic = topic
         self.metrics = metrics
-        self._queue: queue.Queue[tuple[Any, str, DriftInputs, str]] = queue.Queue(maxsize=capacity)
+        self._queue: queue.Queue[tuple[Any, str, DriftInputs, bool, str]] = queue.Queue(maxsize=capacity)
         threading.Thread(target=self._drain_forever, name="prediction-events", daemon=True).start()
 
-    def offer(self, prediction: Any, text: str, drift_inputs: DriftInputs) -> None:
+    def offer(self, prediction: Any, text: str, drift_inputs: DriftInputs, shadow: bool = False) -> None:
         try:
-            self._queue.put_nowait((prediction, text, drift_inputs, utc_now()))
+            self._queue.put_nowait((prediction, text, drift_inputs, shadow, utc_now()))
         except queue.Full:
             self.metrics.prediction_events_dropped.inc()
 
     @staticmethod
-    def _message(prediction: Any, text: str, drift_inputs: DriftInputs, timestamp: str) -> Message:
+    def _message(prediction: Any, text: str, drift_inputs: DriftInputs, shadow: bool, timestamp: str) -> Message:
         sketch, tokens, unknown_tokens = drift_inputs
         event = {
             "request_id": prediction.request_id,
@@ -164,8 +164,10 @@ class PredictionPublisher:
             "sketch": [round(float(x), 4) for x in sketch],
             "tokens": None if tokens is None else int(tokens),
             "unknown_tokens": None if unknown_tokens is None else int(unknown_tokens),
+            "shadow": shadow,
         }
-        return prediction.request_id.encode(), json.dumps(event).encode()
+        key = f"{prediction.request_id}:shadow" if shadow else prediction.request_id
+        return key.encode(), json.dumps(event).encode()
 
     def _drain_forever(self) -> None:
         while True:

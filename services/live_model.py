@@ -27,9 +27,9 @@ class LiveModel:
     backend: str
 
 
-def load_live_model(registry: Registry, settings: Settings) -> LiveModel:
-    """Verify every file of the current version, build its backend and warm it up."""
-    manifest, directory = registry.resolve()
+def load_live_model(registry: Registry, settings: Settings, version: int | None = None) -> LiveModel:
+    """Verify every file of a version (default: the current one), build its backend and warm it up."""
+    manifest, directory = registry.resolve(version)
     serve = settings.serve
     if serve.backend == "onnx":
         classifier: TextClassifier = OnnxTextClassifier.from_version(

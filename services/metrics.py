@@ -32,6 +32,10 @@ class ServiceMetrics:
     feedback_replayed: Any
     prediction_events_published: Any
     prediction_events_dropped: Any
+    candidate_version: Any
+    shadow_predictions: Any
+    shadow_skipped: Any
+    candidate_failures: Any
 
 
 @lru_cache(maxsize=1)
@@ -83,5 +87,19 @@ def service_metrics() -> ServiceMetrics:
         ),
         prediction_events_dropped=prom.Counter(
             "tuneloop_prediction_events_dropped_total", "Prediction events dropped: queue full or bus unavailable."
+        ),
+        candidate_version=prom.Gauge(
+            "tuneloop_candidate_version", "Version in shadow or canary next to the stable one (0: none).",
+            ["stage"], multiprocess_mode="livemax",
+        ),
+        shadow_predictions=prom.Counter(
+            "tuneloop_shadow_predictions_total", "Texts a candidate in shadow scored without answering.", ["version"]
+        ),
+        shadow_skipped=prom.Counter(
+            "tuneloop_shadow_skipped_total", "Texts not scored in shadow because the shadow queue was full."
+        ),
+        candidate_failures=prom.Counter(
+            "tuneloop_candidate_failures_total",
+            "Candidate batches that raised; canary texts were answered by the stable version instead.", ["stage"],
         ),
     )

@@ -39,6 +39,7 @@ class TriggerState:
     last_run_started: float | None
     runs_last_day: int
     run_in_progress: bool
+    rollout_in_progress: bool = False  # a candidate in shadow or canary: the next run would start from a moving base
 
 
 class TriggerPolicy:
@@ -88,12 +89,18 @@ class TriggerPolicy:
         """A person asked: only a run already going stops it (no cooldown, cap or row minimum)."""
         if state.run_in_progress:
             return Decision("suppressed", "run_in_progress", f"manual request ({reason}): a run is in progress", "manual")
+        if state.rollout_in_progress:
+            return Decision("suppressed", "rollout_in_progress",
+                            f"manual request ({reason}): a candidate is in shadow or canary; finish or abort it first",
+                            "manual")
         return Decision("fired", "manual", f"manual request: {reason}", "manual")
 
     def _blocked(self, state: TriggerState, cooldown: bool) -> tuple[str, str] | None:
         config = self.config
         if state.run_in_progress:
             return "run_in_progress", "a run is in progress"
+        if state.rollout_in_progress:
+            return "rollout_in_progress", "a candidate is in shadow or canary"
         if cooldown and state.last_run_started is not None and state.now - state.last_run_started < config.cooldown_s:
             left = config.cooldown_s - (state.now - state.last_run_started)
             return "cooldown", f"cooldown of {config.cooldown_s:g} s has {left:.0f} s left"

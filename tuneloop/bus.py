@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from tuneloop.config import EventsConfig
 from tuneloop.durable_sqlite import connect
+from tuneloop.events import ModelEvent
 
 
 class BusUnavailable(Exception):
@@ -229,13 +230,19 @@ class KafkaBus:
     def consumer(self, group: str, topics: list[str]) -> KafkaEventConsumer:
         return KafkaEventConsumer(self.bootstrap_servers, group, topics)
 
+    def tail(self, topic: str) -> KafkaEventConsumer:
+        """Messages published from now on, with no consumer group: every listener sees every one."""
+        return KafkaEventConsumer(self.bootstrap_servers, None, [topic], offset_reset="latest")
+
     def close(self) -> None:
         if self._producer_instance is not None:
             self._producer_instance.close(timeout=5)
 
 
 class KafkaEventConsumer:
-    def __init__(self, bootstrap_servers: str, group: str, topics: list[str]) -> None:
+    def __init__(
+        self, bootstrap_servers: str, group: str | None, topics: list[str], offset_reset: str = "earliest"
+    ) -> None:
         from kafka import KafkaConsumer
 
         self._consumer = KafkaConsumer(
@@ -243,7 +250,7 @@ class KafkaEventConsumer:
             bootstrap_servers=bootstrap_servers,
             group_id=group,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset=offset_reset,
             isolation_level="read_committed",
         )
 
@@ -277,6 +284,12 @@ class KafkaEventConsumer:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def announce(bus: Bus, topic: str, event: ModelEvent) -> bool:
+    """Publish a model event; True when the bus acknowledged it."""
+    bus.ensure_topics([topic])
+    return all(bus.publish_many(topic, [(str(event.version).encode(), event.model_dump_json().encode())]))
 
 
 def open_bus(config: EventsConfig) -> Bus:

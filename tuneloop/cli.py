@@ -103,9 +103,10 @@ def train(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Fine-tune the live version on new feedback plus replay; export, gate, and promote only if the gate passes.
+    """Fine-tune the live version on new feedback plus replay; export, gate; promote (or start the rollout) if it passes.
 
-    Exit codes: 0 promoted, 3 rejected by the gate (kept in the registry, never served), 2 too little new data.
+    Exit codes: 0 promoted or rollout started, 3 rejected by the gate (kept in the registry, never served),
+    2 nothing to do (too little new data, or a rollout in progress).
     """
     settings = load_settings()
     started = time.perf_counter()
@@ -120,6 +121,11 @@ def train(
 
     registry = Registry(settings.registry.path)
     live, live_dir = registry.resolve()
+    rollout = registry.rollout()
+    if rollout is not None:
+        console.print(f"[yellow]nothing to train:[/yellow] v{rollout.version} is in {rollout.stage}; "
+                      "let it finish or `tuneloop rollout abort` it first")
+        raise typer.Exit(EXIT_NOTHING_TO_TRAIN)
     try:
         data = build_dataset(FeedbackStore(settings.controller.store_path), live, live_dir, settings, replay_ratio)
     except NothingToTrain as exc:
@@ -153,11 +159,19 @@ def train(
         parent_version=live.version, progress=progress,
         datasets={"train": data.train, "holdout": data.holdout, "new_val": data.new_val},
         gate=gate, reason=f"training run {run_id}" if run_id is not None else "tuneloop train",
+        promote=not settings.rollout.stages,
     )
     accepted = manifest.status == "accepted"
-    if accepted:
+    outcome = "REJECTED"
+    if accepted and settings.rollout.stages:
+        stage = settings.rollout.stages[0]
+        registry.start_rollout(manifest.version, stage, settings.rollout.canary_share, "passed the gate")
+        _announce(settings, stage, manifest.version, live.version)
+        outcome = f"in {stage}"
+    elif accepted:
         _announce(settings, "promote", manifest.version, live.version)
-    table = Table(title=f"v{manifest.version} {'promoted' if accepted else 'REJECTED'} (parent v{live.version})")
+        outcome = "promoted"
+    table = Table(title=f"v{manifest.version} {outcome} (parent v{live.version})")
     table.add_column("check")
     table.add_column("passed")
     table.add_column("figures")
@@ -171,17 +185,16 @@ def train(
         raise typer.Exit(EXIT_REJECTED)
 
 
-def _announce(settings: Settings, action: str, version: int, previous: int | None) -> None:
-    """Tell listeners on the model topic; replicas also watch the registry, so a lost event delays no swap."""
-    from tuneloop.bus import open_bus
+def _announce(settings: Settings, action: str, version: int, previous: int | None, reason: str = "") -> None:
+    """Tell the replicas on the model topic; they also watch the registry, so a lost event only delays a swap."""
+    from tuneloop.bus import announce, open_bus
     from tuneloop.events import ModelEvent
 
-    event = ModelEvent(action=action, version=version, previous=previous)
+    event = ModelEvent(action=action, version=version, previous=previous, reason=reason)
     try:
-        bus = open_bus(settings.events)
-        bus.ensure_topics([settings.events.topics.model])
-        bus.publish_many(settings.events.topics.model, [(str(version).encode(), event.model_dump_json().encode())])
-    except Exception as exc:  # the registry already holds the truth; the event is a courtesy
+        if not announce(open_bus(settings.events), settings.events.topics.model, event):
+            raise RuntimeError("the bus did not acknowledge it")
+    except Exception as exc:  # the registry already holds the truth
         console.print(f"[yellow]warning:[/yellow] model event not published ({exc})")
 
 
@@ -244,25 +257,76 @@ def rollback(
 ) -> None:
     """Serve an earlier version again; every replica swaps to it within serve.watch_interval_s."""
     settings = load_settings()
-    registry = Registry(settings.registry.path)
-    current = registry.current_version()
-    target = to
-    if target is None:
-        entry = next((e for e in reversed(registry.history()) if e.version == current and e.previous), None)
-        if entry is None:
-            console.print(f"[red]error:[/red] v{current} has no earlier version to return to; name one with --to")
-            raise typer.Exit(1)
-        target = entry.previous
-    if target == current:
-        console.print(f"v{current} is already served; nothing to do")
-        return
     try:
-        registry.promote(target, action="rollback", reason=reason)
+        current, target = Registry(settings.registry.path).rollback(to, reason)
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
-    _announce(settings, "rollback", target, current)
+    if target == current:
+        console.print(f"v{current} is already served; nothing to do")
+        return
+    _announce(settings, "rollback", target, current, reason)
     console.print(f"rolled back v{current} -> v{target}")
+
+
+rollout_app = typer.Typer(help="A candidate in shadow or canary next to the stable version.", no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
+
+
+@rollout_app.command("status")
+def rollout_status() -> None:
+    """The candidate in shadow or canary, if any, and since when."""
+    rollout = _registry().rollout()
+    if rollout is None:
+        console.print("no rollout in progress")
+        return
+    share = f" on {rollout.share:.0%} of texts" if rollout.stage == "canary" else ""
+    console.print(f"v{rollout.version} in {rollout.stage}{share} since {rollout.stage_started_at} "
+                  f"(stable v{rollout.stable}; rollout started {rollout.started_at})")
+
+
+@rollout_app.command("start")
+def rollout_start(
+    version: Annotated[int, typer.Argument(help="An accepted version that is not the stable one.")],
+    stage: Annotated[str, typer.Option(help="shadow or canary.")] = "shadow",
+    share: Annotated[float | None, typer.Option(help="Canary's share of texts. Default: rollout.canary_share.")] = None,
+) -> None:
+    """Put a version in shadow or canary by hand; the controller judges it on live feedback from then on."""
+    settings = load_settings()
+    if stage not in ("shadow", "canary"):
+        console.print(f"[red]error:[/red] --stage is shadow or canary, not {stage!r}")
+        raise typer.Exit(2)
+    registry = Registry(settings.registry.path)
+    try:
+        rollout = registry.start_rollout(version, stage, share or settings.rollout.canary_share, "manual (CLI)")
+    except RegistryError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    _announce(settings, stage, version, rollout.stable, "manual (CLI)")
+    console.print(f"v{version} in {stage} next to stable v{rollout.stable}")
+
+
+@rollout_app.command("promote")
+def rollout_promote(reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual (CLI)") -> None:
+    """Make the candidate the stable version now, without waiting for the controller's verdict."""
+    _end_rollout(promote=True, reason=reason)
+
+
+@rollout_app.command("abort")
+def rollout_abort(reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual (CLI)") -> None:
+    """Withdraw the candidate; the stable version answers everything again."""
+    _end_rollout(promote=False, reason=reason)
+
+
+def _end_rollout(promote: bool, reason: str) -> None:
+    settings = load_settings()
+    try:
+        rollout = Registry(settings.registry.path).end_rollout(promote, reason)
+    except RegistryError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    _announce(settings, "promote" if promote else "abort", rollout.version, rollout.stable, reason)
+    console.print(f"v{rollout.version} {'promoted' if promote else 'withdrawn'}; stable was v{rollout.stable}")
 
 
 @app.command()
@@ -288,13 +352,16 @@ def demo(
 
 @app.command()
 def history() -> None:
-    """Which version served from when (every promotion and rollback), then every version with its gate verdict."""
+    """Which version served from when (promotions, rollbacks, shadow and canary stages), then every version's verdict."""
     registry = _registry()
-    table = Table("from", "action", "serves", "replacing", "reason", title="served")
+    # promote/rollback: `version` serves everyone from then on, replacing `stable before`;
+    # shadow/canary: `version` runs next to the stable one; abort: it stops.
+    table = Table("from", "action", "version", "stable before", "reason", title="served")
     for entry in registry.history():
         previous = f"v{entry.previous}" if entry.previous else "-"
         table.add_row(entry.time, entry.action, f"v{entry.version}", previous, entry.reason)
     console.print(table)
+    rollout = registry.rollout()
     versions = Table("version", "created", "parent", "status", title="versions")
     versions.add_column("failed checks", overflow="fold")
     current = registry.current_version()
@@ -302,6 +369,8 @@ def history() -> None:
         manifest = registry.manifest(version)
         failed = [name for name, check in manifest.gate.get("checks", {}).items() if not check.get("passed")]
         status = manifest.status + (" (current)" if version == current else "")
+        if rollout is not None and version == rollout.version:
+            status += f" ({rollout.stage})"
         parent = f"v{manifest.parent_version}" if manifest.parent_version else "-"
         versions.add_row(f"v{version}", manifest.created_at, parent, status, ", ".join(failed) or "-")
     console.print(versions)

@@ -114,6 +114,34 @@ class ServeConfig(Section):
     )
 
 
+class RolloutConfig(Section):
+    stages: list[Literal["shadow", "canary"]] = Field(
+        default_factory=list,
+        description="What a candidate that passed the gate goes through before it serves everyone, in order "
+        "(shadow: scored on live traffic, not returned; canary: answers canary_share of it). Empty: promote at the gate.",
+    )
+    canary_share: float = Field(0.1, gt=0, lt=1, description="Share of texts the canary answers.")
+    bake_s: float = Field(900, ge=0, description="Shortest time a stage lasts before it can advance.")
+    min_feedback_rows: int = Field(
+        200, ge=1, description="Labelled rows on the candidate's predictions needed to advance or roll back a stage."
+    )
+    max_accuracy_drop: float = Field(
+        0.02, ge=0, lt=1, description="The candidate's live feedback accuracy may trail the stable version's by at most this."
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="A worse candidate is rolled back early when its deficit is significant at this level.")
+    stage_timeout_s: float = Field(
+        86_400, gt=0, description="A stage that has not shown the candidate good enough by then rolls it back."
+    )
+    shadow_queue: int = Field(64, ge=1, description="Batches waiting for shadow scoring per replica; beyond it they are skipped.")
+
+    @field_validator("stages")
+    @classmethod
+    def each_stage_once(cls, stages: list[str]) -> list[str]:
+        if len(set(stages)) != len(stages) or stages not in ([], ["shadow"], ["canary"], ["shadow", "canary"]):
+            raise ValueError(f"stages must be shadow and/or canary, each once, shadow first; got {stages}")
+        return stages
+
+
 class TopicsConfig(Section):
     predictions: str = "tuneloop.predictions"
     feedback: str = "tuneloop.feedback"
@@ -207,6 +235,7 @@ class Settings(BaseSettings):
     controller: ControllerConfig = ControllerConfig()
     drift: DriftConfig = DriftConfig()
     trigger: TriggerConfig = TriggerConfig()
+    rollout: RolloutConfig = RolloutConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -28,6 +28,9 @@ class PredictionEvent(BaseModel):
     sketch: list[float] = Field(default_factory=list, description="The model's embedding sketch of the text.")
     tokens: int | None = Field(None, description="Tokens after truncation, special tokens included.")
     unknown_tokens: int | None = Field(None, description="Of those, how many are the unknown token.")
+    shadow: bool = Field(
+        False, description="Scored by a candidate in shadow and not returned; request_id is the served prediction's."
+    )
 
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
@@ -60,7 +63,10 @@ class DeadLetter(BaseModel):
 
 
 class ModelEvent(BaseModel):
-    action: Literal["promote", "rollback"]
+    """The registry changed: replicas reload what it says. The registry, not the event, holds the truth."""
+
+    action: Literal["promote", "rollback", "shadow", "canary", "abort"]
     version: int
     previous: int | None = None
+    reason: str = ""
     timestamp: str = Field(default_factory=utc_now)

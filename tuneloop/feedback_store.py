@@ -7,6 +7,8 @@ Schema:
                       source, created_at (sent by the application), stored_at
     pending_feedback  feedback_id PK, request_id, payload (the message), received_at (unix s):
                       feedback whose prediction has not arrived yet
+    shadow_predictions  (request_id, model_version) PK, label, created_at: what a candidate in
+                      shadow said about a served request; joined to its feedback when judged
 
 Feedback with a request_id is joined to its prediction (text, predicted label, version). Writes
 are idempotent by key, so a redelivered message stores nothing twice.
@@ -36,6 +38,11 @@ CREATE TABLE IF NOT EXISTS feedback (
 CREATE TABLE IF NOT EXISTS pending_feedback (
     feedback_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, payload TEXT NOT NULL, received_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS shadow_predictions (
+    request_id TEXT NOT NULL, model_version INTEGER NOT NULL, label TEXT NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (request_id, model_version)
+);
+CREATE INDEX IF NOT EXISTS feedback_by_request ON feedback (request_id);
 CREATE INDEX IF NOT EXISTS pending_by_request ON pending_feedback (request_id);
 CREATE INDEX IF NOT EXISTS feedback_by_version ON feedback (model_version, stored_at);
 CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (stored_at);
@@ -62,7 +69,12 @@ class FeedbackStore:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
                 "INSERT OR IGNORE INTO predictions VALUES (?, ?, ?, ?, ?, ?)",
-                [(p.request_id, p.text, p.label, json.dumps(p.scores), p.model_version, p.timestamp) for p in predictions],
+                [(p.request_id, p.text, p.label, json.dumps(p.scores), p.model_version, p.timestamp)
+                 for p in predictions if not p.shadow],
+            )
+            self._db.executemany(
+                "INSERT OR IGNORE INTO shadow_predictions VALUES (?, ?, ?, ?)",
+                [(p.request_id, p.model_version, p.label, p.timestamp) for p in predictions if p.shadow],
             )
             for event in feedback:
                 if self._known(event.feedback_id):
@@ -145,6 +157,24 @@ class FeedbackStore:
         if stored_at is None:
             return self.count("feedback")
         return self._db.execute("SELECT COUNT(*) FROM feedback WHERE stored_at > ?", (stored_at,)).fetchone()[0]
+
+    def labelled_since(self, model_version: int, stored_after: str) -> list[tuple[str, str]]:
+        """(true label, predicted label) of feedback stored after a time on what a version answered."""
+        return self._db.execute(
+            "SELECT label, predicted_label FROM feedback WHERE model_version = ? AND predicted_label IS NOT NULL "
+            "AND stored_at > ?",
+            (model_version, stored_after),
+        ).fetchall()
+
+    def shadow_pairs(self, candidate: int, stored_after: str) -> list[tuple[str, str, str]]:
+        """(true label, served label, shadow label) for feedback stored after a time on requests the
+        candidate scored in shadow: both models judged on the very same texts."""
+        return self._db.execute(
+            "SELECT f.label, f.predicted_label, s.label FROM feedback f "
+            "JOIN shadow_predictions s ON s.request_id = f.request_id AND s.model_version = ? "
+            "WHERE f.predicted_label IS NOT NULL AND f.stored_at > ?",
+            (candidate, stored_after),
+        ).fetchall()
 
     def close(self) -> None:
         self._db.close()

@@ -4,8 +4,9 @@ Layout under the root::
 
     versions/v1/manifest.json     sha256 of every other file, lineage, metrics
     versions/v1/model.onnx ...    the files a server or trainer needs
-    current                       the promoted version number, replaced by rename
-    history.jsonl                 one line per promotion or rollback
+    current                       the promoted (stable) version number, replaced by rename
+    rollout.json                  a candidate in shadow or canary, when one is; replaced by rename
+    history.jsonl                 one line per promotion, rollback and rollout stage
     .staging/                     half-written versions; never read by a loader
 
 A version becomes visible only by renaming a complete, fsynced staging directory
@@ -66,6 +67,17 @@ class HistoryEntry(BaseModel):
     reason: str = ""
 
 
+class Rollout(BaseModel):
+    """A gated candidate on its way to serving everyone, next to the stable (current) version."""
+
+    version: int
+    stable: int | None
+    stage: Literal["shadow", "canary"]
+    share: float = Field(0.0, description="Share of texts the candidate answers (canary only).")
+    started_at: str
+    stage_started_at: str
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -111,6 +123,7 @@ class Registry:
         self.staging_dir = self.root / ".staging"
         self.current_file = self.root / "current"
         self.history_file = self.root / "history.jsonl"
+        self.rollout_file = self.root / "rollout.json"
 
     # -- writing ---------------------------------------------------------------
 
@@ -188,17 +201,92 @@ class Registry:
             self._promote_locked(version, action, reason)
 
     def _promote_locked(self, version: int, action: str, reason: str) -> None:
+        self._servable(version)
+        previous = self.current_version()
+        rollout = self.rollout()
+        if rollout is not None and rollout.version != version:
+            # The candidate was being compared with the version that stops serving now; that comparison ends.
+            self._end_rollout_locked(rollout, f"ended by {action} to v{version}")
+        _write_atomic(self.current_file, f"{version}\n".encode())
+        self.rollout_file.unlink(missing_ok=True)
+        self._log(HistoryEntry(time=_now(), action=action, version=version, previous=previous, reason=reason))
+
+    def _servable(self, version: int) -> Manifest:
         manifest = self.verify(version)
         if manifest.status != "accepted":
             failed = [name for name, check in manifest.gate.get("checks", {}).items() if not check.get("passed")]
             raise RegistryError(f"version {version} was rejected by the validation gate ({', '.join(failed)}); it is never served")
-        previous = self.current_version()
-        _write_atomic(self.current_file, f"{version}\n".encode())
-        entry = HistoryEntry(time=_now(), action=action, version=version, previous=previous, reason=reason)
+        return manifest
+
+    def _log(self, entry: HistoryEntry) -> None:
         with self.history_file.open("a") as handle:
             handle.write(entry.model_dump_json() + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+    def rollback(self, to: int | None = None, reason: str = "rollback") -> tuple[int | None, int]:
+        """Serve an earlier version again: `to`, or the one the current version replaced. Returns (from, to)."""
+        with self._lock():
+            current = self.current_version()
+            target = to
+            if target is None:
+                entry = next(
+                    (e for e in reversed(self.history())
+                     if e.action in ("promote", "rollback") and e.version == current and e.previous),
+                    None,
+                )
+                if entry is None:
+                    raise RegistryError(f"v{current} has no earlier version to return to; name one (--to VERSION)")
+                target = entry.previous
+            if target != current:
+                self._promote_locked(target, "rollback", reason)
+        return current, target
+
+    # -- rollout: shadow and canary ----------------------------------------------------------
+
+    def rollout(self) -> Rollout | None:
+        try:
+            return Rollout.model_validate_json(self.rollout_file.read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def start_rollout(self, version: int, stage: Literal["shadow", "canary"], share: float, reason: str) -> Rollout:
+        """Put an accepted version next to the stable one, in shadow or as canary; the replicas follow."""
+        with self._lock():
+            self._servable(version)
+            current = self.current_version()
+            if version == current:
+                raise RegistryError(f"v{version} is already the stable version")
+            previous = self.rollout()
+            if previous is not None and previous.version != version:
+                raise RegistryError(
+                    f"v{previous.version} is in {previous.stage} already; abort it first (`tuneloop rollout abort`)"
+                )
+            now = _now()
+            rollout = Rollout(
+                version=version, stable=current, stage=stage, share=share if stage == "canary" else 0.0,
+                started_at=previous.started_at if previous else now, stage_started_at=now,
+            )
+            _write_atomic(self.rollout_file, rollout.model_dump_json(indent=2).encode() + b"\n")
+            self._log(HistoryEntry(time=now, action=stage, version=version, previous=current, reason=reason))
+        return rollout
+
+    def end_rollout(self, promote: bool, reason: str) -> Rollout:
+        """Promote the candidate to stable, or withdraw it (abort); the stable version keeps serving."""
+        with self._lock():
+            rollout = self.rollout()
+            if rollout is None:
+                raise RegistryError("no rollout is in progress")
+            if promote:
+                self._promote_locked(rollout.version, "promote", reason)
+            else:
+                self._end_rollout_locked(rollout, reason)
+        return rollout
+
+    def _end_rollout_locked(self, rollout: Rollout, reason: str) -> None:
+        self.rollout_file.unlink(missing_ok=True)
+        _fsync_dir(self.root)
+        self._log(HistoryEntry(time=_now(), action="abort", version=rollout.version, previous=rollout.stable, reason=reason))
 
     # -- reading ---------------------------------------------------------------
 

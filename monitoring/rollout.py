@@ -1,0 +1,97 @@
+"""Judging a candidate in shadow or canary on live feedback against the stable version.
+
+Shadow compares both models on the very same requests (paired: an exact McNemar test on
+the requests where they disagree); canary compares the texts each answered over the same
+period (a one-sided Fisher exact test). A stage advances when it has baked long enough, has
+enough labelled rows, and the candidate trails by at most `max_accuracy_drop`; it rolls back
+as soon as the candidate is worse by more than that and significantly so, or when the stage
+times out without showing the candidate good enough.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from scipy import stats
+
+from tuneloop.config import RolloutConfig
+
+Action = Literal["wait", "advance", "promote", "rollback"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    paired: bool
+    candidate_rows: int
+    candidate_accuracy: float
+    stable_rows: int
+    stable_accuracy: float
+    p_worse: float  # p-value of "the candidate is less accurate than the stable version"
+
+    @property
+    def drop(self) -> float:
+        return self.stable_accuracy - self.candidate_accuracy
+
+    def describe(self) -> str:
+        how = "same requests" if self.paired else "own traffic"
+        return (
+            f"live accuracy candidate {self.candidate_accuracy:.3f} (n={self.candidate_rows}) vs stable "
+            f"{self.stable_accuracy:.3f} (n={self.stable_rows}, {how}), p(worse)={self.p_worse:.3g}"
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    reason: str  # short code: a metric label
+    detail: str
+
+
+def compare_paired(rows: list[tuple[str, str, str]]) -> Comparison:
+    """(true, stable's, candidate's) label per request both models scored."""
+    stable_right = [true == served for true, served, _ in rows]
+    candidate_right = [true == shadow for true, _, shadow in rows]
+    only_stable = sum(s and not c for s, c in zip(stable_right, candidate_right, strict=True))
+    only_candidate = sum(c and not s for s, c in zip(stable_right, candidate_right, strict=True))
+    discordant = only_stable + only_candidate
+    p_worse = stats.binomtest(only_stable, discordant, 0.5, alternative="greater").pvalue if discordant else 1.0
+    n = len(rows)
+    return Comparison(
+        True, n, sum(candidate_right) / n if n else 0.0, n, sum(stable_right) / n if n else 0.0, float(p_worse)
+    )
+
+
+def compare_unpaired(candidate: list[tuple[str, str]], stable: list[tuple[str, str]]) -> Comparison:
+    """(true, predicted) label per labelled text each version answered."""
+    c_right = sum(true == predicted for true, predicted in candidate)
+    s_right = sum(true == predicted for true, predicted in stable)
+    if candidate and stable:
+        table = [[c_right, len(candidate) - c_right], [s_right, len(stable) - s_right]]
+        p_worse = float(stats.fisher_exact(table, alternative="less").pvalue)
+    else:
+        p_worse = 1.0
+    return Comparison(
+        False, len(candidate), c_right / len(candidate) if candidate else 0.0,
+        len(stable), s_right / len(stable) if stable else 0.0, p_worse,
+    )
+
+
+def judge(config: RolloutConfig, stage: str, elapsed_s: float, comparison: Comparison) -> Verdict:
+    """What to do with a stage that has run `elapsed_s` seconds."""
+    last = stage == config.stages[-1] if stage in config.stages else True
+    enough = min(comparison.candidate_rows, comparison.stable_rows) >= config.min_feedback_rows
+    timed_out = elapsed_s >= config.stage_timeout_s
+    figures = comparison.describe()
+    if not enough:
+        if timed_out:
+            return Verdict("rollback", "timeout", f"{stage} timed out with too little feedback: {figures}")
+        return Verdict("wait", "too_few_rows", f"{config.min_feedback_rows} labelled rows needed: {figures}")
+    worse = comparison.drop > config.max_accuracy_drop
+    if worse and comparison.p_worse < config.alpha:
+        return Verdict("rollback", "worse", f"candidate worse than stable beyond {config.max_accuracy_drop:g}: {figures}")
+    if not worse and elapsed_s >= config.bake_s:
+        return Verdict("promote" if last else "advance", "good", f"{stage} baked {elapsed_s:.0f} s: {figures}")
+    if timed_out:
+        return Verdict("rollback", "timeout", f"{stage} timed out without showing the candidate good enough: {figures}")
+    return Verdict("wait", "baking" if not worse else "trailing", f"{stage} for {elapsed_s:.0f} s: {figures}")
