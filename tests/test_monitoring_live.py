@@ -163,8 +163,12 @@ def test_clinc_shift_fires_the_trigger_once_per_cooldown_and_drives_the_dashboar
         check_dashboard_and_rules(prometheus)
 
 
-def dashboard_queries() -> tuple[list[tuple[str, str]], list[str]]:
-    """(panel title, PromQL) of every panel target, and the annotations' PromQL, with Grafana's variables filled in."""
+ROLLOUT_ROW = "Rollout (shadow and canary)"  # its panels have data only during a rollout: tests/test_rollout_live.py
+
+
+def dashboard_queries(rows: set[str] | None = None, skip_rows: set[str] = frozenset()) -> tuple[list[tuple[str, str]], list[str]]:
+    """(panel title, PromQL) of every panel target (in the given rows), and the annotations' PromQL,
+    with Grafana's variables filled in."""
     dashboard = json.loads(DASHBOARD.read_text())
     variables = {"$__rate_interval": "30s", "$__range": "1h", "$__interval": "5s"}
 
@@ -173,27 +177,36 @@ def dashboard_queries() -> tuple[list[tuple[str, str]], list[str]]:
             expr = expr.replace(name, value)
         return expr
 
-    panels = [(p["title"], filled(t["expr"])) for p in dashboard["panels"] for t in p.get("targets", [])]
+    panels, row = [], ""
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+        elif (rows is None or row in rows) and row not in skip_rows:
+            panels += [(panel["title"], filled(t["expr"])) for t in panel.get("targets", [])]
     return panels, [filled(a["expr"]) for a in dashboard["annotations"]["list"]]
 
 
 def check_dashboard_and_rules(prometheus: Prometheus) -> None:
     # The run counter appears with the first run; by then every other series has been scraped for a while.
     wait_for(lambda: bool(prometheus.query("tuneloop_training_runs_total")), 60, "the training-run counter in Prometheus")
-    panels, annotations = dashboard_queries()
+    panels, annotations = dashboard_queries(skip_rows={ROLLOUT_ROW})
     for expr in annotations:
         prometheus.query(expr)  # annotations mark events (swaps, runs starting): they must parse, not always match
-    empty = {}
-    deadline = time.monotonic() + 60
-    while True:
-        empty = {title: expr for title, expr in panels if not prometheus.query(expr)}
-        if not empty or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert empty == {}, f"panels without data: {empty}"
+    assert_panels_have_data(prometheus, panels)
     groups = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
     assert len(rules) == 8 and all(rule["health"] == "ok" for rule in rules), rules
     assert {"TuneloopDriftSustained", "TuneloopFeedbackAccuracyDrop"} <= {
         rule["name"] for rule in rules if rule["state"] in ("pending", "firing")
     }
+
+
+def assert_panels_have_data(prometheus: Prometheus, panels: list[tuple[str, str]], timeout: float = 60) -> None:
+    empty = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        empty = {title: expr for title, expr in panels if not prometheus.query(expr)}
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert empty == {}, f"panels without data: {empty}"

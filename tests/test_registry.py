@@ -118,3 +118,60 @@ def test_corrupt_current_pointer_is_reported(tmp_path: Path) -> None:
     (tmp_path / "current").write_text("garbage")
     with pytest.raises(RegistryError, match="not a version number"):
         registry.current_version()
+
+
+def test_rollout_stages_are_recorded_and_promotion_ends_the_rollout(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", promote=False, parent=1)
+    shadow = registry.start_rollout(2, "shadow", 0.3, "passed the gate")
+    assert (shadow.stage, shadow.share, shadow.stable) == ("shadow", 0.0, 1)  # shadow answers nothing
+    canary = registry.start_rollout(2, "canary", 0.3, "shadow good")
+    assert (canary.stage, canary.share, canary.started_at) == ("canary", 0.3, shadow.started_at)
+    assert registry.current_version() == 1  # a candidate is not the stable version
+    registry.end_rollout(promote=True, reason="canary good")
+    assert registry.current_version() == 2 and registry.rollout() is None
+    assert [(h.action, h.version, h.previous) for h in registry.history()] == [
+        ("promote", 1, None), ("shadow", 2, 1), ("canary", 2, 1), ("promote", 2, 1),
+    ]
+    # Rolling back skips the rollout stages and returns to the version v2 replaced.
+    assert registry.rollback(reason="test") == (2, 1)
+
+
+def test_an_aborted_candidate_leaves_the_stable_version_serving(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", promote=False)
+    registry.start_rollout(2, "canary", 0.1, "manual")
+    with pytest.raises(RegistryError, match="v2 is in canary already"):
+        publish(registry, b"v3", promote=False)
+        registry.start_rollout(3, "shadow", 0.1, "manual")
+    registry.end_rollout(promote=False, reason="worse")
+    assert registry.current_version() == 1 and registry.rollout() is None
+    assert registry.history()[-1].action == "abort" and registry.history()[-1].reason == "worse"
+    with pytest.raises(RegistryError, match="no rollout"):
+        registry.end_rollout(promote=True, reason="again")
+
+
+def test_a_rollout_refuses_the_stable_and_rejected_versions(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    with pytest.raises(RegistryError, match="already the stable"):
+        registry.start_rollout(1, "shadow", 0.1, "manual")
+    with registry.staging() as stage:
+        stage_files(stage, b"bad")
+        registry.publish(stage, base_model="b", labels=["neg", "pos"], status="rejected",
+                         gate={"checks": {"forgetting": {"passed": False}}})
+    with pytest.raises(RegistryError, match="rejected by the validation gate \\(forgetting\\)"):
+        registry.start_rollout(2, "canary", 0.1, "manual")
+
+
+def test_promoting_another_version_ends_the_rollout_it_was_judged_against(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", parent=1)
+    publish(registry, b"v3", promote=False)
+    registry.start_rollout(3, "shadow", 0.1, "manual")
+    registry.rollback(reason="incident")  # back to v1: v3 was compared with v2
+    assert registry.current_version() == 1 and registry.rollout() is None
+    assert [h.action for h in registry.history()[-2:]] == ["abort", "rollback"]
