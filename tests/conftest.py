@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +16,7 @@ import httpx
 import pytest
 
 from trainer.data import LabelledTexts, load_csv, split, write_csv
+from tuneloop.processes import free_port, stop_process_group, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 IMDB = ROOT / "data" / "sentiment" / "imdb.csv"
@@ -32,12 +31,6 @@ def imdb_parts() -> tuple[Path, LabelledTexts]:
     """Model v1 bootstraps on 70 % of imdb (this CSV); the other 30 % is traffic it has never seen."""
     bootstrap, traffic = split(load_csv(IMDB), 0.3, seed=13)
     return write_csv(Path(tempfile.mkdtemp(prefix="tuneloop-data-")) / "imdb-bootstrap.csv", bootstrap), traffic
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tuneloop_env(registry: Path, **extra: str) -> dict[str, str]:
@@ -102,29 +95,8 @@ def running_service(
         stop_process_group(process)
 
 
-def stop_process_group(process: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM the process group (children too, even when the leader already exited); SIGKILL after the timeout."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def wait_until_up(server: Server, need_ready: bool, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    probe = "/readyz" if need_ready else "/livez"
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(f"bentoml serve exited with {server.process.returncode}:\n{server.log_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.url + probe, timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"service not up on {probe} after {timeout} s:\n{server.log_text()}")
+    wait_http(server.url + ("/readyz" if need_ready else "/livez"), server.process, server.log, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -184,15 +156,7 @@ def running_controller(registry: Path, tmp_path: Path, env: dict[str, str], wait
     process.log = log  # type: ignore[attr-defined]
     try:
         if wait:
-            url = f"http://127.0.0.1:{env['TUNELOOP_CONTROLLER__PORT']}/metrics"
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.poll() is None, log.read_text()
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url, timeout=2).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.3)
+            wait_http(f"http://127.0.0.1:{env['TUNELOOP_CONTROLLER__PORT']}/metrics", process, log, timeout=60)
         yield process
     finally:
         stop_process_group(process)
@@ -249,14 +213,7 @@ def running_prometheus(targets: dict[str, str], tmp_path: Path) -> Iterator[Prom
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.3)
+        wait_http(f"{url}/-/ready", process, log, timeout=60)
         yield Prometheus(url, log)
     finally:
         stop_process_group(process)

@@ -9,15 +9,14 @@ the accuracy on the new domains recovers. Everything lands in one work directory
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import httpx
 from monitoring.state import ControllerState
 from trainer import scenario
 from trainer.data import write_csv
+from tuneloop.processes import free_port, running, wait_http
 from tuneloop.registry import Registry
 
 BIN = Path(sys.executable).parent
@@ -42,45 +42,26 @@ class Timeline:
                             "old_correct": old, "new_correct": new})
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: process exited; see {log}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not up after {timeout:.0f} s; see {log}")
+def _probe(url: str, texts: list[str], stop: threading.Event, out: list[dict[str, object]]) -> None:
+    """What one application sees: a single-text request every 100 ms, its latency, version and status."""
+    rng = random.Random(1)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while not stop.is_set():
+            started = time.time()
+            try:
+                response = client.post("/predict", json={"texts": [rng.choice(texts)]})
+                version = response.json()[0]["model_version"] if response.status_code == 200 else None
+                status: object = response.status_code
+            except (httpx.HTTPError, ValueError) as exc:
+                version, status = None, type(exc).__name__
+            out.append({"time": started, "latency_s": time.time() - started, "status": status, "version": version})
+            stop.wait(max(0.0, 0.1 - (time.time() - started)))
 
 
 def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: Callable[[str], None] = print
              ) -> dict[str, object]:
     workdir.mkdir(parents=True, exist_ok=True)
-    service_port, controller_port = _free_port(), _free_port()
+    service_port, controller_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELOOP_")} | {
         "HF_HUB_OFFLINE": "1",
         "TUNELOOP_REGISTRY__PATH": str(workdir / "registry"),
@@ -109,13 +90,20 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
     serve_args = [str(BIN / "bentoml"), "serve", "services.service:Classifier", "--host", "127.0.0.1",
                   "--port", str(service_port)]
     with (
-        _process(serve_args, env | {"BENTOML_HOME": str(workdir / "bentoml")}, workdir / "service.log") as service,
-        _process([str(BIN / "tuneloop"), "controller"], env, workdir / "controller.log") as controller,
+        running(serve_args, env | {"BENTOML_HOME": str(workdir / "bentoml")}, workdir / "service.log") as service,
+        running([str(BIN / "tuneloop"), "controller"], env, workdir / "controller.log") as controller,
         httpx.Client(base_url=f"http://127.0.0.1:{service_port}", timeout=60) as client,
     ):
-        _wait_http(f"http://127.0.0.1:{service_port}/readyz", service, workdir / "service.log")
-        _wait_http(f"http://127.0.0.1:{controller_port}/healthz", controller, workdir / "controller.log")
+        wait_http(f"http://127.0.0.1:{service_port}/readyz", service, workdir / "service.log")
+        wait_http(f"http://127.0.0.1:{controller_port}/healthz", controller, workdir / "controller.log")
         events = 0
+        probes: list[dict[str, object]] = []
+        stop_probe = threading.Event()
+        prober = threading.Thread(
+            target=_probe, args=(f"http://127.0.0.1:{service_port}", old_test.texts + new_test.texts, stop_probe, probes),
+            daemon=True,
+        )
+        prober.start()
 
         def traffic(phase: str, with_feedback: list[tuple[str, str]]) -> None:
             nonlocal events
@@ -137,7 +125,7 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
                 client.post("/feedback/batch", json={"items": items}).raise_for_status()
 
         say("3/4 traffic: old domains, then all six with feedback on the new intents")
-        for _ in range(20):
+        for _ in range(60):
             traffic("old domains", [])
         pairs = list(zip(feedback.texts, feedback.labels, strict=True))
         for start in range(0, len(pairs), 16):
@@ -154,9 +142,11 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
         swapped_at = time.monotonic() + 30
         while time.monotonic() < swapped_at and timeline.points[-1]["versions"] != [registry.current_version()]:
             traffic("after the swap", [])
-        for _ in range(30):
+        for _ in range(60):
             traffic("after the swap", [])
-    return {"timeline": timeline.points, "windows": state.windows(), "runs": state.runs(),
+        stop_probe.set()
+        prober.join()
+    return {"timeline": timeline.points, "probes": probes, "windows": state.windows(), "runs": state.runs(),
             "decisions": state.decisions(), "history": [e.model_dump() for e in registry.history()],
             "start_version": start_version, "end_version": registry.current_version()}
 
@@ -230,6 +220,8 @@ def summary_rows(result: dict[str, object]) -> list[tuple[str, str]]:
         from datetime import datetime
 
         loop_s = f"{datetime.fromisoformat(swap['time']).timestamp() - datetime.fromisoformat(run['started_at']).timestamp():.0f} s"
+    probes = result.get("probes", [])
+    failed = sum(1 for probe in probes if probe["status"] != 200)
     return [
         (f"v{start} on old domains", accuracy("old_correct", {start})),
         (f"v{start} on new domains", accuracy("new_correct", {start})),
@@ -237,6 +229,7 @@ def summary_rows(result: dict[str, object]) -> list[tuple[str, str]]:
         (f"v{end} on new domains", accuracy("new_correct", {end})),
         ("training run", f"{run['id']}: {run['status']} ({run['source']})" if run else "-"),
         ("trigger to new version promoted", loop_s),
+        ("single-text probe requests failed", f"{failed} of {len(probes)}"),
         ("drift windows", str(len(result["windows"]))),
         ("trigger decisions recorded", json.dumps([(d["outcome"], d["reason"]) for d in result["decisions"]][:6])),
     ]

@@ -1,0 +1,102 @@
+"""Quantization benchmark: argmax parity and single-text latency of each int8 recipe on a registry version.
+
+Rebuilds the version's fp32 ONNX graph from its stored adapter (merge -> export -> optimize), scores
+its validation rows (`data/holdout.csv`, plus `data/new_val.csv` for a fine-tuned version) with
+PyTorch, then quantizes with every recipe of `exporters.quantize` and reports agreement with PyTorch
+and the median single-text latency of a fresh ONNX Runtime session (one thread).
+
+    .venv/bin/python benchmarks/quantization.py --registry var/bench-loop/registry --version 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from exporters import onnx_export  # noqa: E402
+from exporters.quantize import RECIPES, _quantize, fp32_nodes, parity  # noqa: E402
+from trainer.data import concat, load_csv  # noqa: E402
+from trainer.model import load_adapted, load_tokenizer, predict, resolve_base  # noqa: E402
+from tuneloop.config import Settings  # noqa: E402
+from tuneloop.inference import OnnxTextClassifier  # noqa: E402
+from tuneloop.registry import Registry  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def median_latency_ms(classifier: OnnxTextClassifier, texts: list[str], repeats: int = 200) -> float:
+    classifier.predict(texts[:1])
+    timings = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        classifier.predict([texts[i % len(texts)]])
+        timings.append(time.perf_counter() - started)
+    return round(statistics.median(timings) * 1000, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", type=Path, required=True)
+    parser.add_argument("--version", type=int, required=True)
+    parser.add_argument("--out", type=Path, default=RESULTS / "quantization.json")
+    args = parser.parse_args()
+
+    settings = Settings()
+    manifest, directory = Registry(args.registry).resolve(args.version)
+    data = [load_csv(directory / "data" / name) for name in ("holdout.csv", "new_val.csv")
+            if (directory / "data" / name).is_file()]
+    rows = concat(data)
+    base = resolve_base(settings.model)
+    tokenizer = load_tokenizer(base)
+    model = load_adapted(base, directory / "adapter", len(manifest.labels), settings.model).eval()
+    max_length = int(manifest.export["max_seq_length"])
+    reference, _ = predict(model, tokenizer, rows.texts, max_length)
+    config = model.get_base_model().encoder.config
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        work_dir = Path(work)
+        fp32 = work_dir / "model.fp32.onnx"
+        onnx_export.export(onnx_export.merge(model), tokenizer, fp32, settings.export.opset)
+        optimized = work_dir / "model.opt.onnx"
+        onnx_export.optimize(fp32, optimized, config.num_attention_heads, config.hidden_size)
+        import onnx
+
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+        for recipe in RECIPES:
+            target = work_dir / f"{recipe.name}.onnx"
+            _quantize(optimized, target, recipe, fp32_nodes(graph, recipe))
+            classifier = OnnxTextClassifier(target, directory / "tokenizer.json", manifest.labels, max_length,
+                                            manifest.export["pad_token"], intra_op_threads=1,
+                                            max_rows_per_run=recipe.max_rows_per_run)
+            agreement = parity(reference, classifier.predict(rows.texts).logits)
+            results.append({"recipe": recipe.name, "rows": agreement.rows,
+                            "argmax_agreement": round(agreement.argmax_agreement, 4),
+                            "max_abs_logit_diff": round(agreement.max_abs_logit_diff, 3),
+                            "median_single_text_ms": median_latency_ms(classifier, rows.texts),
+                            "bytes": target.stat().st_size})
+            print(json.dumps(results[-1]), flush=True)
+        fp32_classifier = OnnxTextClassifier(optimized, directory / "tokenizer.json", manifest.labels, max_length,
+                                             manifest.export["pad_token"], intra_op_threads=1)
+        results.append({"recipe": "fp32 (optimized, not quantized)", "rows": len(rows),
+                        "argmax_agreement": round(parity(reference, fp32_classifier.predict(rows.texts).logits)
+                                                  .argmax_agreement, 4),
+                        "median_single_text_ms": median_latency_ms(fp32_classifier, rows.texts),
+                        "bytes": optimized.stat().st_size})
+        print(json.dumps(results[-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"registry_version": args.version, "labels": len(manifest.labels),
+                                    "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
