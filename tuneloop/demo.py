@@ -58,8 +58,8 @@ def _probe(url: str, texts: list[str], stop: threading.Event, out: list[dict[str
             stop.wait(max(0.0, 0.1 - (time.time() - started)))
 
 
-def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: Callable[[str], None] = print
-             ) -> dict[str, object]:
+def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: Callable[[str], None] = print,
+             min_new_rows: int | None = None) -> dict[str, object]:
     workdir.mkdir(parents=True, exist_ok=True)
     service_port, controller_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELOOP_")} | {
@@ -73,6 +73,8 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
     }
     if epochs:
         env["TUNELOOP_TRAIN__MAX_EPOCHS"] = str(epochs)
+    if min_new_rows is not None:
+        env["TUNELOOP_TRIGGER__MIN_NEW_ROWS"] = str(min_new_rows)
     registry = Registry(workdir / "registry")
     if registry.current_version() is None:
         say("1/4 bootstrapping v1 on banking, travel, kitchen_and_dining (intents of six domains declared)")
@@ -105,8 +107,13 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
         )
         prober.start()
 
+        next_batch = time.monotonic()
+
         def traffic(phase: str, with_feedback: list[tuple[str, str]]) -> None:
-            nonlocal events
+            """One application batch every 0.5 s in every phase, so phases differ only in what they test."""
+            nonlocal events, next_batch
+            time.sleep(max(0.0, next_batch - time.monotonic()))
+            next_batch = time.monotonic() + 0.5
             old = rng.sample(range(len(old_test)), 16)
             new = rng.sample(range(len(new_test)), 16) if phase != "old domains" else []
             texts = [old_test.texts[i] for i in old] + [new_test.texts[i] for i in new]
@@ -138,7 +145,6 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
             if time.monotonic() > deadline:
                 raise RuntimeError("no new version within 15 minutes; see controller.log")
             traffic("shift, waiting for the loop", [])
-            time.sleep(0.5)
         swapped_at = time.monotonic() + 30
         while time.monotonic() < swapped_at and timeline.points[-1]["versions"] != [registry.current_version()]:
             traffic("after the swap", [])
