@@ -60,7 +60,7 @@ def build_and_publish(
     """
     max_length = settings.model.max_seq_length
     encoder_config = model.get_base_model().encoder.config
-    steps = tqdm(total=len(STEPS), desc="export", unit="step", disable=not progress)
+    steps = tqdm(total=len(STEPS), desc="export", unit="step", disable=None if progress else True)
 
     def step(name: str) -> None:
         steps.set_postfix_str(name)

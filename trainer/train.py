@@ -130,7 +130,8 @@ def fit(
         model.train()
         started = time.perf_counter()
         losses = []
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.max_epochs}", unit="batch", disable=not progress)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.max_epochs}", unit="batch",
+                   disable=None if progress else True)  # None: no bar when the log is a file (a run log)
         for batch in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(device):
