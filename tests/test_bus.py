@@ -45,8 +45,11 @@ def test_prediction_events_match_the_schema_the_controller_validates(tmp_path: P
 
     prediction = Prediction(request_id="r1", label="positive", scores={"negative": 0.1, "positive": 0.9}, model_version=3)
     drift_inputs = (np.array([0.123456, -1.0], dtype=np.float32), np.int64(7), np.int64(1))
-    key, value = PredictionPublisher._message(prediction, "a fine film", drift_inputs, "2026-11-23T00:00:00.000+00:00")
+    key, value = PredictionPublisher._message(prediction, "a fine film", drift_inputs, False, "2026-11-23T00:00:00.000+00:00")
     event = PredictionEvent.model_validate_json(value)
     assert key == b"r1"
     assert (event.text, event.label, event.model_version, event.scores["positive"]) == ("a fine film", "positive", 3, 0.9)
-    assert (event.sketch, event.tokens, event.unknown_tokens) == ([0.1235, -1.0], 7, 1)
+    assert (event.sketch, event.tokens, event.unknown_tokens, event.shadow) == ([0.1235, -1.0], 7, 1, False)
+    # A shadow score keeps the served request's id in the event, under its own message key.
+    key, value = PredictionPublisher._message(prediction, "a fine film", drift_inputs, True, "2026-11-23T00:00:00.000+00:00")
+    assert key == b"r1:shadow" and PredictionEvent.model_validate_json(value).shadow

@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from monitoring.runs import RunLauncher
 from monitoring.state import ControllerState
-from monitoring.windows import WindowMonitor
+from monitoring.drift import Signal
+from monitoring.windows import WindowMonitor, below_by_chance
 from trainer.trigger import Decision
 from tuneloop.config import DriftConfig, TriggerConfig
 from tuneloop.events import PredictionEvent
@@ -66,7 +68,9 @@ def test_a_version_without_reference_is_not_monitored_and_feedback_signals_need_
     assert monitor.observe(events(rng, 150, version=1)) == []
     report = monitor.observe(events(rng, 100, version=2))[-1]
     accuracy = next(s for s in report.signals if s.name == "feedback_accuracy")
-    assert accuracy.value == 0.0 and accuracy.threshold == 0.9 and accuracy.drifted
+    # The limit (reference 1.0 minus the 0.1 allowed drop) less its sampling error over 30 rows.
+    assert accuracy.value == 0.0 and accuracy.threshold == pytest.approx(0.9 - 1.645 * (0.9 * 0.1 / 30) ** 0.5)
+    assert accuracy.drifted
     assert report.feedback_rows == 30 and report.recall == {"a": 0.0}
     sparse = WindowMonitor(CONFIG, lambda version: reference(np.random.default_rng(0)), lambda version, n: wrong[:10])
     assert "feedback_accuracy" not in {s.name for s in sparse.observe(events(rng, 100))[-1].signals}
@@ -114,3 +118,12 @@ def test_a_restarted_controller_adopts_a_live_run_and_marks_a_vanished_one_lost(
     assert [(f.run_id, f.status) for f in wait_finished(runner)] == [(live, "succeeded")]
     assert [(f.run_id, f.status, f.exit_code) for f in adopted.poll()] == [(live, "lost", None)]
     assert not adopted.in_progress
+
+
+def test_feedback_quality_drifts_only_beyond_its_sampling_error() -> None:
+    limit = 0.864  # measured case: reference accuracy 0.964, allowed drop 0.1
+    threshold = below_by_chance(limit, 200)
+    assert 0.82 < threshold < 0.83
+    assert not Signal("feedback_accuracy", 0.86, threshold, lower_is_drift=True).drifted  # chance, 200 rows
+    assert Signal("feedback_accuracy", 0.80, threshold, lower_is_drift=True).drifted
+    assert below_by_chance(limit, 2000) > threshold  # more rows, tighter
