@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from exporters import onnx_export  # noqa: E402
-from exporters.quantize import RECIPES, _quantize, fp32_nodes, parity  # noqa: E402
+from exporters.quantize import RECIPES, parity, quantize  # noqa: E402
 from trainer.data import concat, load_csv  # noqa: E402
 from trainer.model import load_adapted, load_tokenizer, predict, resolve_base  # noqa: E402
 from tuneloop.config import Settings  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
         graph = onnx.load(str(optimized), load_external_data=False).graph
         for recipe in RECIPES:
             target = work_dir / f"{recipe.name}.onnx"
-            _quantize(optimized, target, recipe, fp32_nodes(graph, recipe))
+            quantize(optimized, target, recipe, graph)
             classifier = OnnxTextClassifier(target, directory / "tokenizer.json", manifest.labels, max_length,
                                             manifest.export["pad_token"], intra_op_threads=1,
                                             max_rows_per_run=recipe.max_rows_per_run)

@@ -92,7 +92,9 @@ def fp32_nodes(graph: onnx.GraphProto, recipe: Recipe) -> list[str]:
     return excluded + (head_nodes(graph) if recipe.fp32_head else [])
 
 
-def _quantize(source: Path, target: Path, recipe: Recipe, excluded: list[str]) -> None:
+def quantize(source: Path, target: Path, recipe: Recipe, graph: onnx.GraphProto) -> None:
+    """Quantize `source` (whose graph is `graph`) with one recipe into `target`."""
+    excluded = fp32_nodes(graph, recipe)
     quantize_dynamic(
         source,
         target,
@@ -123,7 +125,7 @@ def quantize_until_parity(
     attempts: list[Attempt] = []
 
     def attempt(recipe: Recipe) -> Parity | None:
-        _quantize(source, target, recipe, fp32_nodes(graph, recipe))
+        quantize(source, target, recipe, graph)
         result = parity(reference_logits, run_logits(target, recipe))
         passed = result.argmax_agreement >= min_agreement
         attempts.append(Attempt(recipe.name, result, passed))
@@ -135,7 +137,7 @@ def quantize_until_parity(
     if keep_best:
         best = max(range(len(attempts)), key=lambda i: attempts[i].parity.argmax_agreement)
         recipe = RECIPES[best]
-        _quantize(source, target, recipe, fp32_nodes(graph, recipe))
+        quantize(source, target, recipe, graph)
         return recipe, attempts[best].parity, attempts
     target.unlink(missing_ok=True)
     tried = "; ".join(f"{a.recipe}: {a.parity.argmax_agreement:.4f}" for a in attempts)

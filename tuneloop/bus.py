@@ -286,10 +286,11 @@ class KafkaEventConsumer:
         self._consumer.close()
 
 
-def announce(bus: Bus, topic: str, event: ModelEvent) -> bool:
-    """Publish a model event; True when the bus acknowledged it."""
+def announce(bus: Bus, topic: str, event: ModelEvent) -> None:
+    """Publish a model event; raises BusUnavailable when the bus does not acknowledge it."""
     bus.ensure_topics([topic])
-    return all(bus.publish_many(topic, [(str(event.version).encode(), event.model_dump_json().encode())]))
+    if not all(bus.publish_many(topic, [(str(event.version).encode(), event.model_dump_json().encode())])):
+        raise BusUnavailable(f"{topic} did not acknowledge the {event.action} event of v{event.version}")
 
 
 def open_bus(config: EventsConfig) -> Bus:

@@ -192,8 +192,7 @@ def _announce(settings: Settings, action: str, version: int, previous: int | Non
 
     event = ModelEvent(action=action, version=version, previous=previous, reason=reason)
     try:
-        if not announce(open_bus(settings.events), settings.events.topics.model, event):
-            raise RuntimeError("the bus did not acknowledge it")
+        announce(open_bus(settings.events), settings.events.topics.model, event)
     except Exception as exc:  # the registry already holds the truth
         console.print(f"[yellow]warning:[/yellow] model event not published ({exc})")
 

@@ -144,12 +144,13 @@ class FeedbackStore:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
+    # (true label, predicted label) of the feedback on predictions one version served.
+    _LABELLED = "SELECT label, predicted_label FROM feedback WHERE model_version = ? AND predicted_label IS NOT NULL "
+
     def recent_labelled(self, model_version: int, limit: int) -> list[tuple[str, str]]:
-        """(true label, predicted label) of the latest feedback on predictions that version served."""
+        """The latest `limit` labelled pairs of a version."""
         return self._db.execute(
-            "SELECT label, predicted_label FROM feedback WHERE model_version = ? AND predicted_label IS NOT NULL "
-            "ORDER BY stored_at DESC, feedback_id DESC LIMIT ?",
-            (model_version, limit),
+            self._LABELLED + "ORDER BY stored_at DESC, feedback_id DESC LIMIT ?", (model_version, limit)
         ).fetchall()
 
     def count_stored_since(self, stored_at: str | None) -> int:
@@ -159,12 +160,8 @@ class FeedbackStore:
         return self._db.execute("SELECT COUNT(*) FROM feedback WHERE stored_at > ?", (stored_at,)).fetchone()[0]
 
     def labelled_since(self, model_version: int, stored_after: str) -> list[tuple[str, str]]:
-        """(true label, predicted label) of feedback stored after a time on what a version answered."""
-        return self._db.execute(
-            "SELECT label, predicted_label FROM feedback WHERE model_version = ? AND predicted_label IS NOT NULL "
-            "AND stored_at > ?",
-            (model_version, stored_after),
-        ).fetchall()
+        """The labelled pairs of a version stored after an ISO time."""
+        return self._db.execute(self._LABELLED + "AND stored_at > ?", (model_version, stored_after)).fetchall()
 
     def shadow_pairs(self, candidate: int, stored_after: str) -> list[tuple[str, str, str]]:
         """(true label, served label, shadow label) for feedback stored after a time on requests the
