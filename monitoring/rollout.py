@@ -15,6 +15,7 @@ from typing import Literal
 
 from scipy import stats
 
+from tuneloop.comparison import paired
 from tuneloop.config import RolloutConfig
 
 Action = Literal["wait", "advance", "promote", "rollback"]
@@ -50,16 +51,9 @@ class Verdict:
 
 def compare_paired(rows: list[tuple[str, str, str]]) -> Comparison:
     """(true, stable's, candidate's) label per request both models scored."""
-    stable_right = [true == served for true, served, _ in rows]
-    candidate_right = [true == shadow for true, _, shadow in rows]
-    only_stable = sum(s and not c for s, c in zip(stable_right, candidate_right, strict=True))
-    only_candidate = sum(c and not s for s, c in zip(stable_right, candidate_right, strict=True))
-    discordant = only_stable + only_candidate
-    p_worse = stats.binomtest(only_stable, discordant, 0.5, alternative="greater").pvalue if discordant else 1.0
-    n = len(rows)
-    return Comparison(
-        True, n, sum(candidate_right) / n if n else 0.0, n, sum(stable_right) / n if n else 0.0, float(p_worse)
-    )
+    result = paired([true == served for true, served, _ in rows], [true == shadow for true, _, shadow in rows])
+    return Comparison(True, result.rows, result.candidate_accuracy, result.rows, result.reference_accuracy,
+                      result.p_worse)
 
 
 def compare_unpaired(candidate: list[tuple[str, str]], stable: list[tuple[str, str]]) -> Comparison:

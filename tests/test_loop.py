@@ -35,11 +35,6 @@ TRAIN_EPOCHS = "6"
 # The trigger waits for nearly all the feedback (450 rows): measured in CI, a run fired at 224 rows
 # (5 per intent) left full int8 at 98.9 % parity, and the slower fallback then failed the latency check.
 MIN_NEW_ROWS = 440
-# Measured in CI before the 7-bit recipe: fine-tuned candidates often missed 99 % parity in full int8
-# (98.2-98.9 %) and passed only with fp32 feed-forward layers, about 1.8x slower per text than v1,
-# which the default latency margin (50 %) rejects. 7-bit weights now reach parity at 1.1-1.3x full
-# int8's latency on the benchmark's candidates (99.2-99.4 %); this test is about the loop, so it still allows the fallback.
-LOOP_LATENCY_MARGIN = "1.5"
 
 
 @pytest.fixture
@@ -77,15 +72,15 @@ def test_training_without_replay_is_rejected_for_forgetting_and_never_served(reg
     reg = Registry(registry)
     manifest = reg.manifest(2)
     assert manifest.status == "rejected" and reg.current_version() == 1
-    forgetting = manifest.gate["checks"]["forgetting_on_original_holdout"]
-    print(f"\nno replay: holdout {forgetting['live']['accuracy']:.3f} -> {forgetting['candidate']['accuracy']:.3f}")
-    assert not forgetting["passed"] and forgetting["drop"] > 0.05
+    cost = manifest.gate["checks"]["expansion_cost_on_known_labels"]
+    print(f"\nno replay: known-label rows {cost['reference']:.3f} -> {cost['candidate']:.3f}")
+    assert not cost["passed"] and cost["drop"] > 0.1 and cost["p_worse"] < 0.05
     assert manifest.training_data["replayed_rows"] == 0
     with pytest.raises(Exception, match="rejected by the validation gate"):
         reg.promote(2)
     assert "REJECTED" in result.stdout
     history = run_cli("history", env=tuneloop_env(registry)).stdout
-    assert "rejected" in history and "forgetting" in history
+    assert "rejected" in history
 
 
 def test_a_candidate_trained_on_shuffled_labels_is_rejected(registry: Path, tmp_path: Path) -> None:
@@ -103,7 +98,6 @@ def test_drift_triggers_training_with_replay_and_both_replicas_swap_without_a_fa
     env = bus_env("kafka", tmp_path, kafka.bootstrap_servers, **{
         "TUNELOOP_TRIGGER__CONSECUTIVE_WINDOWS": "2", "TUNELOOP_TRIGGER__MIN_NEW_ROWS": str(MIN_NEW_ROWS),
         "TUNELOOP_TRIGGER__RUNS_DIR": str(tmp_path / "runs"), "TUNELOOP_TRAIN__MAX_EPOCHS": TRAIN_EPOCHS,
-        "TUNELOOP_GATE__MAX_LATENCY_INCREASE": LOOP_LATENCY_MARGIN,
     })
     state = ControllerState(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
     old_before = accuracy(registry, 1, scenario.OLD_DOMAINS)

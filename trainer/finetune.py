@@ -37,7 +37,26 @@ class FinetuneData:
     new_train: int
     new_val: LabelledTexts  # the new rows' validation split: gate checks (a) and (b)
     replayed: int
-    holdout: LabelledTexts  # the original data's holdout: gate check (c)
+    holdout: LabelledTexts  # evaluation rows handed down the lineage: the original holdout plus earlier runs' new rows
+    known_labels: list[str]  # the labels the live version was trained on: the gate's forgetting check
+
+
+def balanced_sample(pool: LabelledTexts, wanted: int, seed: int) -> list[int]:
+    """`wanted` row indices spread as evenly over the pool's labels as it allows (a rare label gives all it has).
+
+    A replay sample drawn in proportion would let a frequent old label crowd out the rare ones the
+    model is most likely to forget."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = {}
+    for index, label in enumerate(pool.labels):
+        by_label.setdefault(label, []).append(index)
+    queues = [rng.sample(indices, len(indices)) for _, indices in sorted(by_label.items())]
+    picked: list[int] = []
+    while len(picked) < wanted and any(queues):
+        for queue in queues:
+            if queue and len(picked) < wanted:
+                picked.append(queue.pop())
+    return sorted(picked)
 
 
 def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings: Settings,
@@ -59,11 +78,10 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
     ratio = settings.train.replay_ratio if replay_ratio is None else replay_ratio
     pool_path = live_dir / "data" / "train.csv"
     parts_train, parts_val, replayed = [new_train], [new_val], 0
-    if ratio > 0 and pool_path.is_file():
-        pool = load_csv(pool_path)
+    pool = load_csv(pool_path) if pool_path.is_file() else None
+    if ratio > 0 and pool is not None:
         wanted = min(len(pool), round(ratio * len(new)))
-        picked = sorted(random.Random(seed).sample(range(len(pool)), wanted))
-        replay_train, replay_val = split(pool.subset(picked), fraction, seed)
+        replay_train, replay_val = split(pool.subset(balanced_sample(pool, wanted, seed)), fraction, seed)
         parts_train.append(replay_train)
         parts_val.append(replay_val)
         replayed = wanted
@@ -73,6 +91,7 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
     return FinetuneData(
         train=concat(parts_train), val=concat(parts_val), new_train=len(new_train), new_val=new_val,
         replayed=replayed, holdout=load_csv(holdout_path),
+        known_labels=[label for label in live.labels if pool is None or label in set(pool.labels)],
     )
 
 
@@ -88,4 +107,5 @@ def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneD
         model = add_lora(model, settings.train)
     config = settings.train.model_copy(update={"learning_rate": settings.train.finetune_learning_rate})
     return fit(model, load_tokenizer(base), data.train, data.val, live.labels, config,
-               settings.model.max_seq_length, progress, head_learning_rate=settings.train.learning_rate)
+               settings.model.max_seq_length, progress, head_learning_rate=settings.train.learning_rate,
+               frozen_layers=settings.train.finetune_frozen_layers)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from trainer.data import LabelledTexts
+from trainer.frozen_prefix import FrozenPrefix
 from tuneloop.config import TrainConfig
 
 
@@ -50,20 +50,64 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cuda")
 
 
-def _batches(
-    tokenizer: PreTrainedTokenizerBase, max_length: int, label_index: dict[str, int]
-) -> Callable[[list[tuple[str, str]]], dict[str, torch.Tensor]]:
-    def collate(rows: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        texts, labels = zip(*rows, strict=True)
-        # Dynamic padding: each batch is padded only to its own longest text.
-        encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "labels": torch.tensor([label_index[label] for label in labels]),
-        }
+@dataclass(frozen=True)
+class Encoded:
+    """Texts tokenized once per run (no padding), their label indices, and the frozen layers' output if any."""
 
-    return collate
+    ids: list[list[int]]
+    labels: torch.Tensor
+    prefix: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, data: LabelledTexts, labels: list[str], max_length: int) -> Encoded:
+    index = {label: i for i, label in enumerate(labels)}
+    ids = tokenizer(list(data.texts), truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(ids, torch.tensor([index[label] for label in data.labels]))
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Dynamic padding: each batch is padded only to its own longest text.
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def with_prefix(data: Encoded, prefix: FrozenPrefix, pad_id: int, device: torch.device, batch_size: int = 64) -> Encoded:
+    """The frozen layers' output for every text, computed once, in batches of similar length."""
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    hidden: list[torch.Tensor | None] = [None] * len(data)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask = _pad([data.ids[i] for i in chunk], pad_id)
+        out = prefix.compute(ids.to(device), mask.to(device)).float().cpu()
+        for row, i in enumerate(chunk):
+            hidden[i] = out[row, : len(data.ids[i])]
+    return Encoded(data.ids, data.labels, hidden)  # type: ignore[arg-type]
+
+
+def _batch(data: Encoded, indices: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    ids, mask = _pad([data.ids[i] for i in indices], pad_id)
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": data.labels[indices].to(device)}
+    if data.prefix is not None:
+        hidden = torch.zeros((len(indices), ids.shape[1], data.prefix[indices[0]].shape[-1]))
+        for row, i in enumerate(indices):
+            hidden[row, : len(data.ids[i])] = data.prefix[i]
+        batch["prefix"] = hidden.to(device)
+    return batch
+
+
+def _forward(model: PeftModel, batch: dict[str, torch.Tensor], prefix: FrozenPrefix | None) -> torch.Tensor:
+    feeding = prefix.feeding(batch["prefix"]) if prefix is not None else contextlib.nullcontext()
+    with feeding, _autocast(batch["input_ids"].device):
+        logits, _ = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return logits.float()
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -73,17 +117,16 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]
 
 
 @torch.no_grad()
-def evaluate(model: PeftModel, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+def evaluate(model: PeftModel, data: Encoded, pad_id: int, device: torch.device, prefix: FrozenPrefix | None = None,
+             batch_size: int = 64) -> tuple[float, float]:
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(device):
-            logits, _ = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        total_loss += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = _batch(data, list(range(start, min(start + batch_size, len(data)))), pad_id, device)
+        logits = _forward(model, batch, prefix)
+        total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += (logits.argmax(dim=-1) == batch["labels"]).sum().item()
-        count += len(batch["labels"])
-    return total_loss / count, correct / count
+    return total_loss / len(data), correct / len(data)
 
 
 def fit(
@@ -96,23 +139,25 @@ def fit(
     max_length: int,
     progress: bool = True,
     head_learning_rate: float | None = None,
+    frozen_layers: int = 0,
 ) -> TrainResult:
-    """Train until validation loss stops improving; return the model holding its best weights."""
+    """Train until validation loss stops improving; return the model holding its best weights.
+
+    With `frozen_layers`, the encoder's lower layers stay fixed and their output is computed once
+    (trainer/frozen_prefix.py); only the layers above and the head train.
+    """
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     model.to(device)
-    label_index = {label: i for i, label in enumerate(labels)}
-    collate = _batches(tokenizer, max_length, label_index)
-    train_loader = DataLoader(
-        list(zip(train.texts, train.labels, strict=True)),
-        batch_size=config.batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    val_loader = DataLoader(
-        list(zip(val.texts, val.labels, strict=True)), batch_size=config.batch_size * 4, collate_fn=collate
-    )
+    pad_id = tokenizer.pad_token_id
+    train_set, val_set = (encode(tokenizer, part, labels, max_length) for part in (train, val))
+    prefix = FrozenPrefix(model, frozen_layers) if frozen_layers else None
+    started = time.perf_counter()
+    if prefix is not None:
+        train_set, val_set = (with_prefix(part, prefix, pad_id, device) for part in (train_set, val_set))
+    prefix_seconds = time.perf_counter() - started  # counted in samples/s: it is part of training
+    order = DataLoader(range(len(train_set)), batch_size=config.batch_size, shuffle=True,
+                       collate_fn=list, generator=torch.Generator().manual_seed(config.seed))
     trainable = [p for p in model.parameters() if p.requires_grad]
     head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
     adapter = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
@@ -120,23 +165,21 @@ def fit(
     # encoder's adapter moves slowly, keeping what it knew.
     groups = [{"params": adapter}, {"params": head, "lr": head_learning_rate or config.learning_rate}]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
-    total_steps = config.max_epochs * len(train_loader)
+    total_steps = config.max_epochs * len(order)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(0.06 * total_steps), total_steps)
 
     result = TrainResult(model=model, device=str(device))
     best_loss, best_state, stale = math.inf, None, 0
-    samples, train_seconds = 0, 0.0
+    samples, train_seconds = 0, prefix_seconds
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         started = time.perf_counter()
         losses = []
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.max_epochs}", unit="batch",
+        bar = tqdm(order, desc=f"epoch {epoch}/{config.max_epochs}", unit="batch",
                    disable=None if progress else True)  # None: no bar when the log is a file (a run log)
-        for batch in bar:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(device):
-                logits, _ = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss = F.cross_entropy(logits.float(), batch["labels"])
+        for indices in bar:
+            batch = _batch(train_set, indices, pad_id, device)
+            loss = F.cross_entropy(_forward(model, batch, prefix), batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -146,7 +189,7 @@ def fit(
             samples += len(batch["labels"])
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         train_seconds += time.perf_counter() - started
-        val_loss, val_accuracy = evaluate(model, val_loader, device)
+        val_loss, val_accuracy = evaluate(model, val_set, pad_id, device, prefix)
         stats = EpochStats(epoch, float(np.mean(losses)), val_loss, val_accuracy, time.perf_counter() - started)
         result.epochs.append(stats)
         if progress:
@@ -158,6 +201,8 @@ def fit(
             stale += 1
             if stale >= config.patience:
                 break
+    if prefix is not None:
+        prefix.close()
     assert best_state is not None
     model.load_state_dict(best_state, strict=False)
     model.eval()

@@ -111,7 +111,7 @@ def train(
     settings = load_settings()
     started = time.perf_counter()
     from exporters.build import build_and_publish
-    from exporters.gate import run_gate
+    from exporters.gate import GateRows, run_gate
     from exporters.quantize import Parity
     from trainer.data import concat
     from trainer.finetune import NothingToTrain, build_dataset, finetune
@@ -139,7 +139,7 @@ def train(
     live_classifier = OnnxTextClassifier.from_version(live, live_dir, "cpu")
 
     def gate(candidate: OnnxTextClassifier, parity: Parity) -> dict[str, object]:
-        return run_gate(candidate, live_classifier, data.new_val, data.holdout, parity,
+        return run_gate(candidate, live_classifier, GateRows(data.new_val, data.holdout, data.known_labels), parity,
                         settings.export.min_argmax_agreement, settings.gate)
 
     ratio = settings.train.replay_ratio if replay_ratio is None else replay_ratio
@@ -157,7 +157,8 @@ def train(
         registry, result.model, load_tokenizer(base), live.labels, base, concat([data.val, data.holdout]), settings,
         training,
         parent_version=live.version, progress=progress,
-        datasets={"train": data.train, "holdout": data.holdout, "new_val": data.new_val},
+        # The evaluation rows grow down the lineage: the next run's gate also sees this run's new rows.
+        datasets={"train": data.train, "holdout": concat([data.holdout, data.new_val]), "new_val": data.new_val},
         gate=gate, reason=f"training run {run_id}" if run_id is not None else "tuneloop train",
         promote=not settings.rollout.stages,
     )

@@ -62,6 +62,10 @@ class TrainConfig(Section):
     replay_ratio: float = Field(
         1.0, ge=0, description="Replayed older rows per new feedback row, against forgetting (0: feedback only)."
     )
+    finetune_frozen_layers: int = Field(
+        4, ge=0, description="`tuneloop train`: lower encoder layers kept frozen, their output computed once per run; "
+        "the LoRA of the layers above and the head train (0: train every layer's LoRA).",
+    )
     warm_start: bool = Field(True, description="Continue the live version's adapter; false starts a fresh one.")
     min_feedback_rows: int = Field(20, ge=1, description="`tuneloop train` refuses to run on fewer new labelled rows.")
 
@@ -69,13 +73,26 @@ class TrainConfig(Section):
 class GateConfig(Section):
     min_new_accuracy: float = Field(0.5, ge=0, le=1, description="(a) Floor on accuracy on the new data's validation rows.")
     max_regression: float = Field(
-        0.02, ge=0, le=1, description="(b) The candidate may trail the live model on the same new rows by at most this."
+        0.02, ge=0, le=1, description="(b, d) The candidate fails when it trails the live model on the same rows by more "
+        "than this and significantly (alpha): on the new rows, and on every evaluation row.",
     )
     max_forgetting: float = Field(
-        0.05, ge=0, le=1, description="(c) Accuracy on the original data's holdout may fall at most this far below live."
+        0.02, ge=0, le=1, description="(c) The same, on rows of the labels the live model was trained on, both models "
+        "choosing only among those labels.",
+    )
+    max_expansion_cost: float = Field(
+        0.1, ge=0, le=1, description="(c') When new labels arrive: how far accuracy on rows of the known labels may fall "
+        "(now choosing among all labels) before the candidate fails, if significantly. A retrain from scratch on all "
+        "the data pays a few points there; a candidate that forgot the known labels pays tens.",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="A comparison fails only when the candidate is worse at this significance "
+        "(exact McNemar test on the paired rows).",
     )
     max_latency_increase: float = Field(
-        0.5, ge=0, description="(e) Median single-text latency may exceed the live model's by at most this fraction."
+        1.5, ge=0, description="(f) Median single-text latency may exceed the live model's by at most this fraction: a "
+        "guard against a broken export, not a speed target (int8 recipes set the speed; a slower recipe that knows the "
+        "new labels serves users better than a fast model that does not).",
     )
 
 
