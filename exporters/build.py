@@ -50,12 +50,14 @@ def build_and_publish(
     gate: Gate | None = None,
     reason: str | None = None,
     promote: bool = True,
+    reference_rows: LabelledTexts | None = None,
 ) -> Manifest:
     """Publish the model as the next version; raises (publishing nothing) if no quantization reaches parity.
 
     Without a gate the version is promoted (bootstrap). With one, it is promoted only when the
     gate passes (and `promote` holds: a rollout starts from it instead); otherwise it is kept, marked
-    rejected with the gate's figures, and never served. `datasets` are stored with the version as CSV (`data/<name>.csv`): what it was trained on is
+    rejected with the gate's figures, and never served. `val` are the parity rows; the drift reference is
+    captured on `reference_rows` (default: `val`), rows training never saw. `datasets` are stored with the version as CSV (`data/<name>.csv`): what it was trained on is
     the next run's replay pool, and the original data's holdout travels down the lineage.
     """
     max_length = settings.model.max_seq_length
@@ -113,9 +115,9 @@ def build_and_publish(
             keep_best=gate is not None,
         )
         candidate = int8_classifier(stage / "model.onnx", recipe)  # a fresh session on the staged files
-        served = candidate.predict(val.texts)
-        onnx_logits = served.logits
-        Reference.from_scores(served, val.labels, labels).save(stage / REFERENCE_FILE)
+        onnx_logits = candidate.predict(val.texts).logits
+        reference = reference_rows if reference_rows is not None else val
+        Reference.from_scores(candidate.predict(reference.texts), reference.labels, labels).save(stage / REFERENCE_FILE)
         verdict = gate(candidate, parity) if gate is not None else None
         step(STEPS[4])
 

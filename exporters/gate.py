@@ -42,7 +42,7 @@ from tuneloop.inference import OnnxTextClassifier
 
 @dataclass(frozen=True)
 class GateRows:
-    new_val: LabelledTexts  # the new feedback's validation rows
+    new_rows: LabelledTexts  # the new feedback's holdout rows (never trained on)
     holdout: LabelledTexts  # evaluation rows handed down the lineage (original holdout + earlier runs' new rows)
     known_labels: list[str]  # the labels the live version was trained on
 
@@ -90,14 +90,14 @@ def run_gate(
     """Every check's verdict and figures; `passed` only when all pass. Without a live model, the comparisons
     have nothing to compare with and pass on the candidate's own figures."""
     checks: dict[str, dict[str, Any]] = {}
-    new = accuracy(candidate, rows.new_val)
+    new = accuracy(candidate, rows.new_rows)
     checks["new_data_accuracy"] = new | {"floor": config.min_new_accuracy,
                                          "passed": new["accuracy"] >= config.min_new_accuracy}
-    everything = concat([rows.new_val, rows.holdout])
+    everything = concat([rows.new_rows, rows.holdout])
     labels = candidate.labels
     scores = candidate.predict(everything.texts).probabilities
     live_scores = live.predict(everything.texts).probabilities if live else scores
-    n_new = len(rows.new_val)
+    n_new = len(rows.new_rows)
     known = [i for i, label in enumerate(everything.labels) if label in set(rows.known_labels)]
 
     def compare(name: str, indices: list[int], tolerance: float, allowed: list[str] | None = None) -> None:

@@ -255,7 +255,8 @@ class Controller:
             decision = self.policy.on_window(version, report.drifted(self.settings.trigger.signals), state)
             self.metrics.consecutive.labels(str(version)).set(self.policy.consecutive(version))
             self._act(decision, state)
-        if self.settings.trigger.schedule_interval_s:  # the state costs three queries; skip it while off
+        # The state costs a few queries: only while a drift run waits for feedback to pause, or a schedule is on.
+        if self.policy.armed or self.settings.trigger.schedule_interval_s:
             state = self._trigger_state()
             scheduled = self.policy.on_tick(state)
             if scheduled is not None:
@@ -290,6 +291,7 @@ class Controller:
             runs_last_day=self.state.runs_since(now - DAY_S),
             run_in_progress=self.launcher.in_progress,
             rollout_in_progress=self.registry.rollout() is not None,
+            last_row_stored=datetime.fromisoformat(newest).timestamp() if (newest := self.store.last_stored_at()) else None,
         )
 
     def _act(self, decision: Decision, state: TriggerState) -> int | None:

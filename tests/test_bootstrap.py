@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from tests.conftest import imdb_parts, run_cli, tuneloop_env
-from trainer.data import LabelledTexts, load_csv, split
+from trainer.data import LabelledTexts, concat, load_csv, split3
 from trainer.model import load_adapted, load_tokenizer, predict, resolve_base
 from tuneloop.config import Settings
 from tuneloop.inference import OnnxTextClassifier
@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 @functools.cache
 def validation_split() -> LabelledTexts:
     settings = Settings()
-    return split(load_csv(imdb_parts()[0]), settings.train.val_fraction, settings.train.seed)[1]
+    _, val, holdout = split3(load_csv(imdb_parts()[0]), settings.train.val_fraction, settings.train.holdout_fraction,
+                             settings.train.seed)
+    return concat([val, holdout])  # the rows bootstrap checks parity on
 
 
 @pytest.fixture(scope="module")

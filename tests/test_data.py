@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.data import DataError, label_set, load_csv, split
+from trainer.data import DataError, LabelledTexts, label_set, load_csv, split, split3
 from tests.conftest import IMDB
 
 
@@ -58,3 +58,13 @@ def test_non_utf8_and_missing_files_are_refused(tmp_path: Path) -> None:
         load_csv(path)
     with pytest.raises(DataError, match="no such file"):
         load_csv(tmp_path / "absent.csv")
+
+
+def test_three_way_split_is_disjoint_stratified_and_deterministic() -> None:
+    data = LabelledTexts([f"t{i}" for i in range(200)], ["a", "b"] * 100)
+    train, val, holdout = split3(data, 0.1, 0.1, seed=13)
+    assert (len(train), len(val), len(holdout)) == (160, 20, 20)
+    assert not (set(train.texts) & set(val.texts)) and not (set(train.texts) & set(holdout.texts))
+    assert not (set(val.texts) & set(holdout.texts))
+    assert holdout.labels.count("a") == 10
+    assert split3(data, 0.1, 0.1, seed=13)[2].texts == holdout.texts

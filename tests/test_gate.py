@@ -41,7 +41,7 @@ def rows(prefix: str, labels: list[str], per_label: int) -> LabelledTexts:
 
 NEW = rows("new", ["c", "d"], 50)
 OLD = rows("old", ["a", "b"], 100)
-GATE_ROWS = GateRows(new_val=NEW, holdout=OLD, known_labels=["a", "b"])
+GATE_ROWS = GateRows(new_rows=NEW, holdout=OLD, known_labels=["a", "b"])
 
 
 def truthful(data: LabelledTexts, wrong: int = 0, answer: str | None = None) -> dict[str, str]:

@@ -80,3 +80,43 @@ def test_manual_request_bypasses_cooldown_and_row_minimum_but_not_a_running_run(
     assert policy.on_manual(busy, "operator").fired
     refused = policy.on_manual(replace(busy, run_in_progress=True), "operator")
     assert (refused.outcome, refused.reason, refused.source) == ("suppressed", "run_in_progress", "manual")
+
+
+def test_a_drift_run_waits_for_a_burst_of_labels_to_pause_then_starts_on_the_tick() -> None:
+    policy = TriggerPolicy(CONFIG, started_at=0)  # feedback_quiet_s 10, max_feedback_wait_s 120
+    arriving = replace(IDLE, now=1000.0, last_row_stored=999.0)
+    for _ in range(2):
+        policy.on_window(1, ["embedding_mmd"], arriving)
+    waiting = policy.on_window(1, ["embedding_mmd"], arriving)
+    assert (waiting.outcome, waiting.reason) == ("suppressed", "feedback_arriving") and policy.armed
+    assert policy.on_tick(replace(arriving, now=1005.0)) is None  # the last row is 6 s old
+    fired = policy.on_tick(replace(arriving, now=1009.5, last_row_stored=1004.0, new_rows=400))
+    assert fired is None or not fired.fired  # a new row 5.5 s ago: still arriving
+    started = policy.on_tick(replace(arriving, now=1015.0, last_row_stored=1004.0, new_rows=400))
+    assert started is not None and started.fired and started.source == "drift" and "400 new labelled rows" in started.detail
+    assert not policy.armed and policy.consecutive(1) == 0
+
+
+def test_a_steady_trickle_of_labels_holds_a_run_off_only_up_to_the_limit() -> None:
+    policy = TriggerPolicy(CONFIG, started_at=0)
+    for _ in range(3):
+        policy.on_window(1, ["confidence_ks"], replace(IDLE, now=1000.0, last_row_stored=1000.0))
+    assert policy.on_tick(replace(IDLE, now=1100.0, last_row_stored=1099.0)) is None
+    late = policy.on_tick(replace(IDLE, now=1121.0, last_row_stored=1120.0))
+    assert late is not None and late.fired
+
+
+def test_a_waiting_run_is_dropped_when_something_else_blocks_it() -> None:
+    policy = TriggerPolicy(CONFIG, started_at=0)
+    for _ in range(3):
+        policy.on_window(1, ["confidence_ks"], replace(IDLE, now=1000.0, last_row_stored=1000.0))
+    dropped = policy.on_tick(replace(IDLE, now=1001.0, last_row_stored=1000.0, run_in_progress=True))
+    assert dropped is not None and (dropped.outcome, dropped.reason) == ("suppressed", "run_in_progress")
+    assert not policy.armed
+
+
+def test_no_quiet_period_starts_at_once() -> None:
+    policy = TriggerPolicy(CONFIG.model_copy(update={"feedback_quiet_s": 0}), started_at=0)
+    decisions = [policy.on_window(1, ["confidence_ks"], replace(IDLE, now=1000.0, last_row_stored=1000.0))
+                 for _ in range(3)]
+    assert decisions[-1].fired

@@ -90,3 +90,14 @@ def split(data: LabelledTexts, val_fraction: float, seed: int) -> tuple[Labelled
     stratify = data.labels if min(counts.values()) >= 2 else None
     train_idx, val_idx = train_test_split(indices, test_size=val_fraction, random_state=seed, stratify=stratify)
     return data.subset(sorted(train_idx)), data.subset(sorted(val_idx))
+
+
+def split3(data: LabelledTexts, val_fraction: float, holdout_fraction: float, seed: int
+           ) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
+    """Train, validation (early stopping) and holdout rows, each a fraction of the whole; stratified, deterministic.
+
+    The holdout is never trained on nor used to stop training: the gate judges on it and the drift
+    reference is captured on it, so neither is flattered by rows the model was fitted or selected on."""
+    rest, holdout = split(data, holdout_fraction, seed)
+    train, val = split(rest, val_fraction / (1 - holdout_fraction), seed)
+    return train, val, holdout

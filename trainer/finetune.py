@@ -18,7 +18,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from trainer.data import LabelledTexts, concat, load_csv, split
+from trainer.data import LabelledTexts, concat, load_csv, split, split3
 from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
 from trainer.train import TrainResult, fit
 from tuneloop.config import Settings
@@ -35,7 +35,7 @@ class FinetuneData:
     train: LabelledTexts
     val: LabelledTexts
     new_train: int
-    new_val: LabelledTexts  # the new rows' validation split: gate checks (a) and (b)
+    new_holdout: LabelledTexts  # new rows never trained on nor used to stop training: the gate's new rows
     replayed: int
     holdout: LabelledTexts  # evaluation rows handed down the lineage: the original holdout plus earlier runs' new rows
     known_labels: list[str]  # the labels the live version was trained on: the gate's forgetting check
@@ -74,7 +74,7 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
         )
     new = LabelledTexts([str(r["text"]) for r in rows], [str(r["label"]) for r in rows], {"feedback_rows": len(rows)})
     seed, fraction = settings.train.seed, settings.train.val_fraction
-    new_train, new_val = split(new, fraction, seed)
+    new_train, new_val, new_holdout = split3(new, fraction, settings.train.holdout_fraction, seed)
     ratio = settings.train.replay_ratio if replay_ratio is None else replay_ratio
     pool_path = live_dir / "data" / "train.csv"
     parts_train, parts_val, replayed = [new_train], [new_val], 0
@@ -89,7 +89,7 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
     if not holdout_path.is_file():
         raise NothingToTrain(f"v{live.version} carries no original-data holdout ({holdout_path}); the gate needs one")
     return FinetuneData(
-        train=concat(parts_train), val=concat(parts_val), new_train=len(new_train), new_val=new_val,
+        train=concat(parts_train), val=concat(parts_val), new_train=len(new_train), new_holdout=new_holdout,
         replayed=replayed, holdout=load_csv(holdout_path),
         known_labels=[label for label in live.labels if pool is None or label in set(pool.labels)],
     )

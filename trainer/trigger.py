@@ -2,7 +2,8 @@
 
 A run starts when drift (or an accuracy drop) holds for K consecutive windows of one model
 version AND at least M labelled rows arrived since the last run, outside the cooldown and
-under the daily cap; or when the schedule is due (with the same M, cap and no run going); or
+under the daily cap, once labelled feedback has paused (labels often come in bursts: a run
+started mid-burst would train on part of them and leave the rest to the next run, an hour later); or when the schedule is due (with the same M, cap and no run going); or
 by hand. Every decision, fired or suppressed, comes back with a reason for the log and a
 short reason code for the metrics.
 """
@@ -40,6 +41,7 @@ class TriggerState:
     runs_last_day: int
     run_in_progress: bool
     rollout_in_progress: bool = False  # a candidate in shadow or canary: the next run would start from a moving base
+    last_row_stored: float | None = None  # unix seconds of the newest labelled row
 
 
 class TriggerPolicy:
@@ -47,6 +49,12 @@ class TriggerPolicy:
         self.config = config
         self._consecutive: dict[int, int] = {}
         self._next_schedule_check = started_at + config.schedule_interval_s
+        self._armed: tuple[int, float] | None = None  # (version, since): drift called for a run, feedback still arriving
+
+    @property
+    def armed(self) -> bool:
+        """Drift called for a run that waits for labelled feedback to pause; `on_tick` starts it."""
+        return self._armed is not None
 
     def consecutive(self, version: int) -> int:
         return self._consecutive.get(version, 0)
@@ -66,11 +74,33 @@ class TriggerPolicy:
         blocked = self._blocked(state, cooldown=True)
         if blocked:
             return Decision("suppressed", blocked[0], f"{what}; not starting a run: {blocked[1]}")
+        if self._armed is None:
+            self._armed = (version, state.now)
+        return self._fire_when_quiet(state, what)
+
+    def _fire_when_quiet(self, state: TriggerState, what: str) -> Decision:
+        assert self._armed is not None
+        version, since = self._armed
+        quiet = self.config.feedback_quiet_s
+        arriving = state.last_row_stored is not None and state.now - state.last_row_stored < quiet
+        if arriving and state.now - since < self.config.max_feedback_wait_s:
+            return Decision("suppressed", "feedback_arriving",
+                            f"{what}; waiting until no labelled row has arrived for {quiet:g} s")
+        self._armed = None
         self._consecutive[version] = 0
         return Decision("fired", "drift_sustained", f"{what}; {state.new_rows} new labelled rows")
 
     def on_tick(self, state: TriggerState) -> Decision | None:
-        """The periodic schedule; None while it is off or not due."""
+        """A drift-started run waiting for feedback to pause, then the periodic schedule; None when nothing is due."""
+        if self._armed is not None:
+            version = self._armed[0]
+            blocked = self._blocked(state, cooldown=True)
+            if blocked:
+                self._armed = None
+                return Decision("suppressed", blocked[0], f"v{version}: drift held; not starting a run: {blocked[1]}")
+            decision = self._fire_when_quiet(state, f"v{version}: drift held")
+            if decision.fired:
+                return decision
         interval = self.config.schedule_interval_s
         if not interval:
             return None

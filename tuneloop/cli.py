@@ -53,10 +53,11 @@ def bootstrap(
     except datasets.DataError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    train_rows, val_rows = datasets.split(rows, settings.train.val_fraction, settings.train.seed)
+    train_rows, val_rows, holdout = datasets.split3(
+        rows, settings.train.val_fraction, settings.train.holdout_fraction, settings.train.seed)
     base = resolve_base(settings.model)
     console.print(
-        f"bootstrap: {len(train_rows)} train / {len(val_rows)} validation rows, "
+        f"bootstrap: {len(train_rows)} train / {len(val_rows)} validation / {len(holdout)} holdout rows, "
         f"{len(label_names)} labels, base {base.model_id}"
     )
     tokenizer = load_tokenizer(base)
@@ -65,6 +66,7 @@ def bootstrap(
     training = rows.source | {
         "split_seed": settings.train.seed,
         "val_fraction": settings.train.val_fraction,
+        "holdout_fraction": settings.train.holdout_fraction,
         "train_rows": len(train_rows),
         "device": result.device,
         "epochs_run": len(result.epochs),
@@ -73,8 +75,8 @@ def bootstrap(
         "lora": settings.train.model_dump(include={"lora_r", "lora_alpha", "lora_dropout", "target_modules"}),
     }
     manifest = build_and_publish(
-        registry, result.model, tokenizer, label_names, base, val_rows, settings, training, progress=progress,
-        datasets={"train": train_rows, "holdout": val_rows},
+        registry, result.model, tokenizer, label_names, base, datasets.concat([val_rows, holdout]), settings, training,
+        reference_rows=holdout, progress=progress, datasets={"train": train_rows, "holdout": holdout},
     )
     table = Table(title=f"published v{manifest.version} to {registry.root}", show_header=False)
     parity = manifest.metrics["parity"]
@@ -110,6 +112,7 @@ def train(
     """
     settings = load_settings()
     started = time.perf_counter()
+    os.nice(settings.train.niceness)  # serving on this host comes first
     from exporters.build import build_and_publish
     from exporters.gate import GateRows, run_gate
     from exporters.quantize import Parity
@@ -139,26 +142,25 @@ def train(
     live_classifier = OnnxTextClassifier.from_version(live, live_dir, "cpu")
 
     def gate(candidate: OnnxTextClassifier, parity: Parity) -> dict[str, object]:
-        return run_gate(candidate, live_classifier, GateRows(data.new_val, data.holdout, data.known_labels), parity,
+        return run_gate(candidate, live_classifier, GateRows(data.new_holdout, data.holdout, data.known_labels), parity,
                         settings.export.min_argmax_agreement, settings.gate)
 
     ratio = settings.train.replay_ratio if replay_ratio is None else replay_ratio
+    evaluation = concat([data.holdout, data.new_holdout])
     training = {
         "run_id": run_id, "feedback_since": live.created_at, "new_train_rows": data.new_train,
-        "new_val_rows": len(data.new_val), "replayed_rows": data.replayed, "replay_ratio": ratio,
+        "new_holdout_rows": len(data.new_holdout), "replayed_rows": data.replayed, "replay_ratio": ratio,
         "warm_start": settings.train.warm_start, "learning_rate": settings.train.finetune_learning_rate,
         "split_seed": settings.train.seed, "device": result.device, "epochs_run": len(result.epochs),
         "best_epoch": result.best_epoch, "train_samples_per_second": round(result.train_samples_per_second, 1),
     }
     base = resolve_base(settings.model)
     manifest = build_and_publish(
-        # Parity and the new drift reference use validation and original holdout together: more rows
-        # (450 against 180 in the CI scenario) and the old domains the model must still serve.
-        registry, result.model, load_tokenizer(base), live.labels, base, concat([data.val, data.holdout]), settings,
-        training,
-        parent_version=live.version, progress=progress,
-        # The evaluation rows grow down the lineage: the next run's gate also sees this run's new rows.
-        datasets={"train": data.train, "holdout": concat([data.holdout, data.new_val]), "new_val": data.new_val},
+        # Parity on every row at hand; the drift reference on the rows training never saw, which grow down
+        # the lineage: the next run's gate and reference also see this run's new holdout rows.
+        registry, result.model, load_tokenizer(base), live.labels, base, concat([data.val, evaluation]), settings,
+        training, reference_rows=evaluation, parent_version=live.version, progress=progress,
+        datasets={"train": data.train, "holdout": evaluation},
         gate=gate, reason=f"training run {run_id}" if run_id is not None else "tuneloop train",
         promote=not settings.rollout.stages,
     )

@@ -53,7 +53,11 @@ class TrainConfig(Section):
     batch_size: int = Field(16, ge=1)
     max_epochs: int = Field(8, ge=1)
     patience: int = Field(2, ge=1, description="Epochs without validation-loss improvement before stopping.")
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of the rows that decides early stopping.")
+    holdout_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of the rows never trained on nor used to stop training: the gate "
+        "judges on them and the drift reference is captured on them.",
+    )
     seed: int = 13
     device: Literal["auto", "cpu", "cuda"] = "auto"
     finetune_learning_rate: float = Field(
@@ -65,6 +69,10 @@ class TrainConfig(Section):
     finetune_frozen_layers: int = Field(
         4, ge=0, description="`tuneloop train`: lower encoder layers kept frozen, their output computed once per run; "
         "the LoRA of the layers above and the head train (0: train every layer's LoRA).",
+    )
+    niceness: int = Field(
+        10, ge=0, le=19, description="`tuneloop train` lowers its CPU priority by this much (nice), so that serving on "
+        "the same host keeps its latency while a run trains.",
     )
     warm_start: bool = Field(True, description="Continue the live version's adapter; false starts a fresh one.")
     min_feedback_rows: int = Field(20, ge=1, description="`tuneloop train` refuses to run on fewer new labelled rows.")
@@ -217,6 +225,14 @@ class TriggerConfig(Section):
     consecutive_windows: int = Field(3, ge=1, description="K: windows in a row with drift before a run starts.")
     min_new_rows: int = Field(200, ge=0, description="M: labelled rows stored since the last run, needed to start one.")
     cooldown_s: float = Field(3600, ge=0, description="After a run starts, drift starts no other for this long.")
+    feedback_quiet_s: float = Field(
+        10, ge=0, description="A drift-started run waits until no labelled row has arrived for this long, so that a "
+        "burst of labels is trained on whole (0: start at once).",
+    )
+    max_feedback_wait_s: float = Field(
+        120, ge=0, description="...but never longer than this after drift first called for it (a steady trickle of "
+        "labels must not hold training off).",
+    )
     max_runs_per_day: int = Field(6, ge=1, description="Runs started in any 24 hours, drift and schedule together.")
     schedule_interval_s: float = Field(0, ge=0, description="Start a run this long after the last one (0: no schedule).")
     signals: list[str] = Field(

@@ -159,6 +159,10 @@ class FeedbackStore:
             return self.count("feedback")
         return self._db.execute("SELECT COUNT(*) FROM feedback WHERE stored_at > ?", (stored_at,)).fetchone()[0]
 
+    def last_stored_at(self) -> str | None:
+        """When the newest feedback row was stored (ISO), or None for an empty store."""
+        return self._db.execute("SELECT MAX(stored_at) FROM feedback").fetchone()[0]
+
     def labelled_since(self, model_version: int, stored_after: str) -> list[tuple[str, str]]:
         """The labelled pairs of a version stored after an ISO time."""
         return self._db.execute(self._LABELLED + "AND stored_at > ?", (model_version, stored_after)).fetchall()
