@@ -447,7 +447,7 @@ def run_scenario(name: str, seed: int, workdir: Path, quick: bool, trigger_wait_
     served_version = candidates[0] if candidates else None
     manifest = registry.manifest(served_version) if served_version else None
     training = manifest.training_data if manifest else {}
-    trained_rows = training.get("new_train_rows", 0) + training.get("new_val_rows", 0) if manifest else None
+    trained_rows = training.get("feedback_rows") if manifest else None
     store = directory / "feedback.db"
     feedback = trained_feedback(store, v1_manifest.created_at, trained_rows, run["started_unix"] if run else None)
     run_start = run["started_unix"] if run else None

@@ -34,6 +34,7 @@ class NothingToTrain(RuntimeError):
 class FinetuneData:
     train: LabelledTexts
     val: LabelledTexts
+    feedback_rows: int  # new rows in all: train, validation and holdout
     new_train: int
     new_holdout: LabelledTexts  # new rows never trained on nor used to stop training: the gate's new rows
     replayed: int
@@ -89,7 +90,7 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
     if not holdout_path.is_file():
         raise NothingToTrain(f"v{live.version} carries no original-data holdout ({holdout_path}); the gate needs one")
     return FinetuneData(
-        train=concat(parts_train), val=concat(parts_val), new_train=len(new_train), new_holdout=new_holdout,
+        train=concat(parts_train), val=concat(parts_val), feedback_rows=len(new), new_train=len(new_train), new_holdout=new_holdout,
         replayed=replayed, holdout=load_csv(holdout_path),
         known_labels=[label for label in live.labels if pool is None or label in set(pool.labels)],
     )

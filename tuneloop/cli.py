@@ -148,7 +148,8 @@ def train(
     ratio = settings.train.replay_ratio if replay_ratio is None else replay_ratio
     evaluation = concat([data.holdout, data.new_holdout])
     training = {
-        "run_id": run_id, "feedback_since": live.created_at, "new_train_rows": data.new_train,
+        "run_id": run_id, "feedback_since": live.created_at, "feedback_rows": data.feedback_rows,
+        "new_train_rows": data.new_train,
         "new_holdout_rows": len(data.new_holdout), "replayed_rows": data.replayed, "replay_ratio": ratio,
         "warm_start": settings.train.warm_start, "learning_rate": settings.train.finetune_learning_rate,
         "split_seed": settings.train.seed, "device": result.device, "epochs_run": len(result.epochs),
