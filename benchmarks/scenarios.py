@@ -78,7 +78,7 @@ BIN = Path(sys.executable).parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_SCENARIOS = "clinc:1,clinc:2,clinc:3,clinc:4,clinc:5,banking77:1,sentiment:1"
 CONSTRUCTORS = {"clinc": scenarios.clinc, "banking77": scenarios.banking77, "sentiment": scenarios.sentiment}
-QUICK_EPOCHS = 2
+QUICK_EPOCHS = 3  # the tests bootstrap their shared v1s with 3 epochs too (tests/conftest.py)
 LOAD_THREADS, LOAD_RATE_PER_THREAD = 2, 25.0
 OLD_ONLY_S = 20.0
 FEEDBACK_BATCH = 64  # serve.max_texts_per_request
@@ -106,10 +106,14 @@ def machine() -> dict[str, object]:
             "gpu": shutil.which("nvidia-smi") is not None}
 
 
-def parse_scenarios(text: str) -> list[tuple[str, int]]:
-    chosen = []
+def parse_scenarios(text: str) -> list[tuple[str, int | None]]:
+    """NAME:SEED items; `clinc:ref` is the reference CLINC150 draw (the tests' and the demo's)."""
+    chosen: list[tuple[str, int | None]] = []
     for item in text.split(","):
         name, _, seed = item.strip().partition(":")
+        if (name, seed) == ("clinc", "ref"):
+            chosen.append((name, None))
+            continue
         if name not in CONSTRUCTORS or not seed.lstrip("-").isdigit():
             raise SystemExit(f"--scenarios: {item!r} is not NAME:SEED with NAME one of {sorted(CONSTRUCTORS)}")
         chosen.append((name, int(seed)))
@@ -389,10 +393,10 @@ def quantization(manifest) -> dict[str, object]:
 
 # --- one scenario ----------------------------------------------------------------------------------
 
-def run_scenario(name: str, seed: int, workdir: Path, quick: bool, trigger_wait_s: float, run_wait_s: float
-                 ) -> dict[str, object]:
+def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigger_wait_s: float, run_wait_s: float,
+                 v1_registry: Path | None = None) -> dict[str, object]:
     sc = CONSTRUCTORS[name](seed)
-    directory = workdir / f"{name}-{seed}"
+    directory = workdir / f"{name}-{'ref' if seed is None else seed}"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     started = time.time()
@@ -402,13 +406,18 @@ def run_scenario(name: str, seed: int, workdir: Path, quick: bool, trigger_wait_
     say(f"bootstrapping v1 on {len(sc.bootstrap)} rows, {len(sc.labels)} labels declared ({sc.name})")
     service_port, controller_port = free_port(), free_port()
     env = env_for(directory, quick, controller_port)
-    data = write_csv(directory / "bootstrap.csv", sc.bootstrap)
-    tuneloop(["bootstrap", "--data", str(data), "--labels", ",".join(sc.labels), "--no-progress"], env,
-             directory / "bootstrap.log")
     registry_path = directory / "registry"
+    if v1_registry is not None:  # a v1 bootstrapped on this scenario's rows already (the tests share theirs)
+        shutil.copytree(v1_registry, registry_path)
+    else:
+        data = write_csv(directory / "bootstrap.csv", sc.bootstrap)
+        tuneloop(["bootstrap", "--data", str(data), "--labels", ",".join(sc.labels), "--no-progress"], env,
+                 directory / "bootstrap.log")
     registry = Registry(registry_path)
     v1 = registry.current_version()
     v1_manifest = registry.manifest(v1)
+    if v1_manifest.labels != sc.labels:
+        raise SystemExit(f"{registry_path}: v{v1} declares other labels than the scenario {sc.name}")
     shutil.copytree(registry_path, directory / "registry-v1")  # for the no-replay ablation
     state = ControllerState(directory / "feedback.db")
 
@@ -625,14 +634,18 @@ def main() -> None:
     parser.add_argument("--trigger-wait", type=float, default=300, help="seconds after the shift for a run to start")
     parser.add_argument("--run-wait", type=float, default=900,
                         help="seconds after the run starts for every replica to serve its version")
+    parser.add_argument("--v1-registry", type=Path, default=None,
+                        help="a registry whose v1 was bootstrapped on the (single) scenario's rows: copied, not rebuilt")
     args = parser.parse_args()
     chosen = parse_scenarios(args.scenarios)
+    if args.v1_registry is not None and len(chosen) != 1:
+        raise SystemExit("--v1-registry serves one scenario; name exactly one in --scenarios")
     workdir = args.workdir.resolve()
     plot_path = args.out.with_suffix(".png")
     results = []
     for name, seed in chosen:
         try:
-            result = run_scenario(name, seed, workdir, args.quick, args.trigger_wait, args.run_wait)
+            result = run_scenario(name, seed, workdir, args.quick, args.trigger_wait, args.run_wait, args.v1_registry)
         except Exception as exc:  # one broken scenario must not cost the others
             traceback.print_exc()
             result = {"scenario": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}"[-3000:],
