@@ -1,9 +1,10 @@
-"""Quantization benchmark: argmax parity and single-text latency of each int8 recipe on a registry version.
+"""Quantization benchmark: argmax parity, build time, size and single-text latency of each int8 recipe.
 
 Rebuilds the version's fp32 ONNX graph from its stored adapter (merge -> export -> optimize), scores
 its validation rows (`data/holdout.csv`, plus `data/new_val.csv` for a fine-tuned version) with
-PyTorch, then quantizes with every recipe of `exporters.quantize` and reports agreement with PyTorch
-and the median single-text latency of a fresh ONNX Runtime session (one thread).
+PyTorch, then quantizes with every recipe of `exporters.quantize` (the calibrated one on a sample of
+the version's training rows, `data/train.csv`, as the exporter does) and reports agreement with
+PyTorch and the median single-text latency of a fresh ONNX Runtime session (one thread).
 
     .venv/bin/python benchmarks/quantization.py --registry var/bench-loop/registry --version 2
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from exporters import onnx_export  # noqa: E402
+from exporters.calibrated_int8 import Calibration, calibration_sample  # noqa: E402
 from exporters.quantize import RECIPES, parity, quantize  # noqa: E402
 from trainer.data import concat, load_csv  # noqa: E402
 from trainer.model import load_adapted, load_tokenizer, predict, resolve_base  # noqa: E402
@@ -72,14 +74,18 @@ def main() -> None:
         import onnx
 
         graph = onnx.load(str(optimized), load_external_data=False).graph
+        calibration = Calibration(calibration_sample(load_csv(directory / "data" / "train.csv").texts),
+                                  directory / "tokenizer.json", max_length)
         for recipe in RECIPES:
             target = work_dir / f"{recipe.name}.onnx"
-            quantize(optimized, target, recipe, graph)
+            started = time.perf_counter()
+            quantize(optimized, target, recipe, graph, calibration)
+            build_seconds = round(time.perf_counter() - started, 2)
             classifier = OnnxTextClassifier(target, directory / "tokenizer.json", manifest.labels, max_length,
                                             manifest.export["pad_token"], intra_op_threads=1,
                                             max_rows_per_run=recipe.max_rows_per_run)
             agreement = parity(reference, classifier.predict(rows.texts).logits)
-            results.append({"recipe": recipe.name, "rows": agreement.rows,
+            results.append({"recipe": recipe.name, "rows": agreement.rows, "build_seconds": build_seconds,
                             "argmax_agreement": round(agreement.argmax_agreement, 4),
                             "max_abs_logit_diff": round(agreement.max_abs_logit_diff, 3),
                             "median_single_text_ms": median_latency_ms(classifier, rows.texts),

@@ -365,13 +365,8 @@ def failing_checks(gate: dict) -> list[str]:
     return [name for name, check in gate.get("checks", {}).items() if not check.get("passed")]
 
 
-def recipe_index(recipe: str | None) -> int:
-    names = [r.name for r in RECIPES]
-    return names.index(recipe) if recipe in names else -1
-
-
 def fallback(recipe: str | None) -> bool | None:
-    """Whether the exporter had to fall back from the first (full int8) recipe."""
+    """Whether the exporter had to fall back from the first (calibrated static int8) recipe."""
     return None if recipe is None else recipe != RECIPES[0].name
 
 
@@ -382,11 +377,12 @@ def quantization(manifest) -> dict[str, object]:
     return {
         "recipe": recipe,
         "fallback": fallback(recipe),
-        "fp32_parts": recipe_index(recipe) >= 2,  # recipes from the third on keep the head (and more) in fp32
+        # the dynamic fallbacks that keep the head (and more) in fp32
+        "fp32_parts": any(r.name == recipe and not r.calibrated and (r.fp32_head or r.fp32_patterns) for r in RECIPES),
         "agreement": manifest.metrics.get("parity", {}).get("argmax_agreement"),
         "latency_ratio": round(candidate / live, 3) if candidate and live else None,
         "candidate_median_ms": candidate, "live_median_ms": live,
-        "attempts": [(a["recipe"], a["parity"]["argmax_agreement"])
+        "attempts": [(a["recipe"], a["parity"]["argmax_agreement"] if a.get("parity") else a.get("error"))
                      for a in manifest.export.get("quantization_attempts", [])],
     }
 

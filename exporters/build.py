@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from exporters import onnx_export
+from exporters.calibrated_int8 import Calibration, calibration_sample
 from exporters.quantize import Parity, Recipe, attempts_as_dicts, quantize_until_parity
 from trainer.data import LabelledTexts, write_csv
 from trainer.model import BaseEncoder, predict, weights_digest
@@ -51,6 +52,7 @@ def build_and_publish(
     reason: str | None = None,
     promote: bool = True,
     reference_rows: LabelledTexts | None = None,
+    calibration_texts: Sequence[str] = (),
 ) -> Manifest:
     """Publish the model as the next version; raises (publishing nothing) if no quantization reaches parity.
 
@@ -59,6 +61,8 @@ def build_and_publish(
     rejected with the gate's figures, and never served. `val` are the parity rows; the drift reference is
     captured on `reference_rows` (default: `val`), rows training never saw. `datasets` are stored with the version as CSV (`data/<name>.csv`): what it was trained on is
     the next run's replay pool, and the original data's holdout travels down the lineage.
+    `calibration_texts` (training rows; up to 200 are sampled) calibrate the static int8 recipe;
+    without them it is skipped.
     """
     max_length = settings.model.max_seq_length
     encoder_config = model.get_base_model().encoder.config
@@ -110,9 +114,10 @@ def build_and_publish(
         def int8_logits(path: Path, recipe: Recipe) -> np.ndarray:
             return int8_classifier(path, recipe).predict(val.texts).logits
 
+        calibration = Calibration(calibration_sample(calibration_texts), stage / "tokenizer.json", max_length)
         recipe, parity, attempts = quantize_until_parity(
             optimized_path, stage / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement,
-            keep_best=gate is not None,
+            keep_best=gate is not None, calibration=calibration,
         )
         candidate = int8_classifier(stage / "model.onnx", recipe)  # a fresh session on the staged files
         onnx_logits = candidate.predict(val.texts).logits

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
-from trainer.data import LabelledTexts, load_csv, split, write_csv
+from trainer.data import LabelledTexts, concat, load_csv, split, split3, write_csv
 from tuneloop.processes import free_port, stop_process_group, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,32 @@ def run_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.C
     if check and result.returncode != 0:
         raise AssertionError(f"tuneloop {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@functools.cache
+def validation_split() -> LabelledTexts:
+    """The rows bootstrap checks int8 parity on: its validation and holdout rows of imdb_parts()[0]."""
+    from tuneloop.config import Settings
+
+    settings = Settings()
+    _, val, holdout = split3(load_csv(imdb_parts()[0]), settings.train.val_fraction, settings.train.holdout_fraction,
+                             settings.train.seed)
+    return concat([val, holdout])
+
+
+@pytest.fixture(scope="session")
+def torch_reference(registry_path: Path) -> np.ndarray:
+    """Logits of the PyTorch model (base + v1's published adapter, unmerged) on validation_split()."""
+    from trainer.model import load_adapted, load_tokenizer, predict, resolve_base
+    from tuneloop.config import Settings
+    from tuneloop.registry import Registry
+
+    manifest, directory = Registry(registry_path).resolve()
+    settings = Settings()
+    base = resolve_base(settings.model)
+    model = load_adapted(base, directory / "adapter", len(manifest.labels), settings.model)
+    logits, _ = predict(model, load_tokenizer(base), validation_split().texts, settings.model.max_seq_length)
+    return logits
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import Server
-from tests.test_bootstrap import torch_reference, validation_split  # noqa: F401  (module fixture reused)
+from tests.conftest import Server, validation_split
 from tuneloop.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -49,7 +48,7 @@ def test_prediction_shape(service: Server) -> None:
 
 def test_http_predictions_agree_with_pytorch_and_clear_the_accuracy_floor(
     service: Server,
-    torch_reference: np.ndarray,  # noqa: F811
+    torch_reference: np.ndarray,
 ) -> None:
     val = validation_split()
     with service.client() as client:
@@ -74,7 +73,11 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answers(service: 
         with ThreadPoolExecutor(max_workers=32) as pool:
             together = dict(pool.map(one, texts))
         metrics = client.get("/metrics").text
-    assert together == alone  # same scores whoever shares the batch
+    # Same answer whoever shares the batch: static int8 scales fix each row's arithmetic; only the
+    # float sums' order may differ with the padded width.
+    for text in texts:
+        assert max(together[text], key=together[text].get) == max(alone[text], key=alone[text].get)
+        assert together[text] == pytest.approx(alone[text], abs=1e-4)
     batches = float(re.search(r"^tuneloop_inference_batch_texts_count (\S+)", metrics, re.M).group(1))
     texts_seen = float(re.search(r"^tuneloop_inference_batch_texts_sum (\S+)", metrics, re.M).group(1))
     assert texts_seen / batches > 1.0  # adaptive batching did merge requests

@@ -77,6 +77,7 @@ def bootstrap(
     manifest = build_and_publish(
         registry, result.model, tokenizer, label_names, base, datasets.concat([val_rows, holdout]), settings, training,
         reference_rows=holdout, progress=progress, datasets={"train": train_rows, "holdout": holdout},
+        calibration_texts=train_rows.texts,
     )
     table = Table(title=f"published v{manifest.version} to {registry.root}", show_header=False)
     parity = manifest.metrics["parity"]
@@ -163,7 +164,7 @@ def train(
         training, reference_rows=evaluation, parent_version=live.version, progress=progress,
         datasets={"train": data.train, "holdout": evaluation},
         gate=gate, reason=f"training run {run_id}" if run_id is not None else "tuneloop train",
-        promote=not settings.rollout.stages,
+        promote=not settings.rollout.stages, calibration_texts=data.train.texts,
     )
     accepted = manifest.status == "accepted"
     outcome = "REJECTED"
