@@ -61,7 +61,8 @@ class TrainConfig(Section):
     seed: int = 13
     device: Literal["auto", "cpu", "cuda"] = "auto"
     finetune_learning_rate: float = Field(
-        3e-4, gt=0, description="`tuneloop train` (fine-tuning on feedback): lower than bootstrap's, to keep what v1 knew."
+        1e-3, gt=0, description="`tuneloop train`: the adapter's learning rate (the head keeps learning_rate). With the "
+        "lower layers frozen and replay in every batch, the top layers learn at bootstrap's rate.",
     )
     replay_ratio: float = Field(
         1.0, ge=0, description="Replayed older rows per new feedback row, against forgetting (0: feedback only)."
