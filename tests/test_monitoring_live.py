@@ -136,9 +136,16 @@ def test_clinc_shift_fires_the_trigger_once_per_cooldown_and_drives_the_dashboar
 
         replay(client, new.texts, new.labels)
         wait_for(lambda: events_windowed(state) >= len(old) + len(new) - STEP, 120, "the new-domain windows")
+        # The run starts once the labelled feedback has paused (trigger.feedback_quiet_s), on the controller's tick.
+        wait_for(lambda: any(d["outcome"] == "fired" for d in state.decisions()), 60, "the trigger to fire")
         decisions = state.decisions()
         fired = [d for d in decisions if d["outcome"] == "fired"]
         assert len(fired) == 1 and fired[0]["source"] == "drift", decisions
+        # The shift goes on after the run started: the cooldown (or the run itself) holds off a second one.
+        replay(client, new.texts[:300], new.labels[:300])
+        wait_for(lambda: events_windowed(state) >= len(old) + len(new) + 300 - STEP, 120, "the later windows")
+        decisions = state.decisions()
+        assert [d["id"] for d in decisions if d["outcome"] == "fired"] == [fired[0]["id"]], decisions
         suppressed = [d["reason"] for d in decisions if d["outcome"] == "suppressed" and d["id"] > fired[0]["id"]]
         assert suppressed and set(suppressed) <= {"cooldown", "run_in_progress"}, decisions
         shifted = [w for w in state.windows() if w["events_seen"] > len(old) + WINDOW]
