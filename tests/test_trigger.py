@@ -120,3 +120,12 @@ def test_no_quiet_period_starts_at_once() -> None:
     decisions = [policy.on_window(1, ["confidence_ks"], replace(IDLE, now=1000.0, last_row_stored=1000.0))
                  for _ in range(3)]
     assert decisions[-1].fired
+
+
+def test_a_waiting_run_is_called_off_when_drift_stops() -> None:
+    policy = TriggerPolicy(CONFIG, started_at=0)
+    for _ in range(3):
+        policy.on_window(1, ["input_length_ks"], replace(IDLE, now=1000.0, last_row_stored=1000.0))
+    assert policy.armed
+    policy.on_window(1, [], replace(IDLE, now=1001.0, last_row_stored=1000.0))
+    assert not policy.armed and policy.on_tick(replace(IDLE, now=1100.0, last_row_stored=1000.0)) is None

@@ -96,8 +96,8 @@ def split3(data: LabelledTexts, val_fraction: float, holdout_fraction: float, se
            ) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
     """Train, validation (early stopping) and holdout rows, each a fraction of the whole; stratified, deterministic.
 
-    The holdout is never trained on nor used to stop training: the gate judges on it and the drift
-    reference is captured on it, so neither is flattered by rows the model was fitted or selected on."""
+    The holdout is never trained on nor used to stop training: the gate judges on it, so its verdicts
+    are not flattered by rows the model was fitted or selected on."""
     rest, holdout = split(data, holdout_fraction, seed)
     train, val = split(rest, val_fraction / (1 - holdout_fraction), seed)
     return train, val, holdout

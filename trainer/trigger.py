@@ -66,6 +66,8 @@ class TriggerPolicy:
         """Decide after a window of `version` closed with these (trigger-relevant) signals drifted."""
         if not drifted_signals:
             self._consecutive[version] = 0
+            if self._armed is not None and self._armed[0] == version:
+                self._armed = None  # drift no longer holds: the waiting run is off
             return Decision("none", "no_drift", f"v{version}: no drift in this window")
         held = self._consecutive[version] = self.consecutive(version) + 1
         what = f"v{version}: drift in {', '.join(drifted_signals)} ({held}/{self.config.consecutive_windows} windows)"

@@ -75,8 +75,10 @@ def bootstrap(
         "lora": settings.train.model_dump(include={"lora_r", "lora_alpha", "lora_dropout", "target_modules"}),
     }
     manifest = build_and_publish(
+        # Parity and the drift reference on validation and holdout together: v1's holdout alone (70 imdb rows)
+        # left the embedding MMD too little power to see amazon traffic within a window (measured in CI).
         registry, result.model, tokenizer, label_names, base, datasets.concat([val_rows, holdout]), settings, training,
-        reference_rows=holdout, progress=progress, datasets={"train": train_rows, "holdout": holdout},
+        progress=progress, datasets={"train": train_rows, "holdout": holdout},
         calibration_texts=train_rows.texts,
     )
     table = Table(title=f"published v{manifest.version} to {registry.root}", show_header=False)

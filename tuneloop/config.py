@@ -56,7 +56,7 @@ class TrainConfig(Section):
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of the rows that decides early stopping.")
     holdout_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of the rows never trained on nor used to stop training: the gate "
-        "judges on them and the drift reference is captured on them.",
+        "judges on them (and a fine-tuned version's drift reference is captured on them).",
     )
     seed: int = 13
     device: Literal["auto", "cpu", "cuda"] = "auto"
