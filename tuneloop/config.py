@@ -68,8 +68,10 @@ class TrainConfig(Section):
         1.0, ge=0, description="Replayed older rows per new feedback row, against forgetting (0: feedback only)."
     )
     finetune_frozen_layers: int = Field(
-        4, ge=0, description="`tuneloop train`: lower encoder layers kept frozen, their output computed once per run; "
-        "the LoRA of the layers above and the head train (0: train every layer's LoRA).",
+        2, ge=0, description="`tuneloop train`: lower encoder layers kept frozen, their output computed once per run; "
+        "the LoRA of the layers above and the head train (0: train every layer's LoRA). Fewer frozen layers learn new "
+        "labels better and train slower (clinc:1 offline: 4 frozen 0.899 on the new intents in 76 s, 2 frozen 0.921 in "
+        "119 s, 0 frozen 0.934 in 168 s; joint retrain 0.926).",
     )
     niceness: int = Field(
         10, ge=0, le=19, description="`tuneloop train` lowers its CPU priority by this much (nice), so that serving on "
