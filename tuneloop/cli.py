@@ -115,7 +115,9 @@ def train(
     """
     settings = load_settings()
     started = time.perf_counter()
-    os.nice(settings.train.niceness)  # serving on this host comes first
+    from trainer.priority import yield_cpu
+
+    yield_cpu(settings.train.niceness)  # serving on this host comes first
     from exporters.build import build_and_publish
     from exporters.gate import GateRows, run_gate
     from exporters.quantize import Parity
