@@ -29,6 +29,9 @@ def test_manifest_records_lineage_data_and_checks(registry_path: Path) -> None:
     assert manifest.metrics["val_rows"] == 140
     assert manifest.metrics["parity"]["argmax_agreement"] >= 0.99
     assert {"model.onnx", "tokenizer.json", "labels.json", "adapter/adapter_model.safetensors"} <= set(manifest.files)
+    # The rows it trained on (the next run's replay pool) and the rows it never did (early stopping's, the gate's).
+    assert {"data/train.csv", "data/val.csv", "data/holdout.csv"} <= set(manifest.files)
+    assert len(load_csv(registry_path / "versions" / "v1" / "data" / "val.csv")) == 70
     assert Registry(registry_path).history()[0].reason == "bootstrap"
 
 

@@ -1,11 +1,16 @@
-"""The fine-tuning dataset's replay sample (trainer/finetune.py)."""
+"""The fine-tuning dataset (trainer/finetune.py): its replay sample and its validation rows."""
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
-from trainer.data import LabelledTexts
-from trainer.finetune import balanced_sample
+from trainer.data import LabelledTexts, write_csv
+from trainer.finetune import balanced_sample, build_dataset
+from tuneloop.config import Settings
+from tuneloop.events import FeedbackEvent
+from tuneloop.feedback_store import FeedbackStore
+from tuneloop.registry import Manifest
 
 POOL = LabelledTexts([f"t{i}" for i in range(130)], ["common"] * 100 + ["middle"] * 25 + ["rare"] * 5)
 
@@ -21,3 +26,36 @@ def test_replay_is_deterministic_and_never_exceeds_the_pool() -> None:
     assert balanced_sample(POOL, 30, seed=7) == balanced_sample(POOL, 30, seed=7)
     assert balanced_sample(POOL, 30, seed=7) != balanced_sample(POOL, 30, seed=8)
     assert len(balanced_sample(POOL, 500, seed=1)) == len(POOL)
+
+
+def lineage(tmp_path: Path, with_val: bool) -> tuple[FeedbackStore, Manifest, Path]:
+    """A live version's data files and a store holding 100 new feedback rows (no model needed to build the dataset)."""
+    live_dir = tmp_path / "v1"
+    old = LabelledTexts([f"old {i}" for i in range(200)], ["a", "b"] * 100)
+    write_csv(live_dir / "data" / "train.csv", old)
+    write_csv(live_dir / "data" / "holdout.csv", LabelledTexts([f"held {i}" for i in range(20)], ["a", "b"] * 10))
+    if with_val:
+        write_csv(live_dir / "data" / "val.csv", LabelledTexts([f"val {i}" for i in range(20)], ["a", "b"] * 10))
+    live = Manifest(version=1, created_at="2026-01-01T00:00:00+00:00", base_model="m", labels=["a", "b", "c"], files={})
+    store = FeedbackStore(tmp_path / "feedback.db")
+    store.write([], [FeedbackEvent(text=f"new {i}", label="c") for i in range(100)])
+    return store, live, live_dir
+
+
+def test_early_stopping_watches_rows_no_version_trained_on(tmp_path: Path) -> None:
+    # Replayed rows were fitted by the live version: their loss rises as soon as the model moves
+    # towards the new labels, and a validation set holding them stopped runs early.
+    store, live, live_dir = lineage(tmp_path, with_val=True)
+    data = build_dataset(store, live, live_dir, Settings())
+    assert not set(data.val.texts) & {f"old {i}" for i in range(200)}
+    assert {t for t in data.val.texts if t.startswith("val")} == {f"val {i}" for i in range(20)}
+    assert any(t.startswith("new") for t in data.val.texts)
+    assert data.replayed == 100 and sum(t.startswith("old") for t in data.train.texts) == 100
+    assert data.unseen_val.texts == data.val.texts  # handed down as the candidate's data/val.csv
+
+
+def test_a_version_without_validation_rows_still_validates_on_some_replay(tmp_path: Path) -> None:
+    store, live, live_dir = lineage(tmp_path, with_val=False)
+    data = build_dataset(store, live, live_dir, Settings())
+    assert any(t.startswith("old") for t in data.val.texts)
+    assert all(t.startswith("new") for t in data.unseen_val.texts)

@@ -1,10 +1,13 @@
 """`tuneloop train`: fine-tune the live version on new feedback plus a replay of older data.
 
 The dataset: feedback rows stored since the live version was published, split deterministically
-into train and validation, plus a replay sample of the rows the live version was trained on
-(`data/train.csv` in its registry directory), `train.replay_ratio` replayed rows per new row,
-split the same way. Training continues the live adapter (or a fresh one) at the fine-tuning
-learning rate with early stopping on validation loss. Export and the gate follow; nothing is
+into train, validation and holdout, plus a replay sample of the rows the live version was trained on
+(`data/train.csv` in its registry directory), `train.replay_ratio` replayed rows per new row, all
+of it trained on. Early stopping watches rows no version of the lineage trained on: the new
+validation rows and the lineage's (`data/val.csv`, bootstrap's validation rows plus each run's new
+ones). Replayed rows would not do: the live version fitted them, so their loss rises as soon as the
+model moves towards the new data and stopped runs early (banking77:1: best epoch 3 of 5). Training
+continues the live adapter (or a fresh one) at the fine-tuning learning rate. Export and the gate follow; nothing is
 published until the whole candidate is staged, so a crash or kill at any point publishes nothing
 (`tuneloop train` in `tuneloop/cli.py` runs these steps, then the exporter and its gate).
 """
@@ -33,7 +36,8 @@ class NothingToTrain(RuntimeError):
 @dataclass(frozen=True)
 class FinetuneData:
     train: LabelledTexts
-    val: LabelledTexts
+    val: LabelledTexts  # early stopping's rows
+    unseen_val: LabelledTexts  # the validation rows no version trained on, handed down the lineage (data/val.csv)
     feedback_rows: int  # new rows in all: train, validation and holdout
     new_train: int
     new_holdout: LabelledTexts  # new rows never trained on nor used to stop training: the gate's new rows
@@ -78,20 +82,25 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
     new_train, new_val, new_holdout = split3(new, fraction, settings.train.holdout_fraction, seed)
     ratio = settings.train.replay_ratio if replay_ratio is None else replay_ratio
     pool_path = live_dir / "data" / "train.csv"
-    parts_train, parts_val, replayed = [new_train], [new_val], 0
+    lineage_val_path = live_dir / "data" / "val.csv"
+    lineage_val = load_csv(lineage_val_path) if lineage_val_path.is_file() else None
+    unseen_val = new_val if lineage_val is None else concat([new_val, lineage_val])
+    parts_train, val, replayed = [new_train], unseen_val, 0
     pool = load_csv(pool_path) if pool_path.is_file() else None
     if ratio > 0 and pool is not None:
         wanted = min(len(pool), round(ratio * len(new)))
-        replay_train, replay_val = split(pool.subset(balanced_sample(pool, wanted, seed)), fraction, seed)
-        parts_train.append(replay_train)
-        parts_val.append(replay_val)
+        replay = pool.subset(balanced_sample(pool, wanted, seed))
+        if lineage_val is None:  # a version published before data/val.csv existed: validate on some replay
+            replay, replay_val = split(replay, fraction, seed)
+            val = concat([val, replay_val])
+        parts_train.append(replay)
         replayed = wanted
     holdout_path = live_dir / "data" / "holdout.csv"
     if not holdout_path.is_file():
         raise NothingToTrain(f"v{live.version} carries no original-data holdout ({holdout_path}); the gate needs one")
     return FinetuneData(
-        train=concat(parts_train), val=concat(parts_val), feedback_rows=len(new), new_train=len(new_train), new_holdout=new_holdout,
-        replayed=replayed, holdout=load_csv(holdout_path),
+        train=concat(parts_train), val=val, unseen_val=unseen_val, feedback_rows=len(new), new_train=len(new_train),
+        new_holdout=new_holdout, replayed=replayed, holdout=load_csv(holdout_path),
         known_labels=[label for label in live.labels if pool is None or label in set(pool.labels)],
     )
 

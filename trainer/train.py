@@ -121,8 +121,9 @@ def evaluate(model: PeftModel, data: Encoded, pad_id: int, device: torch.device,
              batch_size: int = 64) -> tuple[float, float]:
     model.eval()
     total_loss, correct = 0.0, 0
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))  # the sums do not depend on it, padding does
     for start in range(0, len(data), batch_size):
-        batch = _batch(data, list(range(start, min(start + batch_size, len(data)))), pad_id, device)
+        batch = _batch(data, order[start : start + batch_size], pad_id, device)
         logits = _forward(model, batch, prefix)
         total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += (logits.argmax(dim=-1) == batch["labels"]).sum().item()

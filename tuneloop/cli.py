@@ -78,7 +78,7 @@ def bootstrap(
         # Parity and the drift reference on validation and holdout together: v1's holdout alone (70 imdb rows)
         # left the embedding MMD too little power to see amazon traffic within a window (measured in CI).
         registry, result.model, tokenizer, label_names, base, datasets.concat([val_rows, holdout]), settings, training,
-        progress=progress, datasets={"train": train_rows, "holdout": holdout},
+        progress=progress, datasets={"train": train_rows, "val": val_rows, "holdout": holdout},
         calibration_texts=train_rows.texts,
     )
     table = Table(title=f"published v{manifest.version} to {registry.root}", show_header=False)
@@ -166,7 +166,7 @@ def train(
         # the lineage: the next run's gate and reference also see this run's new holdout rows.
         registry, result.model, load_tokenizer(base), live.labels, base, concat([data.val, evaluation]), settings,
         training, reference_rows=evaluation, parent_version=live.version, progress=progress,
-        datasets={"train": data.train, "holdout": evaluation},
+        datasets={"train": data.train, "val": data.unseen_val, "holdout": evaluation},
         gate=gate, reason=f"training run {run_id}" if run_id is not None else "tuneloop train",
         promote=not settings.rollout.stages, calibration_texts=data.train.texts,
     )
