@@ -7,7 +7,7 @@ offsets committed. A crash anywhere before the commit redelivers the batch, and 
 keys turn the redelivery into counted duplicates, so nothing is stored twice or lost.
 
 Stored prediction events also feed the drift windows (`monitoring.windows`); each closed window
-is exported as metrics, recorded, and handed to the trigger policy (`trainer.trigger`). A fired
+is exported as metrics, recorded, and handed to the trigger policy (`monitoring.trigger`). A fired
 decision starts a training run as its own process (`monitoring.runs`).
 
 A candidate in shadow or canary is judged on live feedback against the stable version
@@ -36,7 +36,7 @@ from monitoring.rollout import Comparison, Verdict, compare_paired, compare_unpa
 from monitoring.runs import RunLauncher
 from monitoring.state import ControllerState, iso
 from monitoring.windows import WindowMonitor, WindowReport
-from trainer.trigger import DAY_S, Decision, TriggerPolicy, TriggerState
+from monitoring.trigger import DAY_S, Decision, TriggerPolicy, TriggerState
 
 from tuneloop.bus import Bus, Consumer, Record, announce, open_bus
 from tuneloop.config import Settings
