@@ -14,9 +14,9 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from services.live_model import LiveModel
+from services.metrics import ServiceMetrics
 from services.schemas import FeedbackAccepted
 from tuneloop.bus import Bus, BusUnavailable, Message
 from tuneloop.durable_sqlite import connect
@@ -58,7 +58,7 @@ class Spool:
 
 
 class FeedbackSink:
-    def __init__(self, bus: Bus, topic: str, ack_timeout_s: float, spool: Spool | None, metrics: Any) -> None:
+    def __init__(self, bus: Bus, topic: str, ack_timeout_s: float, spool: Spool | None, metrics: ServiceMetrics) -> None:
         self.bus = bus
         self.topic = topic
         self.ack_timeout_s = ack_timeout_s
@@ -143,7 +143,7 @@ class FeedbackSink:
 class FeedbackIntake:
     """Checks feedback against the served model's labels and makes it durable, off the event loop."""
 
-    def __init__(self, sink: FeedbackSink, metrics: Any) -> None:
+    def __init__(self, sink: FeedbackSink, metrics: ServiceMetrics) -> None:
         self.sink = sink
         self.metrics = metrics
         # Waiting for broker acks happens here, never on the threads that run predictions.

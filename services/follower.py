@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from services.live_model import LiveModel, load_live_model
+from services.metrics import ServiceMetrics
 from tuneloop.bus import Bus
 from tuneloop.config import Settings
 from tuneloop.events import ModelEvent
@@ -38,7 +39,7 @@ class Candidate:
 
 
 class ModelFollower:
-    def __init__(self, registry: Registry, settings: Settings, metrics: Any) -> None:
+    def __init__(self, registry: Registry, settings: Settings, metrics: ServiceMetrics) -> None:
         self.registry = registry
         self.settings = settings
         self.metrics = metrics

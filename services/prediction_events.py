@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from services.metrics import ServiceMetrics
 from tuneloop.bus import Bus, BusUnavailable, Message
 from tuneloop.events import utc_now
 
@@ -31,7 +32,7 @@ class PredictionPublisher:
     `tuneloop.events.PredictionEvent` validates on the controller's side.
     """
 
-    def __init__(self, bus: Bus, topic: str, capacity: int, metrics: Any) -> None:
+    def __init__(self, bus: Bus, topic: str, capacity: int, metrics: ServiceMetrics) -> None:
         self.bus = bus
         self.topic = topic
         self.metrics = metrics

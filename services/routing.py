@@ -13,12 +13,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 
 from services.follower import Candidate
 from services.live_model import LiveModel
+from services.metrics import ServiceMetrics
 from services.prediction_events import PredictionPublisher
 from services.schemas import Prediction
 
@@ -26,7 +26,7 @@ log = logging.getLogger("tuneloop.service")
 
 
 class Router:
-    def __init__(self, publisher: PredictionPublisher, metrics: Any, shadow_queue: int) -> None:
+    def __init__(self, publisher: PredictionPublisher, metrics: ServiceMetrics, shadow_queue: int) -> None:
         self.publisher = publisher
         self.metrics = metrics
         self._rng = np.random.default_rng()
