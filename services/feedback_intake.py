@@ -166,7 +166,7 @@ class FeedbackIntake:
         self.metrics.feedback_accepted.labels("spool").inc(spooled)
         return FeedbackAccepted(accepted=len(events), spooled=spooled, feedback_ids=[e.feedback_id for e in events])
 
-    def close(self) -> None:
-        """Finish the submission in progress (bounded by the ack timeout), then stop the spool's replay."""
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Finish the submissions accepted so far (each bounded by the ack timeout), then stop the spool's replay."""
         self._executor.shutdown(wait=True)
-        self.sink.close()
+        self.sink.close(timeout_s)

@@ -45,6 +45,8 @@ log = logging.getLogger("tuneloop.service")
 
 __all__ = ["Classifier", "settings"]
 
+SHUTDOWN_S = 10.0  # what a worker may spend stopping (Kubernetes waits 30 s by default before it kills)
+
 
 def _error(ctx: bentoml.Context, status: int, message: str, detail: object = None) -> JSONResponse:
     # BentoML copies the context's status onto any response an API with a ctx parameter returns.
@@ -114,13 +116,21 @@ class Classifier:
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
-        """Stop following and feeding; publish the prediction events still queued, then close the bus."""
+        """Stop following and feeding; publish the prediction events still queued, then close the bus.
+
+        Waits are bounded (SHUTDOWN_S in all, give or take a feedback submission in flight), so a bus
+        that does not answer cannot hold the worker's exit.
+        """
         started = time.perf_counter()
+
+        def left() -> float:
+            return max(0.5, SHUTDOWN_S - (time.perf_counter() - started))
+
         self._stopped.set()
-        self.follower.stop()
+        self.follower.stop(timeout_s=left())
         self.router.close()
-        self.feedback_intake.close()
-        self.prediction_events.close()
+        self.feedback_intake.close(timeout_s=left())
+        self.prediction_events.close(timeout_s=left())
         try:
             self.bus.close()
         except Exception as exc:  # the process is going anyway; say why the bus did not close cleanly
