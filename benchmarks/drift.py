@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from monitoring.controller import Controller, controller_metrics  # noqa: E402
+from monitoring.controller import Controller  # noqa: E402
+from monitoring.metrics import controller_metrics  # noqa: E402
 from monitoring.state import ControllerState  # noqa: E402
 from trainer import scenario  # noqa: E402
 from trainer.data import LabelledTexts, load_csv, split, write_csv  # noqa: E402

@@ -1,9 +1,14 @@
-"""The controller's HTTP side: /metrics for Prometheus, and token-protected /admin endpoints."""
+"""The controller's HTTP side: /metrics for Prometheus, and token-protected /admin endpoints.
+
+`Admin` holds what the endpoints do (a manual run, a rollback, the status); `admin_app` is only
+the HTTP around it.
+"""
 
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import prometheus_client as prom
 from fastapi import Depends, FastAPI, HTTPException
@@ -11,10 +16,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from tuneloop.registry import RegistryError, Rollout
-
-if TYPE_CHECKING:
-    from monitoring.controller import Controller
+from monitoring.drift_watch import DriftWatch
+from monitoring.state import ControllerState
+from monitoring.trigger import Decision
+from tuneloop.events import ModelEvent
+from tuneloop.registry import Registry, RegistryError, Rollout
 
 
 class TriggerRequest(BaseModel):
@@ -45,7 +51,41 @@ class RolledBack(BaseModel):
     version: int = Field(description="The version served now; every replica swaps to it within seconds.")
 
 
-def admin_app(controller: Controller, token: str) -> FastAPI:
+class Admin:
+    """The operations behind the admin endpoints, on the controller's parts."""
+
+    def __init__(
+        self, registry: Registry, state: ControllerState, drift: DriftWatch, announce: Callable[[ModelEvent], None]
+    ) -> None:
+        self.registry = registry
+        self.state = state
+        self.drift = drift
+        self.announce = announce
+
+    def request_manual(self, reason: str, timeout_s: float = 30.0) -> tuple[Decision, int | None]:
+        """Ask the controller's loop for a run; returns its decision and the run id if one started."""
+        return self.drift.request_manual(reason, timeout_s)
+
+    def rollback(self, to: int | None, reason: str) -> tuple[int | None, int]:
+        """Serve an earlier version again; the replicas swap to it."""
+        current, target = self.registry.rollback(to, reason)
+        if target != current:
+            self.announce(ModelEvent(action="rollback", version=target, previous=current, reason=reason))
+        return current, target
+
+    def status(self) -> ControllerStatus:
+        runs = self.state.runs()
+        return ControllerStatus(
+            running_runs=[r for r in runs if r["status"] == "running"],
+            recent_runs=runs[-20:],
+            recent_decisions=self.state.decisions(last=50),
+            consecutive_drift_windows=self.drift.policy.consecutive_by_version(),
+            stable_version=self.registry.current_version(),
+            rollout=self.registry.rollout(),
+        )
+
+
+def admin_app(admin: Admin, token: str) -> FastAPI:
     app = FastAPI(
         title="tuneloop controller",
         description="Prometheus metrics and the admin API (bearer token: controller.admin_token).",
@@ -75,7 +115,7 @@ def admin_app(controller: Controller, token: str) -> FastAPI:
     )
     def trigger(request: TriggerRequest) -> TriggerStarted:
         try:
-            decision, run_id = controller.request_manual(request.reason)
+            decision, run_id = admin.request_manual(request.reason)
         except TimeoutError as exc:
             raise HTTPException(503, str(exc)) from None
         if run_id is None:
@@ -89,7 +129,7 @@ def admin_app(controller: Controller, token: str) -> FastAPI:
     )
     def rollback(request: RollbackRequest) -> RolledBack:
         try:
-            previous, version = controller.rollback(request.to, request.reason)
+            previous, version = admin.rollback(request.to, request.reason)
         except RegistryError as exc:
             raise HTTPException(409, str(exc)) from None
         return RolledBack(previous=previous, version=version)
@@ -97,6 +137,6 @@ def admin_app(controller: Controller, token: str) -> FastAPI:
     @app.get("/admin/status", response_model=ControllerStatus, dependencies=[Depends(authorized)],
              summary="Runs and trigger decisions")
     def status() -> ControllerStatus:
-        return controller.status()
+        return admin.status()
 
     return app

@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from monitoring.trigger import Decision
 from monitoring.windows import WindowReport
-from trainer.trigger import Decision
 from tuneloop.durable_sqlite import connect
 
 _SCHEMA = """

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the types only: importing prometheus_client here would pick its storage too early
+    from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -17,25 +20,25 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 @dataclass(frozen=True)
 class ServiceMetrics:
-    requests: Any
-    request_seconds: Any
-    batch_texts: Any
-    inference_seconds: Any
-    predictions: Any
-    model_version: Any
-    model_loaded: Any
-    model_load_failures: Any
-    model_swaps: Any
-    model_swap_seconds: Any
-    feedback_accepted: Any
-    feedback_spooled: Any
-    feedback_replayed: Any
-    prediction_events_published: Any
-    prediction_events_dropped: Any
-    candidate_version: Any
-    shadow_predictions: Any
-    shadow_skipped: Any
-    candidate_failures: Any
+    requests: Counter
+    request_seconds: Histogram
+    batch_texts: Histogram
+    inference_seconds: Histogram
+    predictions: Counter
+    model_version: Gauge
+    model_loaded: Gauge
+    model_load_failures: Counter
+    model_swaps: Counter
+    model_swap_seconds: Histogram
+    feedback_accepted: Counter
+    feedback_spooled: Gauge
+    feedback_replayed: Counter
+    prediction_events_published: Counter
+    prediction_events_dropped: Counter
+    candidate_version: Gauge
+    shadow_predictions: Counter
+    shadow_skipped: Counter
+    candidate_failures: Counter
 
 
 @lru_cache(maxsize=1)

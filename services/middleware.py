@@ -1,4 +1,4 @@
-"""ASGI middleware: a request-body size limit and per-endpoint request metrics."""
+"""ASGI middleware: per-endpoint request metrics, a request-body size limit, and the model-loaded check."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import json
 import time
 from typing import Any
 
+import bentoml
+
 from services.metrics import service_metrics
+from services.schemas import NOT_LOADED
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -94,3 +97,21 @@ class RequestMetricsMiddleware:
             metrics = service_metrics()
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+
+
+class ModelLoadedMiddleware:
+    """Answer /predict with a clear 503 while no verified model is loaded, before the batcher sees it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/predict":
+            try:
+                ready = bentoml.get_current_service().live is not None
+            except bentoml.exceptions.BentoMLException:  # the instance is not built yet
+                ready = False
+            if not ready:
+                await send_json_error(send, 503, NOT_LOADED)
+                return
+        await self.app(scope, receive, send)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from tuneloop.bus import EmbeddedBus
 
 
@@ -36,20 +34,3 @@ def test_topics_are_separate_and_offsets_ordered(tmp_path: Path) -> None:
     records = bus.consumer("g", ["a"]).poll(10, timeout_s=0.1)
     assert [r.value for r in records] == [b"a1", b"a2"]
     assert records[0].offset < records[1].offset
-
-
-def test_prediction_events_match_the_schema_the_controller_validates(tmp_path: Path) -> None:
-    from services.events import PredictionPublisher
-    from services.service import Prediction
-    from tuneloop.events import PredictionEvent
-
-    prediction = Prediction(request_id="r1", label="positive", scores={"negative": 0.1, "positive": 0.9}, model_version=3)
-    drift_inputs = (np.array([0.123456, -1.0], dtype=np.float32), np.int64(7), np.int64(1))
-    key, value = PredictionPublisher._message(prediction, "a fine film", drift_inputs, False, "2026-11-23T00:00:00.000+00:00")
-    event = PredictionEvent.model_validate_json(value)
-    assert key == b"r1"
-    assert (event.text, event.label, event.model_version, event.scores["positive"]) == ("a fine film", "positive", 3, 0.9)
-    assert (event.sketch, event.tokens, event.unknown_tokens, event.shadow) == ([0.1235, -1.0], 7, 1, False)
-    # A shadow score keeps the served request's id in the event, under its own message key.
-    key, value = PredictionPublisher._message(prediction, "a fine film", drift_inputs, True, "2026-11-23T00:00:00.000+00:00")
-    assert key == b"r1:shadow" and PredictionEvent.model_validate_json(value).shadow

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from trainer.trigger import TriggerPolicy, TriggerState
+from monitoring.trigger import TriggerPolicy, TriggerState
 from tuneloop.config import TriggerConfig
 
 CONFIG = TriggerConfig(consecutive_windows=3, min_new_rows=100, cooldown_s=3600, max_runs_per_day=2)

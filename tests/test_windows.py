@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from monitoring.drift import Signal
 from monitoring.runs import RunLauncher
 from monitoring.state import ControllerState
-from monitoring.drift import Signal
+from monitoring.trigger import Decision
 from monitoring.windows import WindowMonitor, below_by_chance
-from trainer.trigger import Decision
 from tuneloop.config import DriftConfig, TriggerConfig
 from tuneloop.events import PredictionEvent
 from tuneloop.reference import Reference

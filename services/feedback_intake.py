@@ -1,34 +1,28 @@
-"""Getting events out of the service: feedback durably, prediction events without slowing predictions.
+"""Feedback intake: labels checked against the served model, then made durable before the 202.
 
 Feedback is answered 202 only once it is durable: acknowledged by the bus, or, while Kafka is
 unreachable, written to a local spool (SQLite, fsynced) that a background thread replays in
 order when the broker returns. While the spool holds anything, new feedback queues behind it,
 so the order of acceptance is the order on the topic. A replay after a crash can repeat a
-message; the controller's deduplication by feedback_id stores it once.
-
-Prediction events go through a bounded queue drained by a background thread; when it is full
-they are dropped and counted. Feedback is never dropped.
+message; the controller's deduplication by feedback_id stores it once. Feedback is never dropped.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-import queue
 import threading
-import time
-from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
+from services.live_model import LiveModel
+from services.metrics import ServiceMetrics
+from services.schemas import FeedbackAccepted
 from tuneloop.bus import Bus, BusUnavailable, Message
 from tuneloop.durable_sqlite import connect
-from tuneloop.events import utc_now
+from tuneloop.events import FeedbackEvent
 
 log = logging.getLogger("tuneloop.events")
-
-# Per text: its embedding sketch, token count and unknown-token count (the latter two may be None).
-DriftInputs = tuple[Sequence[float], int | None, int | None]
 
 
 class FeedbackRefused(Exception):
@@ -59,9 +53,12 @@ class Spool:
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]
 
+    def close(self) -> None:
+        self._db.close()
+
 
 class FeedbackSink:
-    def __init__(self, bus: Bus, topic: str, ack_timeout_s: float, spool: Spool | None, metrics: Any) -> None:
+    def __init__(self, bus: Bus, topic: str, ack_timeout_s: float, spool: Spool | None, metrics: ServiceMetrics) -> None:
         self.bus = bus
         self.topic = topic
         self.ack_timeout_s = ack_timeout_s
@@ -69,9 +66,12 @@ class FeedbackSink:
         self.metrics = metrics
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._replayer: threading.Thread | None = None
         if spool is not None:
             self.metrics.feedback_spooled.set(len(spool))
-            threading.Thread(target=self._replay_forever, name="feedback-replay", daemon=True).start()
+            self._replayer = threading.Thread(target=self._replay_forever, name="feedback-replay", daemon=True)
+            self._replayer.start()
 
     def submit(self, messages: list[Message]) -> int:
         """Make messages durable, in order; return how many went to the spool. Raises FeedbackRefused."""
@@ -99,12 +99,22 @@ class FeedbackSink:
         self._wake.set()
         return len(messages)
 
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop replaying; what is still spooled stays on disk and is replayed by the next start."""
+        self._stopped.set()
+        self._wake.set()
+        if self._replayer is not None:
+            self._replayer.join(timeout_s)
+        if self.spool is not None and not (self._replayer and self._replayer.is_alive()):
+            with self._lock:
+                self.spool.close()
+
     def _replay_forever(self) -> None:
         assert self.spool is not None
-        while True:
+        while not self._stopped.is_set():
             self._wake.wait(timeout=1.0)
             self._wake.clear()
-            while self._replay_once():
+            while not self._stopped.is_set() and self._replay_once():
                 pass
 
     def _replay_once(self) -> bool:
@@ -119,7 +129,7 @@ class FeedbackSink:
             acknowledged = []
         sent = acknowledged_prefix(acknowledged)
         if sent == 0:
-            time.sleep(1.0)  # broker still away
+            self._stopped.wait(1.0)  # broker still away
             return False
         with self._lock:
             self.spool.remove_through(batch[sent - 1][0])
@@ -130,61 +140,33 @@ class FeedbackSink:
         return remaining > 0
 
 
-class PredictionPublisher:
-    """Bounded, best-effort: a full queue drops the event (counted) rather than slow a prediction.
+class FeedbackIntake:
+    """Checks feedback against the served model's labels and makes it durable, off the event loop."""
 
-    Events are serialized on the background thread, off the request path, as the JSON that
-    `tuneloop.events.PredictionEvent` validates on the controller's side.
-    """
-
-    def __init__(self, bus: Bus, topic: str, capacity: int, metrics: Any) -> None:
-        self.bus = bus
-        self.topic = topic
+    def __init__(self, sink: FeedbackSink, metrics: ServiceMetrics) -> None:
+        self.sink = sink
         self.metrics = metrics
-        self._queue: queue.Queue[tuple[Any, str, DriftInputs, bool, str]] = queue.Queue(maxsize=capacity)
-        threading.Thread(target=self._drain_forever, name="prediction-events", daemon=True).start()
-
-    def offer(self, prediction: Any, text: str, drift_inputs: DriftInputs, shadow: bool = False) -> None:
-        try:
-            self._queue.put_nowait((prediction, text, drift_inputs, shadow, utc_now()))
-        except queue.Full:
-            self.metrics.prediction_events_dropped.inc()
+        # Waiting for broker acks happens here, never on the threads that run predictions.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
 
     @staticmethod
-    def _message(prediction: Any, text: str, drift_inputs: DriftInputs, shadow: bool, timestamp: str) -> Message:
-        sketch, tokens, unknown_tokens = drift_inputs
-        event = {
-            "request_id": prediction.request_id,
-            "text": text,
-            "label": prediction.label,
-            "scores": prediction.scores,
-            "model_version": prediction.model_version,
-            "timestamp": timestamp,
-            # Four decimals keep the message small; the drift statistics need no more.
-            "sketch": [round(float(x), 4) for x in sketch],
-            "tokens": None if tokens is None else int(tokens),
-            "unknown_tokens": None if unknown_tokens is None else int(unknown_tokens),
-            "shadow": shadow,
-        }
-        key = f"{prediction.request_id}:shadow" if shadow else prediction.request_id
-        return key.encode(), json.dumps(event).encode()
+    def unknown_labels(events: list[FeedbackEvent], live: LiveModel) -> str | None:
+        """Why the model cannot take these labels, or None when it knows them all."""
+        unknown = sorted({event.label for event in events} - set(live.manifest.labels))
+        if unknown:
+            return f"unknown label(s) {unknown}; model v{live.version} knows {live.manifest.labels}"
+        return None
 
-    def _drain_forever(self) -> None:
-        while True:
-            pending = [self._queue.get()]
-            # Gather for a moment: one durable commit per 50 ms instead of one per prediction.
-            time.sleep(0.05)
-            while len(pending) < 1000:
-                try:
-                    pending.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            batch = [self._message(*item) for item in pending]
-            try:
-                acknowledged = self.bus.publish_many(self.topic, batch, timeout_s=10.0)
-            except BusUnavailable:
-                acknowledged = [False] * len(batch)
-            self.metrics.prediction_events_published.inc(sum(acknowledged))
-            lost = len(batch) - sum(acknowledged)
-            if lost:
-                self.metrics.prediction_events_dropped.inc(lost)
+    async def submit(self, events: list[FeedbackEvent]) -> FeedbackAccepted:
+        """Durable once this returns; raises FeedbackRefused when nothing durable took it."""
+        messages = [(event.feedback_id.encode(), event.model_dump_json().encode()) for event in events]
+        loop = asyncio.get_running_loop()
+        spooled = await loop.run_in_executor(self._executor, self.sink.submit, messages)
+        self.metrics.feedback_accepted.labels("bus").inc(len(events) - spooled)
+        self.metrics.feedback_accepted.labels("spool").inc(spooled)
+        return FeedbackAccepted(accepted=len(events), spooled=spooled, feedback_ids=[e.feedback_id for e in events])
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Finish the submissions accepted so far (each bounded by the ack timeout), then stop the spool's replay."""
+        self._executor.shutdown(wait=True)
+        self.sink.close(timeout_s)

@@ -1,0 +1,50 @@
+"""What the service's HTTP API takes and returns: request limits, responses, the /model summary."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from services.settings import limits
+from tuneloop.events import FeedbackEvent
+
+NOT_LOADED = "no verified model is loaded yet; check /readyz, and run `tuneloop bootstrap` if the registry is empty"
+
+Text = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_chars_per_text)]
+Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_texts_per_request)]
+
+
+class Prediction(BaseModel):
+    request_id: str = Field(description="Identifies this prediction; send it back with feedback.")
+    label: str
+    scores: dict[str, float] = Field(description="Probability per label; they sum to 1.")
+    model_version: int = Field(description="Registry version that served this text.")
+
+
+class FeedbackAccepted(BaseModel):
+    accepted: int = Field(description="Feedback items made durable.")
+    spooled: int = Field(description="Of those, how many wait in the local spool for Kafka to return.")
+    feedback_ids: list[str]
+
+
+FeedbackBatch = Annotated[list[FeedbackEvent], Field(min_length=1, max_length=1000)]
+
+
+class CandidateInfo(BaseModel):
+    version: int
+    stage: Literal["shadow", "canary"]
+    share: float = Field(description="Share of texts the candidate answers (0 in shadow).")
+
+
+class ModelInfo(BaseModel):
+    version: int
+    backend: str
+    labels: list[str]
+    created_at: str
+    parent_version: int | None
+    base_model: str
+    metrics: dict[str, object]
+    quantization: str | None
+    providers: list[str]
+    candidate: CandidateInfo | None = Field(description="A version in shadow or canary next to this one.")

@@ -1,0 +1,103 @@
+"""Drift to runs in process: closed windows exported and recorded, decisions acted on, runs started and collected."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from monitoring.drift import Signal
+from monitoring.drift_watch import DriftWatch
+from monitoring.metrics import ControllerMetrics
+from monitoring.state import ControllerState
+from monitoring.windows import WindowReport
+from tuneloop.config import Settings
+from tuneloop.events import PredictionEvent
+from tuneloop.feedback_store import FeedbackStore
+from tuneloop.registry import Registry
+
+
+class Setup:
+    def __init__(self, tmp_path: Path, command: list[str] | None = None) -> None:
+        settings = Settings()
+        settings.trigger.consecutive_windows, settings.trigger.min_new_rows = 1, 0
+        settings.trigger.feedback_quiet_s = 0
+        settings.trigger.command = command or [sys.executable, "-c", "pass"]
+        settings.trigger.runs_dir = tmp_path / "runs"
+        self.state = ControllerState(tmp_path / "store.db")
+        self.prometheus = CollectorRegistry()
+        self.watch = DriftWatch(settings, Registry(tmp_path / "registry"), FeedbackStore(tmp_path / "store.db"),
+                                self.state, ControllerMetrics(self.prometheus).drift)
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.prometheus.get_sample_value(name, labels)
+
+
+def report(drifted: bool, version: int = 1) -> WindowReport:
+    signals = [
+        Signal("embedding_mmd", 0.3, 0.05, p_value=0.001 if drifted else 0.5),
+        Signal("feedback_accuracy", 0.9, 0.8, lower_is_drift=True),
+    ]
+    return WindowReport(version, 200, signals, recall={"pos": 0.75}, feedback_rows=40)
+
+
+def test_a_window_is_exported_and_recorded_and_a_quiet_one_decides_nothing(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.watch._on_window(report(drifted=False))
+    assert s.sample("tuneloop_drift_value", signal="embedding_mmd", model_version="1") == 0.3
+    assert s.sample("tuneloop_drift_p_value", signal="embedding_mmd", model_version="1") == 0.5
+    assert s.sample("tuneloop_drift_p_value", signal="feedback_accuracy", model_version="1") is None
+    assert s.sample("tuneloop_drift_detected", signal="embedding_mmd", model_version="1") == 0
+    assert s.sample("tuneloop_feedback_recall", label="pos", model_version="1") == 0.75
+    assert s.sample("tuneloop_feedback_window_rows", model_version="1") == 40
+    assert s.sample("tuneloop_drift_windows_total", model_version="1", drifted="false") == 1
+    assert s.sample("tuneloop_trigger_decisions_total", source="drift", outcome="none", reason="no_drift") == 1
+    assert len(s.state.windows()) == 1 and s.state.decisions() == []  # "none" decisions are counted, not recorded
+
+
+def test_sustained_drift_starts_a_run_that_is_collected_when_it_ends(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.watch._on_window(report(drifted=True))
+    assert s.sample("tuneloop_trigger_decisions_total", source="drift", outcome="fired", reason="drift_sustained") == 1
+    assert s.sample("tuneloop_training_runs_total", outcome="started") == 1
+    assert s.sample("tuneloop_training_last_run_start_time_seconds") == pytest.approx(time.time(), abs=60)
+    deadline = time.monotonic() + 20
+    while s.state.runs()[0]["status"] == "running":
+        assert time.monotonic() < deadline
+        s.watch.collect_finished_runs()
+        time.sleep(0.05)
+    assert s.state.runs()[0]["status"] == "succeeded"
+    assert s.sample("tuneloop_training_runs_total", outcome="succeeded") == 1
+
+
+def test_a_run_that_cannot_start_is_counted_as_failed(tmp_path: Path) -> None:
+    s = Setup(tmp_path, command=[str(tmp_path / "no-such-program")])
+    s.watch._on_window(report(drifted=True))
+    assert s.sample("tuneloop_training_runs_total", outcome="failed") == 1
+    assert s.state.runs()[0]["status"] == "failed"
+
+
+def test_a_manual_request_is_answered_on_the_next_observe(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    answers: list[tuple[object, int | None]] = []
+    asking = threading.Thread(target=lambda: answers.append(s.watch.request_manual("by hand", timeout_s=20)))
+    asking.start()
+    while s.watch._manual.empty():
+        time.sleep(0.01)
+    s.watch.observe([])
+    asking.join(10)
+    [(decision, run_id)] = answers
+    assert decision.fired and decision.source == "manual" and run_id == 1
+
+
+def test_traffic_of_a_version_without_reference_is_not_monitored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = Setup(tmp_path)
+    events = [PredictionEvent(request_id=f"r{i}", text="t", label="a", scores={"a": 1.0}, model_version=9)
+              for i in range(300)]
+    s.watch.observe(events)
+    assert s.state.windows() == []
+    assert "cannot read the drift reference of v9" in caplog.text

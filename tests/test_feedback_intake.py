@@ -1,0 +1,111 @@
+"""Feedback intake in process: label checks, durability on the embedded log, the spool while Kafka is away."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from unittest.mock import MagicMock
+
+import pytest
+
+from services.feedback_intake import FeedbackIntake, FeedbackRefused, FeedbackSink, Spool, acknowledged_prefix
+from services.live_model import LiveModel
+from tuneloop.bus import BusUnavailable, EmbeddedBus, Message
+from tuneloop.events import FeedbackEvent
+from tuneloop.registry import Manifest
+
+TOPIC = "tuneloop.feedback"
+
+
+def live(labels: list[str]) -> LiveModel:
+    manifest = Manifest(version=3, created_at="2026-11-29T00:00:00+00:00", base_model="base", labels=labels, files={})
+    return LiveModel(3, manifest, MagicMock(), "onnx")
+
+
+def events(*labels: str) -> list[FeedbackEvent]:
+    return [FeedbackEvent(feedback_id=f"f{i}", text="some text", label=label) for i, label in enumerate(labels)]
+
+
+def test_acknowledged_prefix_stops_at_the_first_miss() -> None:
+    assert acknowledged_prefix([True, True, False, True]) == 2
+    assert acknowledged_prefix([True, True]) == 2
+    assert acknowledged_prefix([False]) == 0
+
+
+def test_labels_the_served_model_does_not_know_are_named() -> None:
+    assert FeedbackIntake.unknown_labels(events("pos", "neg"), live(["neg", "pos"])) is None
+    assert FeedbackIntake.unknown_labels(events("pos", "meh", "bad"), live(["neg", "pos"])) == (
+        "unknown label(s) ['bad', 'meh']; model v3 knows ['neg', 'pos']"
+    )
+
+
+def test_feedback_on_the_embedded_log_is_durable_when_submitted(tmp_path: Path) -> None:
+    bus = EmbeddedBus(tmp_path / "events.db")
+    metrics = MagicMock()
+    intake = FeedbackIntake(FeedbackSink(bus, TOPIC, 5.0, None, metrics), metrics)
+    accepted = asyncio.run(intake.submit(events("pos", "neg")))
+    assert (accepted.accepted, accepted.spooled, accepted.feedback_ids) == (2, 0, ["f0", "f1"])
+    records = bus.consumer("reader", [TOPIC]).poll(10, timeout_s=0.1)
+    assert [(r.key, FeedbackEvent.model_validate_json(r.value).label) for r in records] == [(b"f0", "pos"), (b"f1", "neg")]
+    metrics.feedback_accepted.labels.assert_any_call("bus")
+    intake.close()
+
+
+class Unreachable:
+    def publish_many(self, topic: str, messages: list[Message], timeout_s: float = 5.0) -> list[bool]:
+        raise BusUnavailable("no broker")
+
+
+def test_without_a_spool_an_unreachable_bus_refuses_the_feedback() -> None:
+    metrics = MagicMock()
+    intake = FeedbackIntake(FeedbackSink(Unreachable(), TOPIC, 5.0, None, metrics), metrics)  # type: ignore[arg-type]
+    with pytest.raises(FeedbackRefused, match="no broker"):
+        asyncio.run(intake.submit(events("pos")))
+    intake.close()
+
+
+class Returning:
+    """Acknowledges only the first `acks` messages, until `back` is set; then everything."""
+
+    def __init__(self, acks: int) -> None:
+        self.acks = acks
+        self.back = threading.Event()
+        self.published: list[bytes | None] = []
+
+    def publish_many(self, topic: str, messages: list[Message], timeout_s: float = 5.0) -> list[bool]:
+        if self.back.is_set():
+            self.published += [key for key, _ in messages]
+            return [True] * len(messages)
+        sent = messages[: self.acks]
+        self.published += [key for key, _ in sent]
+        self.acks = 0
+        return [True] * len(sent) + [False] * (len(messages) - len(sent))
+
+
+def test_what_the_broker_misses_is_spooled_in_order_then_replayed_and_close_stops_the_replay(tmp_path: Path) -> None:
+    bus = Returning(acks=1)
+    metrics = MagicMock()
+    spool = Spool(tmp_path / "spool.db")
+    intake = FeedbackIntake(FeedbackSink(bus, TOPIC, 5.0, spool, metrics), metrics)  # type: ignore[arg-type]
+    accepted = asyncio.run(intake.submit(events("a", "b", "c")))
+    assert (accepted.accepted, accepted.spooled) == (3, 2)
+    later = asyncio.run(intake.submit(events("d")))  # queues behind the spool, even though nothing failed now
+    assert later.spooled == 1
+    bus.back.set()
+    deadline = time.monotonic() + 10
+    while len(bus.published) < 4:
+        assert time.monotonic() < deadline, "the spool was not replayed"
+        time.sleep(0.05)
+    assert bus.published == [b"f0", b"f1", b"f2", b"f0"]  # acceptance order ("d" reused id f0 in its own batch)
+    intake.close()
+    assert not intake.sink._replayer.is_alive()
+
+
+def test_spooled_feedback_survives_a_close_and_is_replayed_by_the_next_start(tmp_path: Path) -> None:
+    metrics = MagicMock()
+    sink = FeedbackSink(Unreachable(), TOPIC, 5.0, Spool(tmp_path / "spool.db"), metrics)  # type: ignore[arg-type]
+    assert sink.submit([(b"k", b"v")]) == 1
+    sink.close()
+    assert len(Spool(tmp_path / "spool.db")) == 1
