@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from peft import PeftModel
@@ -21,13 +20,11 @@ from peft import PeftModel
 from trainer.data import LabelledTexts, concat, load_csv, split, split3
 from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
 from trainer.train import TrainResult, fit
+from tuneloop.clock import utc_iso
 from tuneloop.config import Settings
+from tuneloop.errors import NothingToTrain
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Manifest
-
-
-class NothingToTrain(RuntimeError):
-    """Too little new labelled data; the message says how much there is."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +60,7 @@ def balanced_sample(pool: LabelledTexts, wanted: int, seed: int) -> list[int]:
 def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings: Settings,
                   replay_ratio: float | None = None) -> FinetuneData:
     """New feedback since the live version plus its replay sample, both split with the configured seed."""
-    since = datetime.fromisoformat(live.created_at).astimezone(UTC).isoformat(timespec="milliseconds")
+    since = utc_iso(live.created_at)
     rows = [r for r in store.feedback_rows() if r["stored_at"] > since]
     unknown = sorted({r["label"] for r in rows} - set(live.labels))
     if unknown:  # the service refuses such labels; a row with one can only come from outside it

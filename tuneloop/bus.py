@@ -18,11 +18,8 @@ from typing import Any, Protocol
 
 from tuneloop.config import EventsConfig
 from tuneloop.durable_sqlite import connect
+from tuneloop.errors import BusUnavailable
 from tuneloop.events import ModelEvent
-
-
-class BusUnavailable(Exception):
-    """The bus did not acknowledge in time; the message may or may not have been stored."""
 
 
 @dataclass(frozen=True)
