@@ -64,14 +64,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cli.processes import free_port, running, wait_http  # noqa: E402
 from exporters.gate import accuracy  # noqa: E402
 from exporters.quantize import RECIPES  # noqa: E402
 from monitoring.state import ControllerState  # noqa: E402
 from trainer import scenario as scenarios  # noqa: E402
 from trainer.data import LabelledTexts, concat, write_csv  # noqa: E402
+from tuneloop.clock import unix_seconds, utc_iso  # noqa: E402
 from tuneloop.feedback_store import FeedbackStore  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
-from tuneloop.processes import free_port, running, wait_http  # noqa: E402
 from tuneloop.registry import Registry  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -88,8 +89,7 @@ AFTER_SWAP_S = 10.0
 RUN_FIELDS = ("id", "source", "reason", "started_at", "finished_at", "status", "exit_code", "new_rows")
 
 
-def ts(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
+ts = unix_seconds
 
 
 def ms(values: list[float], q: float) -> float | None:
@@ -311,7 +311,7 @@ def copy_sqlite(source: Path, target: Path) -> None:
 def trained_feedback(store: Path, v1_created_at: str, rows: int | None, before: float | None) -> list[dict]:
     """The feedback rows a run trained on: the first `rows` stored after v1 (the trainer reads them in
     stored_at order), or, without a count, those stored before `before` (all of them when None)."""
-    since = datetime.fromisoformat(v1_created_at).astimezone(UTC).isoformat(timespec="milliseconds")
+    since = utc_iso(v1_created_at)
     stored = [r for r in FeedbackStore(store).feedback_rows() if r["stored_at"] > since]
     if rows is not None:
         return stored[:rows]

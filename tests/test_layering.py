@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.data import ROOT
 
 PACKAGES = ("tuneloop", "services", "trainer", "exporters", "monitoring")
 

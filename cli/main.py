@@ -342,7 +342,7 @@ def demo(
     epochs: Annotated[int | None, typer.Option(help="Most training epochs. Default: train.max_epochs.")] = None,
 ) -> None:
     """Run the reference scenario end to end (CLINC150 domain shift) and plot it: demo.png, demo.json."""
-    from tuneloop.demo import plot, run_demo, summary_rows
+    from cli.demo import plot, run_demo, summary_rows
 
     started = time.perf_counter()
     result = run_demo(workdir, feedback_per_intent, epochs, say=console.print)
