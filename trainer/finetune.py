@@ -6,7 +6,7 @@ into train and validation, plus a replay sample of the rows the live version was
 split the same way. Training continues the live adapter (or a fresh one) at the fine-tuning
 learning rate with early stopping on validation loss. Export and the gate follow; nothing is
 published until the whole candidate is staged, so a crash or kill at any point publishes nothing
-(`tuneloop train` in `tuneloop/cli.py` runs these steps, then the exporter and its gate).
+(`trainer/runs.py` turns them into a run; `pipeline/versions.py` adds the exporter and its gate).
 """
 
 from __future__ import annotations

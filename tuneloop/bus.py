@@ -290,6 +290,17 @@ def announce(bus: Bus, topic: str, event: ModelEvent) -> None:
         raise BusUnavailable(f"{topic} did not acknowledge the {event.action} event of v{event.version}")
 
 
+def announce_model_event(config: EventsConfig, event: ModelEvent) -> str | None:
+    """Tell the replicas on the model topic; returns why the bus did not take it, or None.
+
+    The replicas also watch the registry, so a lost event only delays a swap: the caller warns and goes on."""
+    try:
+        announce(open_bus(config), config.topics.model, event)
+    except Exception as exc:  # noqa: BLE001  (the registry already holds the truth)
+        return str(exc)
+    return None
+
+
 def open_bus(config: EventsConfig) -> Bus:
     if config.kafka_bootstrap_servers:
         return KafkaBus(config.kafka_bootstrap_servers)
