@@ -116,11 +116,11 @@ def build_and_publish(
             optimized_path, stage / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement,
             keep_best=gate is not None, calibration=calibration,
         )
-        candidate = int8_classifier(stage / "model.onnx", recipe)  # a fresh session on the staged files
-        onnx_logits = candidate.predict(val.texts).logits
+        onnx_model = int8_classifier(stage / "model.onnx", recipe)  # a fresh session on the staged files
+        onnx_logits = onnx_model.predict(val.texts).logits
         reference = candidate.reference_rows
-        Reference.from_scores(candidate.predict(reference.texts), reference.labels, labels).save(stage / REFERENCE_FILE)
-        verdict = gate(candidate, parity) if gate is not None else None
+        Reference.from_scores(onnx_model.predict(reference.texts), reference.labels, labels).save(stage / REFERENCE_FILE)
+        verdict = gate(onnx_model, parity) if gate is not None else None
         step(STEPS[4])
 
         export_info |= {
