@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import default_registry, preflight, run_wrk, texts  # noqa: E402
-from tests.conftest import bus_env, local_broker, running_controller, running_service  # noqa: E402
+from cli.processes import bus_env, local_broker, running_controller, running_service, tuneloop_env  # noqa: E402
 from tuneloop.feedback_store import FeedbackStore  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -64,10 +64,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work, contextlib.ExitStack() as stack:
         workdir = Path(work)
-        servers = stack.enter_context(local_broker.running_kafka()).bootstrap_servers if args.bus == "kafka" else ""
+        servers = stack.enter_context(local_broker().running_kafka()).bootstrap_servers if args.bus == "kafka" else ""
         env = bus_env(args.bus, workdir, servers)
-        server = stack.enter_context(running_service(registry, workdir, **env))
-        stack.enter_context(running_controller(registry, workdir, env))
+        server = stack.enter_context(running_service(tuneloop_env(registry, **env), workdir))
+        stack.enter_context(running_controller(tuneloop_env(registry, **env), workdir / "controller.log"))
         metrics_url = f"http://127.0.0.1:{env['TUNELOOP_CONTROLLER__PORT']}/metrics"
         store = FeedbackStore(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
         samples: list[tuple[float, float, int]] = []

@@ -34,10 +34,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cli.demo import plot, run_demo, summary_rows  # noqa: E402
 from exporters.gate import accuracy  # noqa: E402
 from trainer import scenario  # noqa: E402
 from trainer.data import concat, write_csv  # noqa: E402
-from tuneloop.demo import plot, run_demo, summary_rows  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
 from tuneloop.registry import Registry  # noqa: E402
 

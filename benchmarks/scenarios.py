@@ -64,21 +64,22 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cli.processes import free_port, running, wait_http  # noqa: E402
 from exporters.gate import accuracy  # noqa: E402
 from exporters.quantize import RECIPES  # noqa: E402
 from monitoring.state import ControllerState  # noqa: E402
 from trainer import scenario as scenarios  # noqa: E402
 from trainer.data import LabelledTexts, concat, write_csv  # noqa: E402
+from tuneloop.clock import unix_seconds, utc_iso  # noqa: E402
 from tuneloop.feedback_store import FeedbackStore  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
-from tuneloop.processes import free_port, running, wait_http  # noqa: E402
 from tuneloop.registry import Registry  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_SCENARIOS = "clinc:1,clinc:2,clinc:3,clinc:4,clinc:5,banking77:1,sentiment:1"
 CONSTRUCTORS = {"clinc": scenarios.clinc, "banking77": scenarios.banking77, "sentiment": scenarios.sentiment}
-QUICK_EPOCHS = 3  # the tests bootstrap their shared v1s with 3 epochs too (tests/conftest.py)
+QUICK_EPOCHS = 3  # the tests bootstrap their shared v1s with 3 epochs too (tests/support/data.py: TEST_EPOCHS)
 LOAD_THREADS, LOAD_RATE_PER_THREAD = 2, 25.0
 OLD_ONLY_S = 20.0
 FEEDBACK_BATCH = 64  # serve.max_texts_per_request
@@ -88,8 +89,7 @@ AFTER_SWAP_S = 10.0
 RUN_FIELDS = ("id", "source", "reason", "started_at", "finished_at", "status", "exit_code", "new_rows")
 
 
-def ts(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
+ts = unix_seconds
 
 
 def ms(values: list[float], q: float) -> float | None:
@@ -311,7 +311,7 @@ def copy_sqlite(source: Path, target: Path) -> None:
 def trained_feedback(store: Path, v1_created_at: str, rows: int | None, before: float | None) -> list[dict]:
     """The feedback rows a run trained on: the first `rows` stored after v1 (the trainer reads them in
     stored_at order), or, without a count, those stored before `before` (all of them when None)."""
-    since = datetime.fromisoformat(v1_created_at).astimezone(UTC).isoformat(timespec="milliseconds")
+    since = utc_iso(v1_created_at)
     stored = [r for r in FeedbackStore(store).feedback_rows() if r["stored_at"] > since]
     if rows is not None:
         return stored[:rows]

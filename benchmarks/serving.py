@@ -31,11 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import IMDB, running_service  # noqa: E402  (reuses the test suite's server launcher)
+from cli.processes import running_service, tuneloop_env  # noqa: E402  (the launcher the demo and the tests use)
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
 from tuneloop.registry import Registry  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+IMDB = ROOT / "data" / "sentiment" / "imdb.csv"
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
@@ -138,7 +139,7 @@ def main() -> None:
         script = wrk_script(Path(work))
         for backend in args.backends:
             rows = []
-            with running_service(registry, Path(work), TUNELOOP_SERVE__BACKEND=backend) as server:
+            with running_service(tuneloop_env(registry, TUNELOOP_SERVE__BACKEND=backend), Path(work)) as server:
                 run_wrk(server.url + "/predict", script, 8, 3)  # warm-up
                 for concurrency in args.concurrency:
                     runs = sorted(

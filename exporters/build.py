@@ -5,21 +5,20 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from exporters import onnx_export
 from exporters.calibrated_int8 import Calibration, calibration_sample
 from exporters.quantize import Parity, Recipe, attempts_as_dicts, quantize_until_parity
-from trainer.data import LabelledTexts, write_csv
-from trainer.model import BaseEncoder, predict, weights_digest
+from trainer.data import write_csv
+from trainer.model import predict, weights_digest
+from trainer.runs import Candidate
 from tuneloop.config import Settings
 from tuneloop.inference import OnnxTextClassifier
 from tuneloop.reference import REFERENCE_FILE, Reference
@@ -36,34 +35,32 @@ def _accuracy(logits: np.ndarray, labels: list[str], label_names: list[str]) -> 
     return float(np.mean(logits.argmax(-1) == np.array([index[label] for label in labels])))
 
 
-def build_and_publish(
-    registry: Registry,
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    labels: list[str],
-    base: BaseEncoder,
-    val: LabelledTexts,
-    settings: Settings,
-    training: dict[str, Any],
-    parent_version: int | None = None,
-    progress: bool = True,
-    datasets: dict[str, LabelledTexts] | None = None,
-    gate: Gate | None = None,
-    reason: str | None = None,
-    promote: bool = True,
-    reference_rows: LabelledTexts | None = None,
-    calibration_texts: Sequence[str] = (),
-) -> Manifest:
-    """Publish the model as the next version; raises (publishing nothing) if no quantization reaches parity.
+@dataclass(frozen=True)
+class Release:
+    """How a built candidate enters the registry.
 
-    Without a gate the version is promoted (bootstrap). With one, it is promoted only when the
-    gate passes (and `promote` holds: a rollout starts from it instead); otherwise it is kept, marked
-    rejected with the gate's figures, and never served. `val` are the parity rows; the drift reference is
-    captured on `reference_rows` (default: `val`), rows training never saw. `datasets` are stored with the version as CSV (`data/<name>.csv`): what it was trained on is
-    the next run's replay pool, and the original data's holdout travels down the lineage.
-    `calibration_texts` (training rows; up to 200 are sampled) calibrate the static int8 recipe;
+    Without a gate the version is promoted (bootstrap). With one, it is promoted only when the gate passes
+    (and `promote` holds: a rollout starts from it instead); otherwise it is kept, marked rejected with the
+    gate's figures, and never served."""
+
+    gate: Gate | None = None
+    reason: str | None = None  # recorded in the history; default: "bootstrap" without a parent, else "published"
+    promote: bool = True
+
+
+def build_and_publish(
+    registry: Registry, candidate: Candidate, settings: Settings, release: Release = Release(), progress: bool = True
+) -> Manifest:
+    """Publish the candidate as the next version; raises (publishing nothing) if no quantization reaches parity.
+
+    Parity is checked on `candidate.parity_rows`; the drift reference is captured on `candidate.reference_rows`,
+    rows training never saw. `candidate.stored` are kept with the version as CSV (`data/<name>.csv`): what it was
+    trained on is the next run's replay pool, and the original data's holdout travels down the lineage.
+    `candidate.calibration_texts` (training rows; up to 200 are sampled) calibrate the static int8 recipe;
     without them it is skipped.
     """
+    model, tokenizer, labels, base = candidate.model, candidate.tokenizer, candidate.labels, candidate.base
+    val, gate, parent_version = candidate.parity_rows, release.gate, candidate.parent_version
     max_length = settings.model.max_seq_length
     encoder_config = model.get_base_model().encoder.config
     steps = tqdm(total=len(STEPS), desc="export", unit="step", disable=None if progress else True)
@@ -95,7 +92,7 @@ def build_and_publish(
         tokenizer.save_pretrained(tokenizer_dir)
         shutil.copy(tokenizer_dir / "tokenizer.json", stage / "tokenizer.json")
         (stage / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
-        for name, rows in (datasets or {}).items():
+        for name, rows in candidate.stored.items():
             write_csv(stage / "data" / f"{name}.csv", rows)
         export_info: dict[str, Any] = {
             "max_seq_length": max_length,
@@ -114,16 +111,16 @@ def build_and_publish(
         def int8_logits(path: Path, recipe: Recipe) -> np.ndarray:
             return int8_classifier(path, recipe).predict(val.texts).logits
 
-        calibration = Calibration(calibration_sample(calibration_texts), stage / "tokenizer.json", max_length)
+        calibration = Calibration(calibration_sample(candidate.calibration_texts), stage / "tokenizer.json", max_length)
         recipe, parity, attempts = quantize_until_parity(
             optimized_path, stage / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement,
             keep_best=gate is not None, calibration=calibration,
         )
-        candidate = int8_classifier(stage / "model.onnx", recipe)  # a fresh session on the staged files
-        onnx_logits = candidate.predict(val.texts).logits
-        reference = reference_rows if reference_rows is not None else val
-        Reference.from_scores(candidate.predict(reference.texts), reference.labels, labels).save(stage / REFERENCE_FILE)
-        verdict = gate(candidate, parity) if gate is not None else None
+        onnx_model = int8_classifier(stage / "model.onnx", recipe)  # a fresh session on the staged files
+        onnx_logits = onnx_model.predict(val.texts).logits
+        reference = candidate.reference_rows
+        Reference.from_scores(onnx_model.predict(reference.texts), reference.labels, labels).save(stage / REFERENCE_FILE)
+        verdict = gate(onnx_model, parity) if gate is not None else None
         step(STEPS[4])
 
         export_info |= {
@@ -145,13 +142,13 @@ def build_and_publish(
             base_model=f"{base.model_id}@sha256:{weights_digest(base)}",
             labels=labels,
             parent_version=parent_version,
-            training_data=training,
+            training_data=candidate.training,
             metrics=metrics,
             export=export_info,
-            reason=reason or ("bootstrap" if parent_version is None else "published"),
+            reason=release.reason or ("bootstrap" if parent_version is None else "published"),
             status="accepted" if verdict is None or verdict["passed"] else "rejected",
             gate=verdict,
-            promote=promote,
+            promote=release.promote,
         )
         step(STEPS[5])
     steps.close()

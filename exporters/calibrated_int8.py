@@ -56,6 +56,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
+from tuneloop.errors import UnsupportedGraph
 from tuneloop.inference import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,6 @@ INT8_MAX = 127
 UINT8_LEVELS = 255
 GELU_OPS = frozenset({"Gelu", "BiasGelu", "FastGelu"})
 PREFIX = "calibrated_int8/"  # names of everything this module adds to a graph
-
-
-class UnsupportedGraph(ValueError):
-    """The graph is not the fused BERT-like encoder this recipe knows how to transform."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from exporters import calibrated_int8
 from exporters.calibrated_int8 import Calibration
+from tuneloop.errors import ParityError
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,6 @@ class Attempt:
     passed: bool
     build_seconds: float
     error: str | None = None
-
-
-class ParityError(RuntimeError):
-    """No recipe reached the required agreement; nothing is published."""
 
 
 def parity(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> Parity:

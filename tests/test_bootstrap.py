@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import imdb_parts, run_cli, tuneloop_env, validation_split
+from tests.support.data import imdb_parts, validation_split
+from tests.support.processes import run_cli, tuneloop_env
 from trainer.data import load_csv
 from trainer.model import load_tokenizer, resolve_base
 from tuneloop.config import Settings

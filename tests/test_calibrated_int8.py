@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporters import calibrated_int8 as ci
 from exporters.quantize import RECIPES, quantize_until_parity
-from tests.conftest import validation_split
+from tests.support.data import validation_split
 from tuneloop.inference import OnnxTextClassifier
 from tuneloop.registry import Registry
 

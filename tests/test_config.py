@@ -54,3 +54,20 @@ def test_invalid_values_and_unknown_keys_are_rejected(tmp_path: Path, monkeypatc
     (tmp_path / "tuneloop.toml").write_text("[serve]\nportt = 1\n")
     with pytest.raises(ValidationError, match="portt"):
         Settings()
+
+
+def test_every_setting_is_described() -> None:
+    from tuneloop.config import config_table
+
+    rows = config_table().splitlines()[2:]
+    assert rows and all(not row.endswith("|  |") for row in rows), [row for row in rows if row.endswith("|  |")]
+
+
+def test_readme_configuration_table_is_the_generated_one() -> None:
+    """Edit the descriptions in tuneloop/config.py, then run `tuneloop config-table --readme README.md`."""
+    from cli.main import readme_with_config_table
+    from tests.support.data import ROOT
+    from tuneloop.config import config_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert readme_with_config_table(readme, config_table()) == readme

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.controller import Controller
 from monitoring.metrics import ControllerMetrics
+from tests.support.processes import wait_for
 from tuneloop.bus import BusUnavailable, EmbeddedBus, Message
 from tuneloop.config import Settings
 from tuneloop.events import FeedbackEvent, ModelEvent, PredictionEvent
@@ -34,12 +34,6 @@ def settings_in(tmp_path: Path) -> Settings:
 def controller_in(tmp_path: Path, bus: EmbeddedBus | None = None) -> Controller:
     return Controller(settings_in(tmp_path), bus=bus, metrics=ControllerMetrics(CollectorRegistry()))
 
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @contextmanager
@@ -92,7 +86,8 @@ def test_the_loop_resumes_from_the_committed_offsets_after_a_failed_step(tmp_pat
     letters = bus.consumer("reader", [controller.topics.dead_letter])
     with running(controller):
         received: list[dict] = []
-        wait_for(lambda: bool(received.extend(json.loads(r.value) for r in letters.poll(10, 0.1)) or received))
+        wait_for(lambda: bool(received.extend(json.loads(r.value) for r in letters.poll(10, 0.1)) or received), 20,
+                 "a dead letter", interval=0.05)
     assert bus.refused == 1
     assert [letter["raw"] for letter in received] == ["not json"]
     assert controller.store.count() == 1  # the batch came twice, was stored once
@@ -104,7 +99,7 @@ def test_a_manual_request_is_decided_on_the_loop_and_starts_a_run(tmp_path: Path
     with running(controller):
         decision, run_id = controller.admin.request_manual("test", timeout_s=20)
         assert decision.fired and decision.source == "manual" and run_id == 1
-        wait_for(lambda: controller.state.runs()[0]["status"] != "running")
+        wait_for(lambda: controller.state.runs()[0]["status"] != "running", 20, "the run to end", interval=0.05)
     [run] = controller.state.runs()
     assert (run["source"], run["reason"], run["status"]) == ("manual", "manual request: test", "succeeded")
     status = controller.admin.status()

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.data import IMDB
 from trainer.data import DataError, LabelledTexts, label_set, load_csv, split, split3
-from tests.conftest import IMDB
 
 
 def test_imdb_copy_loads_with_its_provenance() -> None:

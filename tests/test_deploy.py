@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.support.data import ROOT
 from tuneloop.config import ALL_SIGNALS
 
 PROJECT_PACKAGES = ("tuneloop", "services", "trainer", "exporters", "monitoring")

@@ -11,7 +11,7 @@ from monitoring.drift import (
     Signal, class_mix_signals, confidence_signals, embedding_signal, fdr_adjusted, feedback_quality, length_signal, psi,
     unknown_token_signal,
 )
-from tests.conftest import AMAZON, IMDB
+from tests.support.data import AMAZON, IMDB
 
 
 @pytest.fixture

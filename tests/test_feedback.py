@@ -6,13 +6,13 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import bus_env, local_broker, running_controller, running_service
+from tests.support.processes import bus_env, local_broker, running_controller, running_service, wait_for
 from tuneloop.bus import EmbeddedBus, KafkaBus
 from tuneloop.feedback_store import FeedbackStore
 
@@ -24,13 +24,6 @@ BUSES = ["embedded", "kafka"]
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     servers = request.getfixturevalue("kafka").bootstrap_servers if request.param == "kafka" else ""
     return bus_env(request.param, tmp_path, servers)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def store(env: dict[str, str]) -> FeedbackStore:

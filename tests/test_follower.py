@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 from unittest.mock import MagicMock
@@ -15,6 +14,7 @@ import pytest
 
 from services import live_model
 from services.follower import ModelFollower
+from tests.support.processes import wait_for
 from tuneloop.bus import Record
 from tuneloop.config import Settings
 from tuneloop.events import ModelEvent
@@ -64,12 +64,6 @@ def follower_on(registry: Registry, watch_interval_s: float = 300.0) -> ModelFol
     settings.serve.watch_interval_s = watch_interval_s
     return ModelFollower(registry, settings, MagicMock())
 
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_an_empty_registry_leaves_the_replica_serving_nothing(tmp_path: Path) -> None:
@@ -198,7 +192,7 @@ def test_a_model_event_wakes_the_watch_at_once_and_stop_ends_both_threads(
     bus = OneEventBus(b"not json", event.model_dump_json().encode())
     follower.watch()
     follower.listen(bus, "tuneloop.model-events")  # type: ignore[arg-type]
-    wait_for(lambda: follower.live.version == 2)
+    wait_for(lambda: follower.live.version == 2, 10, "the follower on v2", interval=0.02)
     assert bus.tails == 2  # reconnected after the first failure
     assert "model events unavailable (broker not up yet)" in caplog.text
     assert "ignored a malformed message on tuneloop.model-events" in caplog.text

@@ -9,9 +9,32 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.data import ROOT
 
-PACKAGES = ("tuneloop", "services", "trainer", "exporters", "monitoring")
+# Every directory of Python code, bottom to top; each may import its own package and those listed for it, no other.
+LAYERS: dict[str, set[str]] = {
+    "tuneloop": set(),  # the shared base: nothing above it
+    "services": {"tuneloop"},  # serving learns of models through the registry, never the trainer's code
+    "trainer": {"tuneloop"},
+    "exporters": {"tuneloop", "trainer"},  # merges and exports what the trainer built
+    # After part A of issue 11 moves the trigger policy to monitoring/, "trainer" leaves this set
+    # (test_controller_takes_only_the_trigger_policy_from_the_trainer pins what it may take meanwhile).
+    "monitoring": {"tuneloop"},
+    "pipeline": {"tuneloop", "trainer", "exporters"},  # a training run: train, export, gate, publish
+    "cli": {"tuneloop", "services", "trainer", "exporters", "monitoring", "pipeline"},  # the top: anything but tests
+    "benchmarks": {"tuneloop", "services", "trainer", "exporters", "monitoring", "pipeline", "cli"},
+    "tests": {"tuneloop", "services", "trainer", "exporters", "monitoring", "pipeline", "cli"},
+}
+HEAVY = {"torch", "transformers", "peft", "sentence_transformers"}
+# Third-party packages a layer must not import, beyond the project rule above.
+THIRD_PARTY_FORBIDDEN: dict[str, set[str]] = {
+    "tuneloop": HEAVY | {"bentoml"},
+    "services": HEAVY,  # the serving image has no torch (bentofile.yaml)
+    "trainer": {"bentoml"},
+    "exporters": {"bentoml"},
+    "monitoring": HEAVY | {"bentoml"},
+    "pipeline": {"bentoml"},
+}
 
 
 def imported_modules(package: str, full: bool = False) -> dict[str, set[str]]:
@@ -28,18 +51,30 @@ def imported_modules(package: str, full: bool = False) -> dict[str, set[str]]:
     return found
 
 
-@pytest.mark.parametrize(
-    ("package", "forbidden"),
-    [
-        ("services", {"torch", "transformers", "peft", "trainer", "exporters", "sentence_transformers"}),
-        ("trainer", {"services", "exporters", "bentoml"}),
-        ("exporters", {"services", "bentoml"}),
-        ("monitoring", {"services", "exporters", "torch", "transformers", "bentoml"}),
-    ],
-)
-def test_package_does_not_import(package: str, forbidden: set[str]) -> None:
-    offenders = {path: names & forbidden for path, names in imported_modules(package).items() if names & forbidden}
+def test_every_directory_of_code_has_a_layer() -> None:
+    found = {p.parent.name for p in ROOT.glob("*/*.py") if not p.parent.name.startswith(".")}
+    assert found - {"deploy"} == set(LAYERS)  # deploy/ holds scripts run by path, imported by nothing
+
+
+@pytest.mark.parametrize("package", list(LAYERS))
+def test_package_imports_only_the_layers_below_it(package: str) -> None:
+    project = set(LAYERS)
+    allowed = LAYERS[package] | {package}
+    forbidden = THIRD_PARTY_FORBIDDEN.get(package, set())
+    offenders = {
+        path: bad for path, names in imported_modules(package).items()
+        if (bad := (names & project) - allowed | (names & forbidden))
+    }
     assert offenders == {}
+
+
+def test_test_files_share_helpers_through_conftest_and_support_only() -> None:
+    """A test module imports no other test module (nor conftest): shared code lives in tests/support/."""
+    offenders = {
+        path: {name for name in names if name.startswith(("tests.test_", "tests.conftest"))}
+        for path, names in imported_modules("tests", full=True).items()
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
 
 
 def test_monitoring_imports_nothing_from_the_trainer() -> None:
@@ -51,13 +86,6 @@ def test_monitoring_imports_nothing_from_the_trainer() -> None:
     assert {path: names for path, names in from_trainer.items() if names} == {}
     policy_imports = imported_modules("monitoring", full=True)["monitoring/trigger.py"]
     assert {name.split(".")[0] for name in policy_imports} <= {"__future__", "dataclasses", "typing", "tuneloop"}
-
-
-def test_shared_modules_import_no_layer_above_them() -> None:
-    above = {"services", "trainer", "exporters", "monitoring", "torch"}
-    # The entry points (the CLI and the demo it runs) sit on top of everything.
-    shared = {p: n for p, n in imported_modules("tuneloop").items() if not p.endswith(("cli.py", "demo.py"))}
-    assert {p: n & above for p, n in shared.items() if n & above} == {}
 
 
 def test_serving_path_runs_with_torch_unimportable(registry_path: Path) -> None:

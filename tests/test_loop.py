@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from monitoring.state import ControllerState
-from tests.conftest import bus_env, run_cli, running_controller, running_service, tuneloop_env
+from tests.support.processes import bus_env, run_cli, running_controller, running_service, tuneloop_env
 from trainer import scenario
 from tuneloop.events import FeedbackEvent
 from tuneloop.feedback_store import FeedbackStore

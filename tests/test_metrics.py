@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.metrics import ControllerMetrics
 from services.metrics import service_metrics
-from tests.conftest import ROOT
+from tests.support.data import ROOT
 
 SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created")}
 

@@ -18,17 +18,24 @@ import json
 import random
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from monitoring.state import ControllerState
-from tests.conftest import (
-    AMAZON, BIN, ROOT, Prometheus, bus_env, free_port, imdb_parts, running_controller, running_prometheus,
-    running_service, tuneloop_env,
+from tests.support.dashboard import ROLLOUT_ROW, assert_panels_have_data, dashboard_queries
+from tests.support.data import AMAZON, ROOT, imdb_parts
+from tests.support.processes import (
+    BIN,
+    Prometheus,
+    bus_env,
+    free_port,
+    running_controller,
+    running_prometheus,
+    running_service,
+    tuneloop_env,
+    wait_for,
 )
 from trainer import scenario
 from trainer.data import load_csv
@@ -39,7 +46,6 @@ pytestmark = pytest.mark.slow
 STAND_IN_RUN = json.dumps([sys.executable, "-c", "import time; time.sleep(3)"])
 WINDOW = DriftConfig().window_size
 STEP = DriftConfig().window_step
-DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "tuneloop.json"
 
 
 def replay(client: httpx.Client, texts: list[str], labels: list[str] | None = None, batch: int = 32) -> None:
@@ -54,13 +60,6 @@ def replay(client: httpx.Client, texts: list[str], labels: list[str] | None = No
             ]
             feedback = client.post("/feedback/batch", json={"items": items})
             assert feedback.status_code == 202, feedback.text
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def events_windowed(state: ControllerState) -> int:
@@ -170,29 +169,6 @@ def test_clinc_shift_fires_the_trigger_once_per_cooldown_and_drives_the_dashboar
         check_dashboard_and_rules(prometheus)
 
 
-ROLLOUT_ROW = "Rollout (shadow and canary)"  # its panels have data only during a rollout: tests/test_rollout_live.py
-
-
-def dashboard_queries(rows: set[str] | None = None, skip_rows: set[str] = frozenset()) -> tuple[list[tuple[str, str]], list[str]]:
-    """(panel title, PromQL) of every panel target (in the given rows), and the annotations' PromQL,
-    with Grafana's variables filled in."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    variables = {"$__rate_interval": "30s", "$__range": "1h", "$__interval": "5s"}
-
-    def filled(expr: str) -> str:
-        for name, value in variables.items():
-            expr = expr.replace(name, value)
-        return expr
-
-    panels, row = [], ""
-    for panel in dashboard["panels"]:
-        if panel["type"] == "row":
-            row = panel["title"]
-        elif (rows is None or row in rows) and row not in skip_rows:
-            panels += [(panel["title"], filled(t["expr"])) for t in panel.get("targets", [])]
-    return panels, [filled(a["expr"]) for a in dashboard["annotations"]["list"]]
-
-
 def check_dashboard_and_rules(prometheus: Prometheus) -> None:
     # The run counter appears with the first run; by then every other series has been scraped for a while.
     wait_for(lambda: bool(prometheus.query("tuneloop_training_runs_total")), 60, "the training-run counter in Prometheus")
@@ -206,14 +182,3 @@ def check_dashboard_and_rules(prometheus: Prometheus) -> None:
     assert {"TuneloopDriftSustained", "TuneloopFeedbackAccuracyDrop"} <= {
         rule["name"] for rule in rules if rule["state"] in ("pending", "firing")
     }
-
-
-def assert_panels_have_data(prometheus: Prometheus, panels: list[tuple[str, str]], timeout: float = 60) -> None:
-    empty = {}
-    deadline = time.monotonic() + timeout
-    while True:
-        empty = {title: expr for title, expr in panels if not prometheus.query(expr)}
-        if not empty or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert empty == {}, f"panels without data: {empty}"

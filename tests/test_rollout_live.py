@@ -17,10 +17,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import (
-    bus_env, free_port, imdb_parts, run_cli, running_controller, running_prometheus, running_service, tuneloop_env,
+from tests.support.dashboard import ROLLOUT_ROW, assert_panels_have_data, dashboard_queries
+from tests.support.data import imdb_parts
+from tests.support.processes import (
+    bus_env,
+    free_port,
+    run_cli,
+    running_controller,
+    running_prometheus,
+    running_service,
+    tuneloop_env,
+    wait_for,
 )
-from tests.test_monitoring_live import ROLLOUT_ROW, assert_panels_have_data, dashboard_queries
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import MANIFEST, Registry
 
@@ -41,13 +49,6 @@ def publish_copy(registry: Registry, reverse_labels: bool) -> int:
             stage, base_model=manifest.base_model, labels=labels, parent_version=1, metrics=manifest.metrics,
             export=manifest.export, promote=False, reason="test copy of v1",
         ).version
-
-
-def wait_for(what: str, condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 @pytest.fixture
@@ -116,10 +117,10 @@ def test_shadow_rolls_back_a_worse_candidate_and_canary_promotes_a_good_one_with
             run_cli("rollout", "start", str(bad), "--stage", "shadow", env=cli_env)
             # The replicas load the candidate on the model event, long before their registry poll.
             with service.client() as client:
-                wait_for("a replica to load the shadow candidate",
-                         lambda: (client.get("/model").json().get("candidate") or {}).get("version") == bad, 20)
-            wait_for("the controller to roll the reversed candidate back",
-                     lambda: any(e.action == "abort" and e.version == bad for e in reg.history()), 120)
+                wait_for(lambda: (client.get("/model").json().get("candidate") or {}).get("version") == bad, 20,
+                         "a replica to load the shadow candidate")
+            wait_for(lambda: any(e.action == "abort" and e.version == bad for e in reg.history()), 120,
+                     "the controller to roll the reversed candidate back")
             abort = reg.history()[-1]
             assert abort.reason.startswith("worse:"), abort
             shadow_rows = store._db.execute(
@@ -128,12 +129,12 @@ def test_shadow_rolls_back_a_worse_candidate_and_canary_promotes_a_good_one_with
             assert bad not in served  # shadow is scored, never returned
 
             run_cli("rollout", "start", str(good), "--stage", "shadow", env=cli_env)
-            wait_for("the good candidate to reach canary", lambda: ("canary", good) in [(e.action, e.version) for e in reg.history()], 120)
+            wait_for(lambda: ("canary", good) in [(e.action, e.version) for e in reg.history()], 120, "the good candidate to reach canary")
             rollout_panels, _ = dashboard_queries(rows={ROLLOUT_ROW})
             assert len({title for title, _ in rollout_panels}) == 4  # four panels, eight queries
             assert_panels_have_data(prometheus, rollout_panels)
-            wait_for("the good candidate to pass canary", lambda: reg.current_version() == good, 180)
-            wait_for("both replicas to serve it", lambda: set(served[-40:]) == {good}, 30)
+            wait_for(lambda: reg.current_version() == good, 180, "the good candidate to pass canary")
+            wait_for(lambda: set(served[-40:]) == {good}, 30, "both replicas to serve it")
             assert [(e.action, e.version) for e in reg.history()[-3:]] == [
                 ("shadow", good), ("canary", good), ("promote", good)]
             canary_index = len(served) - served[::-1].index(1)  # after the last text v1 answered
@@ -149,7 +150,7 @@ def test_shadow_rolls_back_a_worse_candidate_and_canary_promotes_a_good_one_with
                 refused = admin.post("/admin/rollback", json={"to": 99}, headers={"Authorization": f"Bearer {TOKEN}"})
                 assert refused.status_code == 409 and "version 99 does not exist" in refused.json()["detail"]
             mark = len(served)
-            wait_for("both replicas to serve v1 again", lambda: set(served[-40:]) == {1} and len(served) > mark + 40, 30)
+            wait_for(lambda: set(served[-40:]) == {1} and len(served) > mark + 40, 30, "both replicas to serve v1 again")
         finally:
             stop.set()
             sender.join()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.data import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 

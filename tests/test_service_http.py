@@ -11,7 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import Server, validation_split
+from tests.support.data import validation_split
+from tests.support.processes import Server
 from tuneloop.registry import Registry
 
 pytestmark = pytest.mark.slow

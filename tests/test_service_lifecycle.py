@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import running_service
+from tests.support.processes import running_service
 from tuneloop.registry import Registry
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,7 @@ from pathlib import Path
 
 from sklearn.model_selection import train_test_split
 
-
-class DataError(ValueError):
-    """The dataset cannot be used; the message names the file, row or label."""
+from tuneloop.errors import DataError
 
 
 @dataclass(frozen=True)

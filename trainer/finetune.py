@@ -9,14 +9,13 @@ ones). Replayed rows would not do: the live version fitted them, so their loss r
 model moves towards the new data and stopped runs early (banking77:1: best epoch 3 of 5). Training
 continues the live adapter (or a fresh one) at the fine-tuning learning rate. Export and the gate follow; nothing is
 published until the whole candidate is staged, so a crash or kill at any point publishes nothing
-(`tuneloop train` in `tuneloop/cli.py` runs these steps, then the exporter and its gate).
+(`trainer/runs.py` turns them into a run; `pipeline/versions.py` adds the exporter and its gate).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from peft import PeftModel
@@ -24,13 +23,11 @@ from peft import PeftModel
 from trainer.data import LabelledTexts, concat, load_csv, split, split3
 from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
 from trainer.train import TrainResult, fit
+from tuneloop.clock import utc_iso
 from tuneloop.config import Settings
+from tuneloop.errors import NothingToTrain
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Manifest
-
-
-class NothingToTrain(RuntimeError):
-    """Too little new labelled data; the message says how much there is."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,7 @@ def balanced_sample(pool: LabelledTexts, wanted: int, seed: int) -> list[int]:
 def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings: Settings,
                   replay_ratio: float | None = None) -> FinetuneData:
     """New feedback since the live version plus its replay sample, both split with the configured seed."""
-    since = datetime.fromisoformat(live.created_at).astimezone(UTC).isoformat(timespec="milliseconds")
+    since = utc_iso(live.created_at)
     rows = [r for r in store.feedback_rows() if r["stored_at"] > since]
     unknown = sorted({r["label"] for r in rows} - set(live.labels))
     if unknown:  # the service refuses such labels; a row with one can only come from outside it

@@ -18,11 +18,8 @@ from typing import Any, Protocol
 
 from tuneloop.config import EventsConfig
 from tuneloop.durable_sqlite import connect
+from tuneloop.errors import BusUnavailable
 from tuneloop.events import ModelEvent
-
-
-class BusUnavailable(Exception):
-    """The bus did not acknowledge in time; the message may or may not have been stored."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +288,17 @@ def announce(bus: Bus, topic: str, event: ModelEvent) -> None:
     bus.ensure_topics([topic])
     if not all(bus.publish_many(topic, [(str(event.version).encode(), event.model_dump_json().encode())])):
         raise BusUnavailable(f"{topic} did not acknowledge the {event.action} event of v{event.version}")
+
+
+def announce_model_event(config: EventsConfig, event: ModelEvent) -> str | None:
+    """Tell the replicas on the model topic; returns why the bus did not take it, or None.
+
+    The replicas also watch the registry, so a lost event only delays a swap: the caller warns and goes on."""
+    try:
+        announce(open_bus(config), config.topics.model, event)
+    except Exception as exc:  # noqa: BLE001  (the registry already holds the truth)
+        return str(exc)
+    return None
 
 
 def open_bus(config: EventsConfig) -> Bus:

@@ -7,12 +7,14 @@ then the defaults below. Every field is documented in the README's reference.
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_core import PydanticUndefined
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -44,22 +46,26 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value", "dense"])
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    batch_size: int = Field(16, ge=1)
-    max_epochs: int = Field(8, ge=1)
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scale.")
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "key", "value", "dense"], description="Encoder layers that get LoRA."
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate (bootstrap; the head's in `tuneloop train`).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(16, ge=1, description="Training rows per step.")
+    max_epochs: int = Field(8, ge=1, description="Most training epochs (early stopping may end sooner).")
     patience: int = Field(2, ge=1, description="Epochs without validation-loss improvement before stopping.")
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of the rows that decides early stopping.")
     holdout_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of the rows never trained on nor used to stop training: the gate "
         "judges on them (and a fine-tuned version's drift reference is captured on them).",
     )
-    seed: int = 13
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(13, description="Seed of the deterministic splits and of training.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' trains on CUDA (bf16 autocast) when present, else on the CPU; 'cpu'; 'cuda'."
+    )
     finetune_learning_rate: float = Field(
         1e-3, gt=0, description="`tuneloop train`: the adapter's learning rate (the head keeps learning_rate). With the "
         "lower layers frozen and replay in every batch, the top layers learn at bootstrap's rate.",
@@ -108,19 +114,22 @@ class GateConfig(Section):
 
 
 class ExportConfig(Section):
-    opset: int = Field(17, ge=14)
+    opset: int = Field(17, ge=14, description="ONNX opset of the export.")
     min_argmax_agreement: float = Field(
         0.99, ge=0, le=1, description="Int8 ONNX vs PyTorch argmax agreement required to publish."
     )
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(3000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Address `tuneloop serve` and `make up` listen on.")
+    port: int = Field(3000, ge=1, le=65535, description="Port `tuneloop serve` and `make up` listen on.")
     backend: Literal["onnx", "torch"] = Field(
         "onnx", description="'torch' runs the same version as PyTorch eager (benchmarks; needs the train extra)."
     )
-    execution_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    execution_provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' uses CUDA when onnxruntime-gpu and a GPU are present; 'cpu'; 'cuda' (an error if "
+        "unavailable).",
+    )
     intra_op_threads: int = Field(
         1, ge=0, description="Threads per worker's inference session (ONNX Runtime or torch); 0: the runtime decides."
     )
@@ -130,9 +139,9 @@ class ServeConfig(Section):
     access_log: bool = Field(
         False, description="BentoML's per-request access log line (costs about 30 % throughput on 2 cores)."
     )
-    max_texts_per_request: int = Field(64, ge=1)
-    max_chars_per_text: int = Field(2000, ge=1)
-    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_texts_per_request: int = Field(64, ge=1, description="Texts in one /predict request; more is a 400.")
+    max_chars_per_text: int = Field(2000, ge=1, description="Characters in one text; more is a 400.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body size; more is a 413.")
     max_batch_size: int = Field(32, ge=1, description="Adaptive batching: most texts in one inference batch.")
     max_latency_ms: int = Field(
         2000, ge=1, description="Adaptive batching: a request predicted to wait longer is refused with 503 (load shedding)."
@@ -171,10 +180,12 @@ class RolloutConfig(Section):
 
 
 class TopicsConfig(Section):
-    predictions: str = "tuneloop.predictions"
-    feedback: str = "tuneloop.feedback"
-    dead_letter: str = "tuneloop.feedback.dead-letter"
-    model: str = "tuneloop.model-events"
+    predictions: str = Field("tuneloop.predictions", description="One event per served prediction.")
+    feedback: str = Field("tuneloop.feedback", description="Labelled feedback.")
+    dead_letter: str = Field(
+        "tuneloop.feedback.dead-letter", description="Malformed messages, feedback whose prediction never arrived."
+    )
+    model: str = Field("tuneloop.model-events", description="Promotions, rollbacks and rollout stages (hot swap).")
 
 
 class EventsConfig(Section):
@@ -190,13 +201,13 @@ class EventsConfig(Section):
 
 class ControllerConfig(Section):
     store_path: Path = Field(Path("var/feedback.db"), description="The feedback store (SQLite).")
-    group_id: str = "tuneloop-controller"
+    group_id: str = Field("tuneloop-controller", description="The controller's Kafka consumer group.")
     join_timeout_s: float = Field(
         300.0, gt=0, description="Feedback whose prediction has not arrived by then goes to the dead-letter topic."
     )
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="Address of the controller's /metrics and /admin.")
     port: int = Field(3100, ge=1, le=65535, description="The controller's /metrics port.")
-    poll_max_records: int = Field(500, ge=1)
+    poll_max_records: int = Field(500, ge=1, description="Messages stored per feedback-store transaction.")
     admin_token: SecretStr = Field(
         SecretStr(""), description="Bearer token for the controller's /admin endpoints; empty disables them."
     )
@@ -245,7 +256,7 @@ class TriggerConfig(Section):
         default_factory=lambda: ["tuneloop", "train", "--run-id", "{run_id}"],
         description="The training run the controller starts, as its own process; {run_id} is filled in.",
     )
-    runs_dir: Path = Field(Path("var/runs"), description="Each run's log, run-<id>.log.")
+    runs_dir: Path = Field(Path("var/runs"), description="Each run's log, `run-<id>.log`.")
 
     @field_validator("signals")
     @classmethod
@@ -305,3 +316,37 @@ def load_settings() -> Settings:
     if kafka and not os.environ.get("TUNELOOP_EVENTS__KAFKA_BOOTSTRAP_SERVERS"):
         settings.events.kafka_bootstrap_servers = kafka
     return settings
+
+
+def _default_cell(value: object) -> str:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value == "":
+        return "*(empty)*"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Path):
+        return f"`{value.as_posix()}`"
+    if isinstance(value, list):
+        return "`" + json.dumps(value, separators=(",", ":")) + "`"
+    if isinstance(value, str):
+        return f"`{value}`"
+    return str(value)
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            rows += _rows(info.annotation, f"{key}.")
+            continue
+        default = info.default_factory() if info.default is PydanticUndefined else info.default
+        meaning = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{key}` | {_default_cell(default)} | {meaning} |")
+    return rows
+
+
+def config_table() -> str:
+    """The README's configuration reference, from the fields' defaults and descriptions (`tuneloop config-table`)."""
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *_rows(Settings, "")])

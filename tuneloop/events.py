@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+from tuneloop.clock import utc_now
 
 
 def new_id() -> str:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
+from tuneloop.clock import utc_now
 from tuneloop.durable_sqlite import connect
 from tuneloop.events import FeedbackEvent, PredictionEvent
 
@@ -64,7 +64,7 @@ class FeedbackStore:
     def write(self, predictions: list[PredictionEvent], feedback: list[FeedbackEvent]) -> WriteResult:
         """Store a consumed batch in one transaction: all of it or none of it."""
         result = WriteResult()
-        stored_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        stored_at = utc_now()
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(

@@ -22,22 +22,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from tuneloop.clock import utc_now
+from tuneloop.errors import IntegrityError, RegistryError
+
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
-
-
-class RegistryError(Exception):
-    """A registry operation could not be done; the message says what to do."""
-
-
-class IntegrityError(RegistryError):
-    """A stored file does not match its manifest."""
 
 
 class FileEntry(BaseModel):
@@ -84,10 +78,6 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -177,7 +167,7 @@ class Registry:
             version = max(self.list_versions(), default=0) + 1
             manifest = Manifest(
                 version=version,
-                created_at=_now(),
+                created_at=utc_now(),
                 parent_version=parent_version,
                 base_model=base_model,
                 labels=labels,
@@ -209,7 +199,7 @@ class Registry:
             self._end_rollout_locked(rollout, f"ended by {action} to v{version}")
         _write_atomic(self.current_file, f"{version}\n".encode())
         self.rollout_file.unlink(missing_ok=True)
-        self._log(HistoryEntry(time=_now(), action=action, version=version, previous=previous, reason=reason))
+        self._log(HistoryEntry(time=utc_now(), action=action, version=version, previous=previous, reason=reason))
 
     def _servable(self, version: int) -> Manifest:
         manifest = self.verify(version)
@@ -262,7 +252,7 @@ class Registry:
                 raise RegistryError(
                     f"v{previous.version} is in {previous.stage} already; abort it first (`tuneloop rollout abort`)"
                 )
-            now = _now()
+            now = utc_now()
             rollout = Rollout(
                 version=version, stable=current, stage=stage, share=share if stage == "canary" else 0.0,
                 started_at=previous.started_at if previous else now, stage_started_at=now,
@@ -286,7 +276,7 @@ class Registry:
     def _end_rollout_locked(self, rollout: Rollout, reason: str) -> None:
         self.rollout_file.unlink(missing_ok=True)
         _fsync_dir(self.root)
-        self._log(HistoryEntry(time=_now(), action="abort", version=rollout.version, previous=rollout.stable, reason=reason))
+        self._log(HistoryEntry(time=utc_now(), action="abort", version=rollout.version, previous=rollout.stable, reason=reason))
 
     # -- reading ---------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,13 +21,11 @@ from pathlib import Path
 
 import httpx
 
+from cli.processes import BIN, free_port, running, wait_http
 from monitoring.state import ControllerState
 from trainer import scenario
 from trainer.data import write_csv
-from tuneloop.processes import free_port, running, wait_http
 from tuneloop.registry import Registry
-
-BIN = Path(sys.executable).parent
 
 
 @dataclass

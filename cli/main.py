@@ -15,8 +15,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tuneloop.bus import announce_model_event
 from tuneloop.config import Settings, load_settings
-from tuneloop.registry import Registry, RegistryError
+from tuneloop.errors import DataError, ExitCode, NothingToTrain, RegistryError
+from tuneloop.events import ModelEvent
+from tuneloop.registry import Registry
 
 app = typer.Typer(help="Serve a LoRA-tuned text classifier as int8 ONNX and keep it tuned.", no_args_is_help=True)
 console = Console()
@@ -42,45 +45,14 @@ def bootstrap(
         console.print(f"registry {registry.root} already serves v{registry.current_version()}; nothing to do")
         return
     started = time.perf_counter()
-    from exporters.build import build_and_publish
-    from trainer import data as datasets
-    from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
-    from trainer.train import fit
+    from pipeline.versions import build_v1
 
     try:
-        rows = datasets.load_csv(data)
-        label_names = datasets.label_set(rows, labels.split(",") if labels else None)
-    except datasets.DataError as exc:
+        built = build_v1(settings, registry, data, labels.split(",") if labels else None, progress, console.print)
+    except DataError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    train_rows, val_rows, holdout = datasets.split3(
-        rows, settings.train.val_fraction, settings.train.holdout_fraction, settings.train.seed)
-    base = resolve_base(settings.model)
-    console.print(
-        f"bootstrap: {len(train_rows)} train / {len(val_rows)} validation / {len(holdout)} holdout rows, "
-        f"{len(label_names)} labels, base {base.model_id}"
-    )
-    tokenizer = load_tokenizer(base)
-    model = add_lora(build_classifier(base, len(label_names), settings.model), settings.train)
-    result = fit(model, tokenizer, train_rows, val_rows, label_names, settings.train, settings.model.max_seq_length, progress)
-    training = rows.source | {
-        "split_seed": settings.train.seed,
-        "val_fraction": settings.train.val_fraction,
-        "holdout_fraction": settings.train.holdout_fraction,
-        "train_rows": len(train_rows),
-        "device": result.device,
-        "epochs_run": len(result.epochs),
-        "best_epoch": result.best_epoch,
-        "train_samples_per_second": round(result.train_samples_per_second, 1),
-        "lora": settings.train.model_dump(include={"lora_r", "lora_alpha", "lora_dropout", "target_modules"}),
-    }
-    manifest = build_and_publish(
-        # Parity and the drift reference on validation and holdout together: v1's holdout alone (70 imdb rows)
-        # left the embedding MMD too little power to see amazon traffic within a window (measured in CI).
-        registry, result.model, tokenizer, label_names, base, datasets.concat([val_rows, holdout]), settings, training,
-        progress=progress, datasets={"train": train_rows, "val": val_rows, "holdout": holdout},
-        calibration_texts=train_rows.texts,
-    )
+        raise typer.Exit(exc.exit_code) from None
+    manifest, result = built.manifest, built.run.result
     table = Table(title=f"published v{manifest.version} to {registry.root}", show_header=False)
     parity = manifest.metrics["parity"]
     for key, value in (
@@ -95,9 +67,6 @@ def bootstrap(
     ):
         table.add_row(key, value)
     console.print(table)
-
-
-EXIT_REJECTED, EXIT_NOTHING_TO_TRAIN = 3, 2
 
 
 @app.command()
@@ -118,69 +87,17 @@ def train(
     from trainer.priority import yield_cpu
 
     yield_cpu(settings.train.niceness)  # serving on this host comes first
-    from exporters.build import build_and_publish
-    from exporters.gate import GateRows, run_gate
-    from exporters.quantize import Parity
-    from trainer.data import concat
-    from trainer.finetune import NothingToTrain, build_dataset, finetune
-    from trainer.model import load_tokenizer, resolve_base
-    from tuneloop.feedback_store import FeedbackStore
-    from tuneloop.inference import OnnxTextClassifier
+    from pipeline.versions import build_candidate
 
-    registry = Registry(settings.registry.path)
-    live, live_dir = registry.resolve()
-    rollout = registry.rollout()
-    if rollout is not None:
-        console.print(f"[yellow]nothing to train:[/yellow] v{rollout.version} is in {rollout.stage}; "
-                      "let it finish or `tuneloop rollout abort` it first")
-        raise typer.Exit(EXIT_NOTHING_TO_TRAIN)
     try:
-        data = build_dataset(FeedbackStore(settings.controller.store_path), live, live_dir, settings, replay_ratio)
+        built = build_candidate(settings, Registry(settings.registry.path), run_id, replay_ratio, progress, console.print)
     except NothingToTrain as exc:
         console.print(f"[yellow]nothing to train:[/yellow] {exc}")
-        raise typer.Exit(EXIT_NOTHING_TO_TRAIN) from None
-    console.print(
-        f"train: from v{live.version}; {data.new_train} new + {len(data.train) - data.new_train} replayed rows "
-        f"to train, {len(data.val)} to validate, holdout {len(data.holdout)}"
-    )
-    result = finetune(settings, live, live_dir, data, progress)
-    live_classifier = OnnxTextClassifier.from_version(live, live_dir, "cpu")
-
-    def gate(candidate: OnnxTextClassifier, parity: Parity) -> dict[str, object]:
-        return run_gate(candidate, live_classifier, GateRows(data.new_holdout, data.holdout, data.known_labels), parity,
-                        settings.export.min_argmax_agreement, settings.gate)
-
-    ratio = settings.train.replay_ratio if replay_ratio is None else replay_ratio
-    evaluation = concat([data.holdout, data.new_holdout])
-    training = {
-        "run_id": run_id, "feedback_since": live.created_at, "feedback_rows": data.feedback_rows,
-        "new_train_rows": data.new_train,
-        "new_holdout_rows": len(data.new_holdout), "replayed_rows": data.replayed, "replay_ratio": ratio,
-        "warm_start": settings.train.warm_start, "learning_rate": settings.train.finetune_learning_rate,
-        "split_seed": settings.train.seed, "device": result.device, "epochs_run": len(result.epochs),
-        "best_epoch": result.best_epoch, "train_samples_per_second": round(result.train_samples_per_second, 1),
-    }
-    base = resolve_base(settings.model)
-    manifest = build_and_publish(
-        # Parity on every row at hand; the drift reference on the rows training never saw, which grow down
-        # the lineage: the next run's gate and reference also see this run's new holdout rows.
-        registry, result.model, load_tokenizer(base), live.labels, base, concat([data.val, evaluation]), settings,
-        training, reference_rows=evaluation, parent_version=live.version, progress=progress,
-        datasets={"train": data.train, "val": data.unseen_val, "holdout": evaluation},
-        gate=gate, reason=f"training run {run_id}" if run_id is not None else "tuneloop train",
-        promote=not settings.rollout.stages, calibration_texts=data.train.texts,
-    )
-    accepted = manifest.status == "accepted"
-    outcome = "REJECTED"
-    if accepted and settings.rollout.stages:
-        stage = settings.rollout.stages[0]
-        registry.start_rollout(manifest.version, stage, settings.rollout.canary_share, "passed the gate")
-        _announce(settings, stage, manifest.version, live.version)
-        outcome = f"in {stage}"
-    elif accepted:
-        _announce(settings, "promote", manifest.version, live.version)
-        outcome = "promoted"
-    table = Table(title=f"v{manifest.version} {outcome} (parent v{live.version})")
+        raise typer.Exit(exc.exit_code) from None
+    for warning in built.warnings:
+        console.print(f"[yellow]warning:[/yellow] model event not published ({warning})")
+    manifest, result = built.manifest, built.run.result
+    table = Table(title=f"v{manifest.version} {built.outcome} (parent v{built.run.live.version})")
     table.add_column("check")
     table.add_column("passed")
     table.add_column("figures")
@@ -190,20 +107,16 @@ def train(
     console.print(table)
     console.print(f"epochs {len(result.epochs)} (best {result.best_epoch}) on {result.device}, "
                   f"{result.train_samples_per_second:.0f} samples/s; took {time.perf_counter() - started:.0f} s")
-    if not accepted:
-        raise typer.Exit(EXIT_REJECTED)
+    if not built.accepted:
+        raise typer.Exit(ExitCode.REJECTED)
 
 
 def _announce(settings: Settings, action: str, version: int, previous: int | None, reason: str = "") -> None:
     """Tell the replicas on the model topic; they also watch the registry, so a lost event only delays a swap."""
-    from tuneloop.bus import announce, open_bus
-    from tuneloop.events import ModelEvent
-
     event = ModelEvent(action=action, version=version, previous=previous, reason=reason)
-    try:
-        announce(open_bus(settings.events), settings.events.topics.model, event)
-    except Exception as exc:  # the registry already holds the truth
-        console.print(f"[yellow]warning:[/yellow] model event not published ({exc})")
+    problem = announce_model_event(settings.events, event)
+    if problem:
+        console.print(f"[yellow]warning:[/yellow] model event not published ({problem})")
 
 
 @app.command()
@@ -250,10 +163,10 @@ def trigger(
         )
     except httpx.HTTPError as exc:
         console.print(f"[red]error:[/red] no controller answered at {base} ({exc}); start it with `tuneloop controller`")
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.FAILED) from None
     if response.status_code != 202:
         console.print(f"[red]not started ({response.status_code}):[/red] {response.json().get('detail', response.text)}")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     body = response.json()
     console.print(f"training run {body['run_id']} started: {body['detail']}")
 
@@ -269,7 +182,7 @@ def rollback(
         current, target = Registry(settings.registry.path).rollback(to, reason)
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.FAILED) from None
     if target == current:
         console.print(f"v{current} is already served; nothing to do")
         return
@@ -303,13 +216,13 @@ def rollout_start(
     settings = load_settings()
     if stage not in ("shadow", "canary"):
         console.print(f"[red]error:[/red] --stage is shadow or canary, not {stage!r}")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.NOTHING_TO_DO)
     registry = Registry(settings.registry.path)
     try:
         rollout = registry.start_rollout(version, stage, share or settings.rollout.canary_share, "manual (CLI)")
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.FAILED) from None
     _announce(settings, stage, version, rollout.stable, "manual (CLI)")
     console.print(f"v{version} in {stage} next to stable v{rollout.stable}")
 
@@ -332,7 +245,7 @@ def _end_rollout(promote: bool, reason: str) -> None:
         rollout = Registry(settings.registry.path).end_rollout(promote, reason)
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.FAILED) from None
     _announce(settings, "promote" if promote else "abort", rollout.version, rollout.stable, reason)
     console.print(f"v{rollout.version} {'promoted' if promote else 'withdrawn'}; stable was v{rollout.stable}")
 
@@ -344,7 +257,7 @@ def demo(
     epochs: Annotated[int | None, typer.Option(help="Most training epochs. Default: train.max_epochs.")] = None,
 ) -> None:
     """Run the reference scenario end to end (CLINC150 domain shift) and plot it: demo.png, demo.json."""
-    from tuneloop.demo import plot, run_demo, summary_rows
+    from cli.demo import plot, run_demo, summary_rows
 
     started = time.perf_counter()
     result = run_demo(workdir, feedback_per_intent, epochs, say=console.print)
@@ -391,8 +304,32 @@ def verify(version: Annotated[int | None, typer.Argument(help="Default: the curr
         manifest, directory = _registry().resolve(version)
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(ExitCode.FAILED) from None
     console.print(f"v{manifest.version} at {directory}: {len(manifest.files)} files verified")
+
+
+CONFIG_TABLE_START = "<!-- config-table: generated by `tuneloop config-table --readme README.md` from tuneloop/config.py -->"
+CONFIG_TABLE_END = "<!-- config-table: end -->"
+
+
+def readme_with_config_table(readme: str, table: str) -> str:
+    """`readme` with the text between the config-table markers replaced by `table`."""
+    start, end = readme.index(CONFIG_TABLE_START) + len(CONFIG_TABLE_START), readme.index(CONFIG_TABLE_END)
+    return f"{readme[:start]}\n{table}\n{readme[end:]}"
+
+
+@app.command("config-table")
+def config_table(
+    readme: Annotated[Path | None, typer.Option(help="Replace the table between the markers in this file.")] = None,
+) -> None:
+    """Print the configuration reference (every key, its default and meaning) as a markdown table."""
+    from tuneloop.config import config_table as table
+
+    if readme is None:
+        print(table())
+        return
+    readme.write_text(readme_with_config_table(readme.read_text(), table()))
+    console.print(f"{readme}: configuration table updated")
 
 
 def main() -> None:

@@ -1,0 +1,152 @@
+"""The processes a demo, a benchmark or a test runs beside itself (a service, a controller, Prometheus):
+a free port, start in a process group, wait for an HTTP probe, stop the whole group."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the environment's console scripts: tuneloop, bentoml
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tuneloop_env(registry: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without any TUNELOOP_ setting, offline, on `registry`, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELOOP_")}
+    return env | {"HF_HUB_OFFLINE": "1", "TUNELOOP_REGISTRY__PATH": str(registry)} | extra
+
+
+@contextlib.contextmanager
+def running(args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """Run a command in its own process group, output to `log`; stop the group on the way out."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    process.log = log  # type: ignore[attr-defined]
+    try:
+        yield process
+    finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM the process group (children too, even when the leader already exited); SIGKILL after the timeout."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Until `url` answers 200; raises with the process's log if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {process.returncode}:\n{_tail(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not up after {timeout:.0f} s:\n{_tail(log)}")
+
+
+def _tail(log: Path, chars: int = 4000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.is_file() else f"(no log at {log})"
+
+
+class Server:
+    """A running `bentoml serve`: its process, base URL and log."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.process = process
+        self.url = url
+        self.log = log
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_service(
+    env: dict[str, str], workdir: Path, port: int | None = None, wait_ready: bool = True, log: Path | None = None,
+    cwd: Path | None = ROOT,
+) -> Iterator[Server]:
+    """`bentoml serve` on a loopback port (a free one by default), BentoML's home in `workdir`; stopped afterwards.
+
+    Waits for /readyz (a verified model loaded), or only for /livez without `wait_ready`."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = log or workdir / f"serve-{port}.log"
+    args = [str(BIN / "bentoml"), "serve", "services.service:Classifier", "--host", "127.0.0.1", "--port", str(port)]
+    with running(args, env | {"BENTOML_HOME": str(workdir / "bentoml")}, log, cwd) as process:
+        server = Server(process, f"http://127.0.0.1:{port}", log)
+        wait_http(server.url + ("/readyz" if wait_ready else "/livez"), process, log)
+        yield server
+
+
+@contextlib.contextmanager
+def running_controller(
+    env: dict[str, str], log: Path, wait: bool = True, timeout: float = 60, cwd: Path | None = ROOT
+) -> Iterator[subprocess.Popen]:
+    """`tuneloop controller` with `env` (its port from TUNELOOP_CONTROLLER__PORT); waits for /healthz."""
+    with running([str(BIN / "tuneloop"), "controller"], env, log, cwd) as process:
+        if wait:
+            port = env.get("TUNELOOP_CONTROLLER__PORT", "3100")
+            wait_http(f"http://127.0.0.1:{port}/healthz", process, log, timeout)
+        yield process
+
+
+def bus_env(kind: str, workdir: Path, bootstrap_servers: str = "", **extra: str) -> dict[str, str]:
+    """Settings for a service and a controller sharing one bus, store and (with Kafka) fresh topics."""
+    env = {
+        "TUNELOOP_CONTROLLER__STORE_PATH": str(workdir / "store.db"),
+        "TUNELOOP_CONTROLLER__PORT": str(free_port()),
+        "TUNELOOP_EVENTS__SPOOL_DIR": str(workdir / "spool"),
+        "TUNELOOP_EVENTS__ACK_TIMEOUT_S": "2",
+    }
+    if kind == "kafka":
+        suffix = workdir.name.replace("_", "-")
+        env |= {
+            "TUNELOOP_EVENTS__KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+            "TUNELOOP_CONTROLLER__GROUP_ID": f"controller-{suffix}",
+        }
+        for topic in ("predictions", "feedback", "dead_letter", "model"):
+            env[f"TUNELOOP_EVENTS__TOPICS__{topic.upper()}"] = f"{topic}-{suffix}"
+    else:
+        env["TUNELOOP_EVENTS__EMBEDDED_PATH"] = str(workdir / "events.db")
+    return env | extra
+
+
+@functools.cache
+def local_broker() -> ModuleType:
+    """deploy/kafka/local_broker.py (a real single-node Kafka from Maven Central jars), loaded by path."""
+    spec = importlib.util.spec_from_file_location("local_broker", ROOT / "deploy" / "kafka" / "local_broker.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

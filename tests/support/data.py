@@ -1,0 +1,35 @@
+"""The shipped data the tests train and replay, split as the shared v1 was bootstrapped."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+from cli.processes import ROOT
+from trainer.data import LabelledTexts, concat, load_csv, split, split3, write_csv
+
+IMDB = ROOT / "data" / "sentiment" / "imdb.csv"
+AMAZON = IMDB.with_name("amazon.csv")
+# CI trains v1 for at most 3 epochs (about 100 s on 2 cores); `make up` uses the full default.
+TEST_EPOCHS = "3"
+
+__all__ = ["AMAZON", "IMDB", "ROOT", "TEST_EPOCHS", "imdb_parts", "validation_split"]
+
+
+@functools.cache
+def imdb_parts() -> tuple[Path, LabelledTexts]:
+    """Model v1 bootstraps on 70 % of imdb (this CSV); the other 30 % is traffic it has never seen."""
+    bootstrap, traffic = split(load_csv(IMDB), 0.3, seed=13)
+    return write_csv(Path(tempfile.mkdtemp(prefix="tuneloop-data-")) / "imdb-bootstrap.csv", bootstrap), traffic
+
+
+@functools.cache
+def validation_split() -> LabelledTexts:
+    """The rows bootstrap checks int8 parity on: its validation and holdout rows of imdb_parts()[0]."""
+    from tuneloop.config import Settings
+
+    settings = Settings()
+    _, val, holdout = split3(load_csv(imdb_parts()[0]), settings.train.val_fraction, settings.train.holdout_fraction,
+                             settings.train.seed)
+    return concat([val, holdout])

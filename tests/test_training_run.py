@@ -1,0 +1,56 @@
+"""`tuneloop train` when there is nothing to train, in process: the exit code the controller reads and the reason.
+
+The full run (train, export, gate, publish) is tests/test_loop.py's; these need no model, only a registry."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from tuneloop.config import load_settings
+from tuneloop.errors import RUN_STATUS, ExitCode
+from tuneloop.registry import Registry
+
+
+def publish(registry: Registry, payload: bytes, promote: bool) -> int:
+    with registry.staging() as stage:
+        (stage / "model.onnx").write_bytes(payload)
+        (stage / "labels.json").write_text(json.dumps(["neg", "pos"]))
+        return registry.publish(stage, base_model="base@sha256:0", labels=["neg", "pos"], promote=promote).version
+
+
+def said(output: str) -> str:
+    return " ".join(output.split())  # rich wraps lines at the terminal width
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+    for key, value in {"REGISTRY__PATH": tmp_path / "registry", "CONTROLLER__STORE_PATH": tmp_path / "store.db",
+                       "TRAIN__NICENESS": 0}.items():
+        monkeypatch.setenv(f"TUNELOOP_{key}", str(value))
+    load_settings.cache_clear()
+    yield Registry(tmp_path / "registry")
+    load_settings.cache_clear()
+
+
+def test_too_little_feedback_is_nothing_to_train(registry: Registry) -> None:
+    publish(registry, b"v1", promote=True)
+    result = CliRunner().invoke(app, ["train", "--no-progress"])
+    assert result.exit_code == ExitCode.NOTHING_TO_DO == 2, result.output
+    assert RUN_STATUS[result.exit_code] == "skipped"
+    assert "nothing to train: 0 labelled rows arrived since v1 was published" in said(result.output)
+    assert registry.list_versions() == [1]
+
+
+def test_a_rollout_in_progress_is_nothing_to_train(registry: Registry) -> None:
+    publish(registry, b"v1", promote=True)
+    candidate = publish(registry, b"v2", promote=False)
+    registry.start_rollout(candidate, "shadow", 0.1, "test")
+    result = CliRunner().invoke(app, ["train", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "nothing to train: v2 is in shadow; let it finish or `tuneloop rollout abort` it first" in said(result.output)
