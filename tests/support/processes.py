@@ -27,8 +27,8 @@ local_broker = processes.local_broker()
 
 
 def tuneloop_env(registry: Path, **extra: str) -> dict[str, str]:
-    """A clean environment on `registry` that trains for at most TEST_EPOCHS."""
-    return processes.tuneloop_env(registry, TUNELOOP_TRAIN__MAX_EPOCHS=TEST_EPOCHS, **extra)
+    """A clean environment on `registry` that trains for at most TEST_EPOCHS, unless `extra` sets the epochs."""
+    return processes.tuneloop_env(registry, **({"TUNELOOP_TRAIN__MAX_EPOCHS": TEST_EPOCHS} | extra))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
