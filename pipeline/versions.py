@@ -13,16 +13,12 @@ from pathlib import Path
 from exporters.build import Release, build_and_publish
 from exporters.gate import GateRows, run_gate
 from exporters.quantize import Parity
-from trainer.runs import BootstrapRun, FeedbackRun, Say, bootstrap, train_on_feedback
+from trainer.runs import BootstrapRun, FeedbackRun, Say, bootstrap, quiet, train_on_feedback
 from tuneloop.bus import announce_model_event
 from tuneloop.config import Settings
 from tuneloop.events import ModelEvent
 from tuneloop.inference import OnnxTextClassifier
 from tuneloop.registry import Manifest, Registry
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -44,14 +40,14 @@ class CandidateBuilt:
 
 
 def build_v1(settings: Settings, registry: Registry, data: Path, labels: list[str] | None = None,
-             progress: bool = True, say: Say = _quiet) -> V1Built:
+             progress: bool = True, say: Say = quiet) -> V1Built:
     """Train v1 on the CSV, export it as int8 ONNX, check parity, publish and promote it."""
     run = bootstrap(settings, data, labels, progress, say)
     return V1Built(run, build_and_publish(registry, run.candidate, settings, Release(), progress))
 
 
 def build_candidate(settings: Settings, registry: Registry, run_id: int | None = None,
-                    replay_ratio: float | None = None, progress: bool = True, say: Say = _quiet) -> CandidateBuilt:
+                    replay_ratio: float | None = None, progress: bool = True, say: Say = quiet) -> CandidateBuilt:
     """Fine-tune the live version on new feedback plus replay; export and gate; promote (or start the rollout)
     if it passes. Raises NothingToTrain when there is nothing to do."""
     run = train_on_feedback(settings, registry, run_id, replay_ratio, progress, say)

@@ -92,13 +92,14 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
             val = concat([val, replay_val])
         parts_train.append(replay)
         replayed = wanted
+    pool_labels = set(pool.labels) if pool is not None else set()
     holdout_path = live_dir / "data" / "holdout.csv"
     if not holdout_path.is_file():
         raise NothingToTrain(f"v{live.version} carries no original-data holdout ({holdout_path}); the gate needs one")
     return FinetuneData(
         train=concat(parts_train), val=val, unseen_val=unseen_val, feedback_rows=len(new), new_train=len(new_train),
         new_holdout=new_holdout, replayed=replayed, holdout=load_csv(holdout_path),
-        known_labels=[label for label in live.labels if pool is None or label in set(pool.labels)],
+        known_labels=[label for label in live.labels if pool is None or label in pool_labels],
     )
 
 

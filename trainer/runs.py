@@ -27,8 +27,8 @@ from tuneloop.registry import Manifest, Registry
 Say = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
-    pass
+def quiet(_: str) -> None:
+    """A `Say` that says nothing."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class FeedbackRun:
 
 
 def bootstrap(settings: Settings, data: Path, labels: list[str] | None = None, progress: bool = True,
-              say: Say = _quiet) -> BootstrapRun:
+              say: Say = quiet) -> BootstrapRun:
     """Split the CSV (train / validation / holdout), build the classifier with a fresh LoRA adapter and train it.
 
     Raises DataError when the CSV or the declared labels cannot be used."""
@@ -109,7 +109,7 @@ def bootstrap(settings: Settings, data: Path, labels: list[str] | None = None, p
 
 
 def train_on_feedback(settings: Settings, registry: Registry, run_id: int | None = None,
-                      replay_ratio: float | None = None, progress: bool = True, say: Say = _quiet) -> FeedbackRun:
+                      replay_ratio: float | None = None, progress: bool = True, say: Say = quiet) -> FeedbackRun:
     """Fine-tune the live version on the feedback stored since it was published, plus a replay of its training rows.
 
     Raises NothingToTrain when a rollout is in progress or too little new labelled data arrived."""

@@ -61,6 +61,10 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def by_length(self) -> list[int]:
+        """Row indices, shortest text first: batches cut from them pad little."""
+        return sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
+
 
 def encode(tokenizer: PreTrainedTokenizerBase, data: LabelledTexts, labels: list[str], max_length: int) -> Encoded:
     index = {label: i for i, label in enumerate(labels)}
@@ -81,7 +85,7 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 def with_prefix(data: Encoded, prefix: FrozenPrefix, pad_id: int, device: torch.device, batch_size: int = 64) -> Encoded:
     """The frozen layers' output for every text, computed once, in batches of similar length."""
-    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    order = data.by_length()
     hidden: list[torch.Tensor | None] = [None] * len(data)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
@@ -121,7 +125,7 @@ def evaluate(model: PeftModel, data: Encoded, pad_id: int, device: torch.device,
              batch_size: int = 64) -> tuple[float, float]:
     model.eval()
     total_loss, correct = 0.0, 0
-    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))  # the sums do not depend on it, padding does
+    order = data.by_length()  # the sums do not depend on the order, the padding does
     for start in range(0, len(data), batch_size):
         batch = _batch(data, order[start : start + batch_size], pad_id, device)
         logits = _forward(model, batch, prefix)
