@@ -34,7 +34,7 @@ from monitoring.controller import Controller  # noqa: E402
 from monitoring.metrics import controller_metrics  # noqa: E402
 from monitoring.state import ControllerState  # noqa: E402
 from trainer import scenario  # noqa: E402
-from trainer.data import LabelledTexts, load_csv, split, write_csv  # noqa: E402
+from trainer.data import LabelledTexts, load_csv, split, traffic_order, write_csv  # noqa: E402
 from tuneloop.config import Settings  # noqa: E402
 from tuneloop.events import FeedbackEvent, PredictionEvent, new_id  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
@@ -85,6 +85,7 @@ def run_controller(registry: Path, stream: list[tuple[PredictionEvent, str]], fe
     settings.trigger.command = [sys.executable, "-c", "pass"]  # the run itself is not what is measured
     settings.trigger.runs_dir = workdir / "runs"
     settings.trigger.consecutive_windows, settings.trigger.min_new_rows = 2, 100
+    settings.trigger.feedback_quiet_s = 0  # a replay drains in seconds: wall-clock pauses do not map to events
     controller = Controller(settings, metrics=metrics)
     topics = settings.events.topics
     controller.bus.ensure_topics(topics.model_dump().values())
@@ -169,7 +170,7 @@ def main() -> None:
     clinc_delays: dict[str, list] = {}
     for seed in range(args.seeds):
         rng = random.Random(seed)
-        before = [imdb_events[rng.randrange(len(imdb_events))] for _ in range(args.events)]
+        before = [imdb_events[i] for i in traffic_order(len(imdb_events), args.events, seed)]
         after = rng.sample(amazon_events, len(amazon_events))
         cpu, state = run_controller(imdb_registry, before + after, 0, metrics, work / f"imdb-{seed}")
         cpu_per_1000.append(1000 * cpu / (len(before) + len(after)))
@@ -181,7 +182,7 @@ def main() -> None:
         for name, delay in delays(state, len(before), ["embedding_mmd", "input_length_ks", "confidence_ks"]).items():
             sentiment_delays.setdefault(name, []).append(delay)
 
-        before = [old_events[rng.randrange(len(old_events))] for _ in range(args.events)]
+        before = [old_events[i] for i in traffic_order(len(old_events), args.events, seed)]
         after = rng.sample(new_events, 1200)
         cpu, state = run_controller(clinc_registry, before + after, 2, metrics, work / f"clinc-{seed}")
         cpu_per_1000.append(1000 * cpu / (len(before) + len(after)))

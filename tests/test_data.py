@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.data import IMDB
-from trainer.data import DataError, LabelledTexts, label_set, load_csv, split, split3
+from trainer.data import DataError, LabelledTexts, label_set, load_csv, split, split3, traffic_order
 
 
 def test_imdb_copy_loads_with_its_provenance() -> None:
@@ -68,3 +68,11 @@ def test_three_way_split_is_disjoint_stratified_and_deterministic() -> None:
     assert not (set(val.texts) & set(holdout.texts))
     assert holdout.labels.count("a") == 10
     assert split3(data, 0.1, 0.1, seed=13)[2].texts == holdout.texts
+
+
+def test_traffic_order_replays_every_row_once_per_pass() -> None:
+    order = traffic_order(300, 2000, seed=5)
+    assert len(order) == 2000 and order == traffic_order(300, 2000, seed=5)
+    passes = [order[start : start + 300] for start in range(0, 1800, 300)]
+    assert all(sorted(p) == list(range(300)) for p in passes)  # no row twice before every row once
+    assert passes[0] != passes[1] and len(set(order[1800:])) == 200

@@ -15,7 +15,6 @@ these tests are about when a run starts, not about training (the loop tests run 
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from tests.support.processes import (
     wait_for,
 )
 from trainer import scenario
-from trainer.data import load_csv
+from trainer.data import load_csv, traffic_order
 from tuneloop.config import DriftConfig
 
 pytestmark = pytest.mark.slow
@@ -79,8 +78,7 @@ def trigger_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def test_imdb_raises_no_alarm_and_amazon_shows_in_embedding_and_length(registry_path: Path, tmp_path: Path) -> None:
     traffic = imdb_parts()[1]  # 300 rows v1 never trained or validated on
-    rng = random.Random(5)
-    picks = [rng.randrange(len(traffic)) for _ in range(2000)]
+    picks = traffic_order(len(traffic), 2000, seed=5)
     imdb_texts, imdb_labels = [traffic.texts[i] for i in picks], [traffic.labels[i] for i in picks]
     amazon = load_csv(AMAZON).texts[:800]
     env = bus_env("embedded", tmp_path, **trigger_env(tmp_path))
