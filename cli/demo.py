@@ -25,6 +25,7 @@ from cli.processes import BIN, free_port, running, wait_http
 from monitoring.state import ControllerState
 from trainer import scenario
 from trainer.data import write_csv
+from tuneloop.clock import unix_seconds
 from tuneloop.registry import Registry
 
 
@@ -178,10 +179,9 @@ def plot(result: dict[str, object], path: Path) -> None:
     top.set_ylabel("served accuracy (rolling)")
     top.set_ylim(-0.02, 1.02)
     windows = result["windows"]
-    from datetime import datetime
 
     def seconds(iso: str) -> float:
-        return datetime.fromisoformat(iso).timestamp() - t0
+        return unix_seconds(iso) - t0
 
     for name in ("confidence_ks", "embedding_mmd", "class_mix_chi2"):
         xs = [seconds(w["evaluated_at"]) for w in windows]
@@ -220,9 +220,7 @@ def summary_rows(result: dict[str, object]) -> list[tuple[str, str]]:
     swap = next((e for e in result["history"] if e["version"] == end and e["action"] == "promote"), None)
     loop_s = "-"
     if run and swap:
-        from datetime import datetime
-
-        loop_s = f"{datetime.fromisoformat(swap['time']).timestamp() - datetime.fromisoformat(run['started_at']).timestamp():.0f} s"
+        loop_s = f"{unix_seconds(swap['time']) - unix_seconds(run['started_at']):.0f} s"
     probes = result.get("probes", [])
     failed = sum(1 for probe in probes if probe["status"] != 200)
     return [

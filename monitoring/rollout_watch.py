@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
 
 from monitoring.metrics import RolloutMetrics
 from monitoring.rollout import Comparison, Verdict, compare_paired, compare_unpaired, judge
+from tuneloop.clock import unix_seconds
 from tuneloop.config import RolloutConfig
 from tuneloop.events import ModelEvent
 from tuneloop.feedback_store import FeedbackStore
@@ -66,7 +66,7 @@ class RolloutWatch:
             self.metrics.rows.labels(role).set(rows)
             self.metrics.accuracy.labels(role).set(accuracy)
         self.metrics.p_worse.set(comparison.p_worse)
-        elapsed = time.time() - datetime.fromisoformat(rollout.stage_started_at).timestamp()
+        elapsed = time.time() - unix_seconds(rollout.stage_started_at)
         verdict = judge(self.config, rollout.stage, elapsed, comparison)
         if verdict.action != "wait":
             self._conclude(rollout, verdict)
