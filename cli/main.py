@@ -20,6 +20,7 @@ from tuneloop.config import Settings, load_settings
 from tuneloop.errors import DataError, ExitCode, NothingToTrain, RegistryError
 from tuneloop.events import ModelEvent
 from tuneloop.registry import Registry
+from tuneloop.rollout_stage import CANARY, STAGES
 
 app = typer.Typer(help="Serve a LoRA-tuned text classifier as int8 ONNX and keep it tuned.", no_args_is_help=True)
 console = Console()
@@ -201,7 +202,7 @@ def rollout_status() -> None:
     if rollout is None:
         console.print("no rollout in progress")
         return
-    share = f" on {rollout.share:.0%} of texts" if rollout.stage == "canary" else ""
+    share = f" on {rollout.share:.0%} of texts" if rollout.stage == CANARY else ""
     console.print(f"v{rollout.version} in {rollout.stage}{share} since {rollout.stage_started_at} "
                   f"(stable v{rollout.stable}; rollout started {rollout.started_at})")
 
@@ -214,7 +215,7 @@ def rollout_start(
 ) -> None:
     """Put a version in shadow or canary by hand; the controller judges it on live feedback from then on."""
     settings = load_settings()
-    if stage not in ("shadow", "canary"):
+    if stage not in STAGES:
         console.print(f"[red]error:[/red] --stage is shadow or canary, not {stage!r}")
         raise typer.Exit(ExitCode.NOTHING_TO_DO)
     registry = Registry(settings.registry.path)

@@ -19,11 +19,9 @@ from tuneloop.config import RolloutConfig
 from tuneloop.events import ModelEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Registry, RegistryError, Rollout
+from tuneloop.rollout_stage import SHADOW, STAGES
 
 log = logging.getLogger("tuneloop.controller")
-
-ROLLOUT_STAGES = ("shadow", "canary")
-
 
 class RolloutWatch:
     JUDGE_INTERVAL_S = 5.0  # a verdict needs new feedback, which arrives far slower than this
@@ -54,7 +52,7 @@ class RolloutWatch:
         except (OSError, ValueError) as exc:
             log.warning("cannot read the rollout: %s", exc)
             return
-        for stage in ROLLOUT_STAGES:
+        for stage in STAGES:
             self.metrics.stage.labels(stage).set(rollout.version if rollout and rollout.stage == stage else 0)
         if rollout is None or rollout.stable is None:
             return
@@ -73,7 +71,7 @@ class RolloutWatch:
 
     def _compare(self, rollout: Rollout) -> Comparison:
         since = rollout.stage_started_at
-        if rollout.stage == "shadow":
+        if rollout.stage == SHADOW:
             return compare_paired(self.store.shadow_pairs(rollout.version, since))
         assert rollout.stable is not None
         return compare_unpaired(

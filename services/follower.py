@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -25,6 +25,7 @@ from tuneloop.bus import Bus
 from tuneloop.config import Settings
 from tuneloop.events import ModelEvent
 from tuneloop.registry import Registry, Rollout
+from tuneloop.rollout_stage import RolloutStage
 
 log = logging.getLogger("tuneloop.service")
 
@@ -34,7 +35,7 @@ RECONNECT_S = 5.0
 @dataclass(frozen=True)
 class Candidate:
     live: LiveModel
-    stage: Literal["shadow", "canary"]
+    stage: RolloutStage
     share: float
 
 

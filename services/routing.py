@@ -21,6 +21,7 @@ from services.live_model import LiveModel
 from services.metrics import ServiceMetrics
 from services.prediction_events import PredictionPublisher
 from services.schemas import Prediction
+from tuneloop.rollout_stage import CANARY, SHADOW
 
 log = logging.getLogger("tuneloop.service")
 
@@ -35,12 +36,12 @@ class Router:
 
     def predict(self, live: LiveModel, candidate: Candidate | None, texts: list[str]) -> list[Prediction]:
         """One prediction per text, in order, by the stable version or the canary; a shadow scores beside."""
-        if candidate is not None and candidate.stage == "canary":
+        if candidate is not None and candidate.stage == CANARY:
             routed = np.flatnonzero(self._rng.random(len(texts)) < candidate.share)
             if len(routed):
                 return self._predict_canary(live, candidate.live, texts, routed)
         predictions = self.classify(live, texts)
-        if candidate is not None and candidate.stage == "shadow":
+        if candidate is not None and candidate.stage == SHADOW:
             self._shadow(candidate.live, texts, predictions)
         return predictions
 
@@ -86,7 +87,7 @@ class Router:
             for i, prediction in zip(routed, self.classify(canary, [texts[i] for i in routed]), strict=True):
                 answers[i] = prediction
         except Exception:
-            self.metrics.candidate_failures.labels("canary").inc()
+            self.metrics.candidate_failures.labels(CANARY).inc()
             log.exception("canary v%s failed a batch; the stable version answers it", canary.version)
             rest = np.arange(len(texts))
         if len(rest):
@@ -104,7 +105,7 @@ class Router:
             try:
                 self.classify(candidate, texts, [p.request_id for p in served], shadow=True)
             except Exception:
-                self.metrics.candidate_failures.labels("shadow").inc()
+                self.metrics.candidate_failures.labels(SHADOW).inc()
                 log.exception("shadow v%s failed a batch", candidate.version)
             finally:
                 self._shadow_slots.release()

@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from tuneloop.rollout_stage import CANARY, SHADOW, RolloutStage
+
 CONFIG_ENV = "TUNELOOP_CONFIG"
 DEFAULT_CONFIG_FILE = "tuneloop.toml"
 
@@ -152,7 +154,7 @@ class ServeConfig(Section):
 
 
 class RolloutConfig(Section):
-    stages: list[Literal["shadow", "canary"]] = Field(
+    stages: list[RolloutStage] = Field(
         default_factory=list,
         description="What a candidate that passed the gate goes through before it serves everyone, in order "
         "(shadow: scored on live traffic, not returned; canary: answers canary_share of it). Empty: promote at the gate.",
@@ -174,7 +176,7 @@ class RolloutConfig(Section):
     @field_validator("stages")
     @classmethod
     def each_stage_once(cls, stages: list[str]) -> list[str]:
-        if len(set(stages)) != len(stages) or stages not in ([], ["shadow"], ["canary"], ["shadow", "canary"]):
+        if len(set(stages)) != len(stages) or stages not in ([], [SHADOW], [CANARY], [SHADOW, CANARY]):
             raise ValueError(f"stages must be shadow and/or canary, each once, shadow first; got {stages}")
         return stages
 

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from tuneloop.clock import utc_now
+from tuneloop.rollout_stage import RolloutStage
 
 
 def new_id() -> str:
@@ -62,7 +63,7 @@ class DeadLetter(BaseModel):
 class ModelEvent(BaseModel):
     """The registry changed: replicas reload what it says. The registry, not the event, holds the truth."""
 
-    action: Literal["promote", "rollback", "shadow", "canary", "abort"]
+    action: Literal["promote", "rollback", RolloutStage, "abort"]
     version: int
     previous: int | None = None
     reason: str = ""

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from tuneloop.clock import utc_now
 from tuneloop.errors import IntegrityError, RegistryError
+from tuneloop.rollout_stage import CANARY, RolloutStage
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -66,7 +67,7 @@ class Rollout(BaseModel):
 
     version: int
     stable: int | None
-    stage: Literal["shadow", "canary"]
+    stage: RolloutStage
     share: float = Field(0.0, description="Share of texts the candidate answers (canary only).")
     started_at: str
     stage_started_at: str
@@ -240,7 +241,7 @@ class Registry:
         except FileNotFoundError:
             return None
 
-    def start_rollout(self, version: int, stage: Literal["shadow", "canary"], share: float, reason: str) -> Rollout:
+    def start_rollout(self, version: int, stage: RolloutStage, share: float, reason: str) -> Rollout:
         """Put an accepted version next to the stable one, in shadow or as canary; the replicas follow."""
         with self._lock():
             self._servable(version)
@@ -254,7 +255,7 @@ class Registry:
                 )
             now = utc_now()
             rollout = Rollout(
-                version=version, stable=current, stage=stage, share=share if stage == "canary" else 0.0,
+                version=version, stable=current, stage=stage, share=share if stage == CANARY else 0.0,
                 started_at=previous.started_at if previous else now, stage_started_at=now,
             )
             _write_atomic(self.rollout_file, rollout.model_dump_json(indent=2).encode() + b"\n")
