@@ -46,12 +46,15 @@ class ControllerStatus(BaseModel):
     recent_runs: list[dict[str, Any]]
     recent_decisions: list[dict[str, Any]]
     consecutive_drift_windows: dict[int, int]
-    stable_version: int | None
+    live_version: int | None = Field(description="The version that serves everyone.")
+    stable_version: int | None = Field(
+        description="Deprecated: the same as live_version, under its previous name; removed in the next release."
+    )
     rollout: Rollout | None = Field(description="The candidate in shadow or canary, if any.")
 
 
 class RollbackRequest(BaseModel):
-    to: int | None = Field(None, ge=1, description="Version to serve. Default: the one the current version replaced.")
+    to: int | None = Field(None, ge=1, description="Version to serve. Default: the one the live version replaced.")
     reason: str = Field("manual rollback (admin API)", min_length=1, max_length=500, description="Recorded in the history.")
 
 
@@ -77,19 +80,21 @@ class Admin:
 
     def rollback(self, to: int | None, reason: str) -> tuple[int | None, int]:
         """Serve an earlier version again; the replicas swap to it."""
-        current, target = self.registry.rollback(to, reason)
-        if target != current:
-            self.announce(ModelEvent(action="rollback", version=target, previous=current, reason=reason))
-        return current, target
+        live, target = self.registry.rollback(to, reason)
+        if target != live:
+            self.announce(ModelEvent(action="rollback", version=target, previous=live, reason=reason))
+        return live, target
 
     def status(self) -> ControllerStatus:
         runs = self.state.runs()
+        live = self.registry.live_version()
         return ControllerStatus(
             running_runs=[r for r in runs if r["status"] == "running"],
             recent_runs=runs[-20:],
             recent_decisions=self.state.decisions(last=50),
             consecutive_drift_windows=self.drift.policy.consecutive_by_version(),
-            stable_version=self.registry.current_version(),
+            live_version=live,
+            stable_version=live,
             rollout=self.registry.rollout(),
         )
 

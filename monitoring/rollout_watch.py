@@ -54,12 +54,12 @@ class RolloutWatch:
             return
         for stage in STAGES:
             self.metrics.stage.labels(stage).set(rollout.version if rollout and rollout.stage == stage else 0)
-        if rollout is None or rollout.stable is None:
+        if rollout is None or rollout.live is None:
             return
         comparison = self._compare(rollout)
         for role, rows, accuracy in (
             ("candidate", comparison.candidate_rows, comparison.candidate_accuracy),
-            ("stable", comparison.stable_rows, comparison.stable_accuracy),
+            ("live", comparison.live_rows, comparison.live_accuracy),
         ):
             self.metrics.rows.labels(role).set(rows)
             self.metrics.accuracy.labels(role).set(accuracy)
@@ -73,9 +73,9 @@ class RolloutWatch:
         since = rollout.stage_started_at
         if rollout.stage == SHADOW:
             return compare_paired(self.store.shadow_pairs(rollout.version, since))
-        assert rollout.stable is not None
+        assert rollout.live is not None
         return compare_unpaired(
-            self.store.labelled_since(rollout.version, since), self.store.labelled_since(rollout.stable, since)
+            self.store.labelled_since(rollout.version, since), self.store.labelled_since(rollout.live, since)
         )
 
     def _conclude(self, rollout: Rollout, verdict: Verdict) -> None:
@@ -94,4 +94,4 @@ class RolloutWatch:
             return
         self.metrics.verdicts.labels(verdict.action, verdict.reason).inc()
         log.warning("rollout v%s %s -> %s: %s", rollout.version, rollout.stage, action, reason)
-        self.announce(ModelEvent(action=action, version=rollout.version, previous=rollout.stable, reason=reason))
+        self.announce(ModelEvent(action=action, version=rollout.version, previous=rollout.live, reason=reason))

@@ -33,6 +33,6 @@ def model_info() -> ModelInfo | JSONResponse:
         quantization=manifest.export.get("quantization"),
         providers=providers,
         candidate=None if candidate is None else CandidateInfo(
-            version=candidate.live.version, stage=candidate.stage, share=candidate.share
+            version=candidate.model.version, stage=candidate.stage, share=candidate.share
         ),
     )

@@ -8,7 +8,7 @@ own slice back. Every prediction names the version that served it.
 
 - `services.schemas`: what the API takes and returns;
 - `services.follower`: which versions this replica serves (the registry, model events, swaps);
-- `services.routing`: which of them answers a text (stable, canary, shadow);
+- `services.routing`: which of them answers a text (live, canary, shadow);
 - `services.feedback_intake`: feedback made durable before the 202;
 - `services.prediction_events`: a prediction event per score, off the request path;
 - `services.model_info` (`GET /model`) and `services.middleware`.
@@ -105,7 +105,7 @@ class Classifier:
 
     @property
     def live(self) -> LiveModel | None:
-        """The stable version this replica serves (None until one loads)."""
+        """The live version this replica serves (None until one loads)."""
         return self.follower.live
 
     @property

@@ -97,7 +97,7 @@ def test_a_candidate_is_followed_through_its_stages_and_its_promotion_costs_no_r
     registry.start_rollout(2, "shadow", 0.0, "test")
     follower.follow()
     assert follower.candidate is not None
-    assert (follower.candidate.live.version, follower.candidate.stage) == (2, "shadow")
+    assert (follower.candidate.model.version, follower.candidate.stage) == (2, "shadow")
     registry.start_rollout(2, "canary", 0.25, "test")
     follower.follow()
     assert (follower.candidate.stage, follower.candidate.share) == ("canary", 0.25)
@@ -148,7 +148,7 @@ def test_an_unreadable_pointer_is_logged_and_the_replica_keeps_serving(
     publish(registry)
     follower = follower_on(registry)
     follower.follow_once()
-    registry.current_file.write_text("garbage")
+    registry.live_file.write_text("garbage")
     follower.follow_once()
     assert follower.live.version == 1
     assert "cannot follow the registry" in caplog.text

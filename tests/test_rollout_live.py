@@ -133,7 +133,7 @@ def test_shadow_rolls_back_a_worse_candidate_and_canary_promotes_a_good_one_with
             rollout_panels, _ = dashboard_queries(rows={ROLLOUT_ROW})
             assert len({title for title, _ in rollout_panels}) == 4  # four panels, eight queries
             assert_panels_have_data(prometheus, rollout_panels)
-            wait_for(lambda: reg.current_version() == good, 180, "the good candidate to pass canary")
+            wait_for(lambda: reg.live_version() == good, 180, "the good candidate to pass canary")
             wait_for(lambda: set(served[-40:]) == {good}, 30, "both replicas to serve it")
             assert [(e.action, e.version) for e in reg.history()[-3:]] == [
                 ("shadow", good), ("canary", good), ("promote", good)]

@@ -149,7 +149,7 @@ class ServeConfig(Section):
         2000, ge=1, description="Adaptive batching: a request predicted to wait longer is refused with 503 (load shedding)."
     )
     watch_interval_s: float = Field(
-        1.0, gt=0, description="How often each replica checks the registry's current version (hot swap)."
+        1.0, gt=0, description="How often each replica checks the registry's live version (hot swap)."
     )
 
 
@@ -165,7 +165,7 @@ class RolloutConfig(Section):
         200, ge=1, description="Labelled rows on the candidate's predictions needed to advance or roll back a stage."
     )
     max_accuracy_drop: float = Field(
-        0.02, ge=0, lt=1, description="The candidate's live feedback accuracy may trail the stable version's by at most this."
+        0.02, ge=0, lt=1, description="The candidate's live feedback accuracy may trail the live version's by at most this."
     )
     alpha: float = Field(0.05, gt=0, lt=1, description="A worse candidate is rolled back early when its deficit is significant at this level.")
     stage_timeout_s: float = Field(
