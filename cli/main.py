@@ -234,9 +234,16 @@ def rollout_promote(reason: Annotated[str, typer.Option(help="Recorded in the hi
     _end_rollout(promote=True, reason=reason)
 
 
-@rollout_app.command("abort")
-def rollout_abort(reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual (CLI)") -> None:
+@rollout_app.command("withdraw")
+def rollout_withdraw(reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual (CLI)") -> None:
     """Withdraw the candidate; the live version answers everything again."""
+    _end_rollout(promote=False, reason=reason)
+
+
+@rollout_app.command("abort", hidden=True, deprecated=True)
+def rollout_abort(reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual (CLI)") -> None:
+    """Deprecated name of `tuneloop rollout withdraw`, accepted for one release."""
+    console.print("[yellow]warning:[/yellow] `tuneloop rollout abort` is now `tuneloop rollout withdraw`; abort goes in the next release")
     _end_rollout(promote=False, reason=reason)
 
 
@@ -247,7 +254,7 @@ def _end_rollout(promote: bool, reason: str) -> None:
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(ExitCode.FAILED) from None
-    _announce(settings, "promote" if promote else "abort", rollout.version, rollout.live, reason)
+    _announce(settings, "promote" if promote else "withdraw", rollout.version, rollout.live, reason)
     console.print(f"v{rollout.version} {'promoted' if promote else 'withdrawn'}; live was v{rollout.live}")
 
 
@@ -277,7 +284,7 @@ def history() -> None:
     """Which version served from when (promotions, rollbacks, shadow and canary stages), then every version's verdict."""
     registry = _registry()
     # promote/rollback: `version` serves everyone from then on, replacing `live before`;
-    # shadow/canary: `version` runs next to the live one; abort: it stops.
+    # shadow/canary: `version` runs next to the live one; withdraw: it stops.
     table = Table("from", "action", "version", "live before", "reason", title="served")
     for entry in registry.history():
         previous = f"v{entry.previous}" if entry.previous else "-"

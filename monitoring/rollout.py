@@ -3,7 +3,7 @@
 Shadow compares both models on the very same requests (paired: an exact McNemar test on
 the requests where they disagree); canary compares the texts each answered over the same
 period (a one-sided Fisher exact test). A stage advances when it has baked long enough, has
-enough labelled rows, and the candidate trails by at most `max_accuracy_drop`; it rolls back
+enough labelled rows, and the candidate trails by at most `max_accuracy_drop`; the candidate is withdrawn
 as soon as the candidate is worse by more than that and significantly so, or when the stage
 times out without showing the candidate good enough.
 """
@@ -18,7 +18,7 @@ from scipy import stats
 from tuneloop.comparison import paired
 from tuneloop.config import RolloutConfig
 
-Action = Literal["wait", "advance", "promote", "rollback"]
+Action = Literal["wait", "advance", "promote", "withdraw"]
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,13 @@ def judge(config: RolloutConfig, stage: str, elapsed_s: float, comparison: Compa
     figures = comparison.describe()
     if not enough:
         if timed_out:
-            return Verdict("rollback", "timeout", f"{stage} timed out with too little feedback: {figures}")
+            return Verdict("withdraw", "timeout", f"{stage} timed out with too little feedback: {figures}")
         return Verdict("wait", "too_few_rows", f"{config.min_feedback_rows} labelled rows needed: {figures}")
     worse = comparison.drop > config.max_accuracy_drop
     if worse and comparison.p_worse < config.alpha:
-        return Verdict("rollback", "worse", f"candidate worse than live beyond {config.max_accuracy_drop:g}: {figures}")
+        return Verdict("withdraw", "worse", f"candidate worse than live beyond {config.max_accuracy_drop:g}: {figures}")
     if not worse and elapsed_s >= config.bake_s:
         return Verdict("promote" if last else "advance", "good", f"{stage} baked {elapsed_s:.0f} s: {figures}")
     if timed_out:
-        return Verdict("rollback", "timeout", f"{stage} timed out without showing the candidate good enough: {figures}")
+        return Verdict("withdraw", "timeout", f"{stage} timed out without showing the candidate good enough: {figures}")
     return Verdict("wait", "baking" if not worse else "trailing", f"{stage} for {elapsed_s:.0f} s: {figures}")

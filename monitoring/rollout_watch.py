@@ -88,9 +88,9 @@ class RolloutWatch:
                 action = stage
             else:
                 self.registry.end_rollout(verdict.action == "promote", reason)
-                action = "promote" if verdict.action == "promote" else "abort"
+                action = verdict.action
         except RegistryError as exc:  # someone else ended or changed it meanwhile
-            log.warning("rollout of v%s not %sd: %s", rollout.version, verdict.action, exc)
+            log.warning("rollout of v%s not moved on (%s): %s", rollout.version, verdict.action, exc)
             return
         self.metrics.verdicts.labels(verdict.action, verdict.reason).inc()
         log.warning("rollout v%s %s -> %s: %s", rollout.version, rollout.stage, action, reason)

@@ -107,7 +107,7 @@ def test_a_candidate_is_followed_through_its_stages_and_its_promotion_costs_no_r
     assert StandIn.built == {1: 1, 2: 1}
 
 
-def test_an_aborted_candidate_is_withdrawn(tmp_path: Path) -> None:
+def test_a_withdrawn_candidate_is_unloaded(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     publish(registry)
     publish(registry, b"v2", parent=1, promote=False)

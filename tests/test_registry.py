@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tuneloop.events import ModelEvent
 from tuneloop.registry import IntegrityError, Registry, RegistryError, sha256_file
 
 
@@ -149,6 +150,21 @@ def test_a_rollout_file_from_the_previous_release_names_the_live_version_stable(
     assert rollout is not None and (rollout.version, rollout.live) == (2, 1)
 
 
+def test_the_previous_release_s_abort_is_read_as_withdraw(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", promote=False, parent=1)
+    registry.start_rollout(2, "shadow", 0.0, "manual")
+    registry.end_rollout(promote=False, reason="worse")
+    lines = registry.history_file.read_text().replace('"action":"withdraw"', '"action":"abort"')
+    assert '"action":"abort"' in lines  # a history line as the previous release wrote it
+    registry.history_file.write_text(lines)
+    assert [h.action for h in registry.history()] == ["promote", "shadow", "withdraw"]
+    with pytest.warns(FutureWarning, match="withdraw"):
+        event = ModelEvent.model_validate_json('{"action": "abort", "version": 2}')
+    assert event.action == "withdraw"
+
+
 def test_rollout_stages_are_recorded_and_promotion_ends_the_rollout(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     publish(registry)
@@ -167,7 +183,7 @@ def test_rollout_stages_are_recorded_and_promotion_ends_the_rollout(tmp_path: Pa
     assert registry.rollback(reason="test") == (2, 1)
 
 
-def test_an_aborted_candidate_leaves_the_live_version_serving(tmp_path: Path) -> None:
+def test_a_withdrawn_candidate_leaves_the_live_version_serving(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     publish(registry)
     publish(registry, b"v2", promote=False)
@@ -177,7 +193,7 @@ def test_an_aborted_candidate_leaves_the_live_version_serving(tmp_path: Path) ->
         registry.start_rollout(3, "shadow", 0.1, "manual")
     registry.end_rollout(promote=False, reason="worse")
     assert registry.live_version() == 1 and registry.rollout() is None
-    assert registry.history()[-1].action == "abort" and registry.history()[-1].reason == "worse"
+    assert registry.history()[-1].action == "withdraw" and registry.history()[-1].reason == "worse"
     with pytest.raises(RegistryError, match="no rollout"):
         registry.end_rollout(promote=True, reason="again")
 
@@ -203,4 +219,4 @@ def test_promoting_another_version_ends_the_rollout_it_was_judged_against(tmp_pa
     registry.start_rollout(3, "shadow", 0.1, "manual")
     registry.rollback(reason="incident")  # back to v1: v3 was compared with v2
     assert registry.live_version() == 1 and registry.rollout() is None
-    assert [h.action for h in registry.history()[-2:]] == ["abort", "rollback"]
+    assert [h.action for h in registry.history()[-2:]] == ["withdraw", "rollback"]

@@ -1,4 +1,4 @@
-"""The rollout judge: paired and unpaired comparisons, and when a stage advances or rolls back."""
+"""The rollout judge: paired and unpaired comparisons, and when a stage advances or the candidate is withdrawn."""
 
 from __future__ import annotations
 
@@ -48,14 +48,14 @@ def test_a_stage_waits_for_rows_then_advances_after_baking() -> None:
 
 def test_a_significantly_worse_candidate_rolls_back_before_baking_ends() -> None:
     verdict = judge(CONFIG, "shadow", 10, compare_paired(pairs(150, 30, 5, 15)))
-    assert (verdict.action, verdict.reason) == ("rollback", "worse")
+    assert (verdict.action, verdict.reason) == ("withdraw", "worse")
     assert "candidate 0.775" in verdict.detail and "live 0.900" in verdict.detail
 
 
 def test_a_trailing_candidate_keeps_baking_until_the_stage_times_out() -> None:
     trailing = compare_unpaired(labelled(86, 14), labelled(900, 100))  # 4 points behind, not significant
     assert judge(CONFIG, "canary", 700, trailing).reason == "trailing"
-    assert judge(CONFIG, "canary", 3600, trailing).action == "rollback"
+    assert judge(CONFIG, "canary", 3600, trailing).action == "withdraw"
     assert judge(CONFIG, "canary", 3600, compare_unpaired(labelled(5, 0), labelled(5, 0))).reason == "timeout"
 
 

@@ -73,8 +73,8 @@ def test_a_worse_shadow_is_withdrawn(tmp_path: Path) -> None:
     s.shadow_traffic(30, candidate_right=False)
     s.watch.judge()
     assert s.registry.rollout() is None and s.registry.live_version() == 1
-    assert [(e.action, e.version) for e in s.announced] == [("abort", 2)]
-    assert s.sample("tuneloop_rollout_verdicts_total", action="rollback", reason="worse") == 1
+    assert [(e.action, e.version) for e in s.announced] == [("withdraw", 2)]
+    assert s.sample("tuneloop_rollout_verdicts_total", action="withdraw", reason="worse") == 1
     assert s.sample("tuneloop_rollout_p_worse") < CONFIG.alpha
 
 

@@ -162,14 +162,14 @@ class RolloutConfig(Section):
     canary_share: float = Field(0.1, gt=0, lt=1, description="Share of texts the canary answers.")
     bake_s: float = Field(900, ge=0, description="Shortest time a stage lasts before it can advance.")
     min_feedback_rows: int = Field(
-        200, ge=1, description="Labelled rows on the candidate's predictions needed to advance or roll back a stage."
+        200, ge=1, description="Labelled rows on the candidate's predictions needed to advance a stage or withdraw the candidate."
     )
     max_accuracy_drop: float = Field(
         0.02, ge=0, lt=1, description="The candidate's live feedback accuracy may trail the live version's by at most this."
     )
-    alpha: float = Field(0.05, gt=0, lt=1, description="A worse candidate is rolled back early when its deficit is significant at this level.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="A worse candidate is withdrawn early when its deficit is significant at this level.")
     stage_timeout_s: float = Field(
-        86_400, gt=0, description="A stage that has not shown the candidate good enough by then rolls it back."
+        86_400, gt=0, description="A stage that has not shown the candidate good enough by then withdraws it."
     )
     shadow_queue: int = Field(64, ge=1, description="Batches waiting for shadow scoring per replica; beyond it they are skipped.")
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 
 from tuneloop.clock import utc_now
 from tuneloop.errors import IntegrityError, RegistryError
@@ -58,10 +58,15 @@ class Manifest(BaseModel):
 
 class HistoryEntry(BaseModel):
     time: str
-    action: str
+    action: str  # promote, rollback (an older version again), shadow, canary, withdraw (a candidate taken away)
     version: int
     previous: int | None
     reason: str = ""
+
+    @field_validator("action")
+    @classmethod
+    def _withdraw_was_abort(cls, action: str) -> str:
+        return "withdraw" if action == "abort" else action  # the previous release's word, in older history lines
 
 
 class Rollout(BaseModel):
@@ -270,7 +275,7 @@ class Registry:
             previous = self.rollout()
             if previous is not None and previous.version != version:
                 raise RegistryError(
-                    f"v{previous.version} is in {previous.stage} already; abort it first (`tuneloop rollout abort`)"
+                    f"v{previous.version} is in {previous.stage} already; withdraw it first (`tuneloop rollout withdraw`)"
                 )
             now = utc_now()
             rollout = Rollout(
@@ -282,7 +287,7 @@ class Registry:
         return rollout
 
     def end_rollout(self, promote: bool, reason: str) -> Rollout:
-        """Promote the candidate to live, or withdraw it (abort); the live version keeps serving."""
+        """Promote the candidate to live, or withdraw it; the live version keeps serving."""
         with self._lock():
             rollout = self.rollout()
             if rollout is None:
@@ -296,7 +301,7 @@ class Registry:
     def _end_rollout_locked(self, rollout: Rollout, reason: str) -> None:
         self.rollout_file.unlink(missing_ok=True)
         _fsync_dir(self.root)
-        self._log(HistoryEntry(time=utc_now(), action="abort", version=rollout.version, previous=rollout.live, reason=reason))
+        self._log(HistoryEntry(time=utc_now(), action="withdraw", version=rollout.version, previous=rollout.live, reason=reason))
 
     # -- reading ---------------------------------------------------------------
 
