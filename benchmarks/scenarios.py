@@ -260,10 +260,10 @@ def wait_for_loop(state: ControllerState, registry: Registry, load: Load, v1: in
     deadline = time.monotonic() + run_wait_s
     while True:
         run = next(r for r in state.runs() if r["id"] == run["id"])
-        current = registry.live_version()
-        if current != v1:
+        live = registry.live_version()
+        if live != v1:
             latest = load.latest_versions(LIVE_CONFIRMATIONS)
-            if len(latest) == LIVE_CONFIRMATIONS and set(latest) == {current}:
+            if len(latest) == LIVE_CONFIRMATIONS and set(latest) == {live}:
                 return {"verdict": "promoted", "run": run, "live_at": time.time(), "reason": ""}
         elif run["status"] != "running":
             if run["status"] == "succeeded":  # promotion comes before the exit; give the read a moment
@@ -276,7 +276,7 @@ def wait_for_loop(state: ControllerState, registry: Registry, load: Load, v1: in
         if time.monotonic() > deadline:
             return {"verdict": "timeout", "run": run, "live_at": None,
                     "reason": f"run {run['id']} not live within {run_wait_s:.0f} s (status {run['status']}, "
-                              f"current v{current})"}
+                              f"live v{live})"}
         time.sleep(0.5)
 
 
