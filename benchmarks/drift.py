@@ -46,7 +46,7 @@ TRIGGER_SIGNALS = Settings().trigger.signals
 
 
 def ensure_registry(path: Path, data: Path, labels: list[str] | None) -> Path:
-    if Registry(path).current_version() is None:
+    if Registry(path).live_version() is None:
         args = [str(Path(sys.executable).with_name("tuneloop")), "bootstrap", "--data", str(data), "--no-progress"]
         args += ["--labels", ",".join(labels)] if labels else []
         env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELOOP_")} | {
@@ -57,7 +57,7 @@ def ensure_registry(path: Path, data: Path, labels: list[str] | None) -> Path:
 
 
 def prediction_events(registry: Path, data: LabelledTexts) -> list[tuple[PredictionEvent, str]]:
-    """(event, true label) for each text, scored by the registry's current version in ONNX Runtime."""
+    """(event, true label) for each text, scored by the registry's live version in ONNX Runtime."""
     manifest, directory = Registry(registry).resolve()
     classifier = OnnxTextClassifier.from_version(manifest, directory, "cpu")
     scores = classifier.predict(data.texts)

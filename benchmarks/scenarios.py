@@ -260,15 +260,15 @@ def wait_for_loop(state: ControllerState, registry: Registry, load: Load, v1: in
     deadline = time.monotonic() + run_wait_s
     while True:
         run = next(r for r in state.runs() if r["id"] == run["id"])
-        current = registry.current_version()
-        if current != v1:
+        live = registry.live_version()
+        if live != v1:
             latest = load.latest_versions(LIVE_CONFIRMATIONS)
-            if len(latest) == LIVE_CONFIRMATIONS and set(latest) == {current}:
+            if len(latest) == LIVE_CONFIRMATIONS and set(latest) == {live}:
                 return {"verdict": "promoted", "run": run, "live_at": time.time(), "reason": ""}
         elif run["status"] != "running":
             if run["status"] == "succeeded":  # promotion comes before the exit; give the read a moment
                 time.sleep(2)
-                if registry.current_version() != v1:
+                if registry.live_version() != v1:
                     continue
             verdict = "rejected" if run["status"] == "rejected" else run["status"]
             return {"verdict": verdict, "run": run, "live_at": None,
@@ -276,7 +276,7 @@ def wait_for_loop(state: ControllerState, registry: Registry, load: Load, v1: in
         if time.monotonic() > deadline:
             return {"verdict": "timeout", "run": run, "live_at": None,
                     "reason": f"run {run['id']} not live within {run_wait_s:.0f} s (status {run['status']}, "
-                              f"current v{current})"}
+                              f"live v{live})"}
         time.sleep(0.5)
 
 
@@ -410,7 +410,7 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
         tuneloop(["bootstrap", "--data", str(data), "--labels", ",".join(sc.labels), "--no-progress"], env,
                  directory / "bootstrap.log")
     registry = Registry(registry_path)
-    v1 = registry.current_version()
+    v1 = registry.live_version()
     v1_manifest = registry.manifest(v1)
     if v1_manifest.labels != sc.labels:
         raise SystemExit(f"{registry_path}: v{v1} declares other labels than the scenario {sc.name}")

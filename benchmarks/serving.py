@@ -115,7 +115,7 @@ def preflight(registry: Path) -> Path:
     if not shutil.which("wrk"):
         sys.exit("wrk is needed for the load: apt-get install wrk")
     registry = registry.resolve()
-    if Registry(registry).current_version() is None:
+    if Registry(registry).live_version() is None:
         sys.exit(f"no model in {registry}: run `tuneloop bootstrap --data {IMDB.relative_to(ROOT)}` first")
     return registry
 
@@ -132,7 +132,7 @@ def main() -> None:
 
     results: dict[str, object] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-        "model_version": Registry(registry).current_version(),
+        "model_version": Registry(registry).live_version(),
         "duration_s": args.duration,
     }
     with tempfile.TemporaryDirectory() as work:

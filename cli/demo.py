@@ -25,6 +25,7 @@ from cli.processes import BIN, free_port, running, wait_http
 from monitoring.state import ControllerState
 from trainer import scenario
 from trainer.data import write_csv
+from tuneloop.clock import unix_seconds
 from tuneloop.registry import Registry
 
 
@@ -73,12 +74,12 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
     if min_new_rows is not None:
         env["TUNELOOP_TRIGGER__MIN_NEW_ROWS"] = str(min_new_rows)
     registry = Registry(workdir / "registry")
-    if registry.current_version() is None:
+    if registry.live_version() is None:
         say("1/4 bootstrapping v1 on banking, travel, kitchen_and_dining (intents of six domains declared)")
         data = write_csv(workdir / "v1-train.csv", scenario.sample(scenario.OLD_DOMAINS, "train", 30, seed=0))
         subprocess.run([str(BIN / "tuneloop"), "bootstrap", "--data", str(data), "--labels",
                         ",".join(scenario.label_set()), "--no-progress"], env=env, check=True)
-    start_version = registry.current_version()
+    start_version = registry.live_version()
     old_test = scenario.sample(scenario.OLD_DOMAINS, "test", None, seed=5)
     new_test = scenario.sample(scenario.NEW_DOMAINS, "test", None, seed=5)
     feedback = scenario.sample(scenario.NEW_DOMAINS, "train", feedback_per_intent, seed=2)
@@ -135,7 +136,7 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
         for start in range(0, len(pairs), 16):
             traffic("shift + feedback", pairs[start : start + 16])
         deadline = time.monotonic() + 900
-        while registry.current_version() == start_version:
+        while registry.live_version() == start_version:
             runs = state.runs()
             if runs and runs[-1]["status"] not in ("running", "succeeded"):
                 raise RuntimeError(f"training run {runs[-1]['id']} ended {runs[-1]['status']}; see {runs[-1]['log_path']}")
@@ -143,7 +144,7 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
                 raise RuntimeError("no new version within 15 minutes; see controller.log")
             traffic("shift, waiting for the loop", [])
         swapped_at = time.monotonic() + 30
-        while time.monotonic() < swapped_at and timeline.points[-1]["versions"] != [registry.current_version()]:
+        while time.monotonic() < swapped_at and timeline.points[-1]["versions"] != [registry.live_version()]:
             traffic("after the swap", [])
         for _ in range(60):
             traffic("after the swap", [])
@@ -151,7 +152,7 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
         prober.join()
     return {"timeline": timeline.points, "probes": probes, "windows": state.windows(), "runs": state.runs(),
             "decisions": state.decisions(), "history": [e.model_dump() for e in registry.history()],
-            "start_version": start_version, "end_version": registry.current_version()}
+            "start_version": start_version, "end_version": registry.live_version()}
 
 
 def plot(result: dict[str, object], path: Path) -> None:
@@ -178,10 +179,9 @@ def plot(result: dict[str, object], path: Path) -> None:
     top.set_ylabel("served accuracy (rolling)")
     top.set_ylim(-0.02, 1.02)
     windows = result["windows"]
-    from datetime import datetime
 
     def seconds(iso: str) -> float:
-        return datetime.fromisoformat(iso).timestamp() - t0
+        return unix_seconds(iso) - t0
 
     for name in ("confidence_ks", "embedding_mmd", "class_mix_chi2"):
         xs = [seconds(w["evaluated_at"]) for w in windows]
@@ -220,9 +220,7 @@ def summary_rows(result: dict[str, object]) -> list[tuple[str, str]]:
     swap = next((e for e in result["history"] if e["version"] == end and e["action"] == "promote"), None)
     loop_s = "-"
     if run and swap:
-        from datetime import datetime
-
-        loop_s = f"{datetime.fromisoformat(swap['time']).timestamp() - datetime.fromisoformat(run['started_at']).timestamp():.0f} s"
+        loop_s = f"{unix_seconds(swap['time']) - unix_seconds(run['started_at']):.0f} s"
     probes = result.get("probes", [])
     failed = sum(1 for probe in probes if probe["status"] != 200)
     return [

@@ -20,6 +20,7 @@ from tuneloop.config import Settings, load_settings
 from tuneloop.errors import DataError, ExitCode, NothingToTrain, RegistryError
 from tuneloop.events import ModelEvent
 from tuneloop.registry import Registry
+from tuneloop.rollout_stage import CANARY, STAGES
 
 app = typer.Typer(help="Serve a LoRA-tuned text classifier as int8 ONNX and keep it tuned.", no_args_is_help=True)
 console = Console()
@@ -41,8 +42,8 @@ def bootstrap(
     """Train model v1 (LoRA), export it as int8 ONNX, check parity and publish it."""
     settings = load_settings()
     registry = Registry(settings.registry.path)
-    if if_empty and registry.current_version() is not None:
-        console.print(f"registry {registry.root} already serves v{registry.current_version()}; nothing to do")
+    if if_empty and registry.live_version() is not None:
+        console.print(f"registry {registry.root} already serves v{registry.live_version()}; nothing to do")
         return
     started = time.perf_counter()
     from pipeline.versions import build_v1
@@ -173,24 +174,24 @@ def trigger(
 
 @app.command()
 def rollback(
-    to: Annotated[int | None, typer.Option("--to", help="Version to serve. Default: the one served before the current.")] = None,
+    to: Annotated[int | None, typer.Option("--to", help="Version to serve. Default: the one served before the live one.")] = None,
     reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual rollback (CLI)",
 ) -> None:
     """Serve an earlier version again; every replica swaps to it within serve.watch_interval_s."""
     settings = load_settings()
     try:
-        current, target = Registry(settings.registry.path).rollback(to, reason)
+        live, target = Registry(settings.registry.path).rollback(to, reason)
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(ExitCode.FAILED) from None
-    if target == current:
-        console.print(f"v{current} is already served; nothing to do")
+    if target == live:
+        console.print(f"v{live} is already served; nothing to do")
         return
-    _announce(settings, "rollback", target, current, reason)
-    console.print(f"rolled back v{current} -> v{target}")
+    _announce(settings, "rollback", target, live, reason)
+    console.print(f"rolled back v{live} -> v{target}")
 
 
-rollout_app = typer.Typer(help="A candidate in shadow or canary next to the stable version.", no_args_is_help=True)
+rollout_app = typer.Typer(help="A candidate in shadow or canary next to the live version.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
 
 
@@ -201,20 +202,20 @@ def rollout_status() -> None:
     if rollout is None:
         console.print("no rollout in progress")
         return
-    share = f" on {rollout.share:.0%} of texts" if rollout.stage == "canary" else ""
+    share = f" on {rollout.share:.0%} of texts" if rollout.stage == CANARY else ""
     console.print(f"v{rollout.version} in {rollout.stage}{share} since {rollout.stage_started_at} "
-                  f"(stable v{rollout.stable}; rollout started {rollout.started_at})")
+                  f"(live v{rollout.live}; rollout started {rollout.started_at})")
 
 
 @rollout_app.command("start")
 def rollout_start(
-    version: Annotated[int, typer.Argument(help="An accepted version that is not the stable one.")],
+    version: Annotated[int, typer.Argument(help="An accepted version that is not the live one.")],
     stage: Annotated[str, typer.Option(help="shadow or canary.")] = "shadow",
     share: Annotated[float | None, typer.Option(help="Canary's share of texts. Default: rollout.canary_share.")] = None,
 ) -> None:
     """Put a version in shadow or canary by hand; the controller judges it on live feedback from then on."""
     settings = load_settings()
-    if stage not in ("shadow", "canary"):
+    if stage not in STAGES:
         console.print(f"[red]error:[/red] --stage is shadow or canary, not {stage!r}")
         raise typer.Exit(ExitCode.NOTHING_TO_DO)
     registry = Registry(settings.registry.path)
@@ -223,19 +224,26 @@ def rollout_start(
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(ExitCode.FAILED) from None
-    _announce(settings, stage, version, rollout.stable, "manual (CLI)")
-    console.print(f"v{version} in {stage} next to stable v{rollout.stable}")
+    _announce(settings, stage, version, rollout.live, "manual (CLI)")
+    console.print(f"v{version} in {stage} next to live v{rollout.live}")
 
 
 @rollout_app.command("promote")
 def rollout_promote(reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual (CLI)") -> None:
-    """Make the candidate the stable version now, without waiting for the controller's verdict."""
+    """Make the candidate the live version now, without waiting for the controller's verdict."""
     _end_rollout(promote=True, reason=reason)
 
 
-@rollout_app.command("abort")
+@rollout_app.command("withdraw")
+def rollout_withdraw(reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual (CLI)") -> None:
+    """Withdraw the candidate; the live version answers everything again."""
+    _end_rollout(promote=False, reason=reason)
+
+
+@rollout_app.command("abort", hidden=True, deprecated=True)
 def rollout_abort(reason: Annotated[str, typer.Option(help="Recorded in the history.")] = "manual (CLI)") -> None:
-    """Withdraw the candidate; the stable version answers everything again."""
+    """Deprecated name of `tuneloop rollout withdraw`, accepted for one release."""
+    console.print("[yellow]warning:[/yellow] `tuneloop rollout abort` is now `tuneloop rollout withdraw`; abort goes in the next release")
     _end_rollout(promote=False, reason=reason)
 
 
@@ -246,8 +254,8 @@ def _end_rollout(promote: bool, reason: str) -> None:
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(ExitCode.FAILED) from None
-    _announce(settings, "promote" if promote else "abort", rollout.version, rollout.stable, reason)
-    console.print(f"v{rollout.version} {'promoted' if promote else 'withdrawn'}; stable was v{rollout.stable}")
+    _announce(settings, "promote" if promote else "withdraw", rollout.version, rollout.live, reason)
+    console.print(f"v{rollout.version} {'promoted' if promote else 'withdrawn'}; live was v{rollout.live}")
 
 
 @app.command()
@@ -275,9 +283,9 @@ def demo(
 def history() -> None:
     """Which version served from when (promotions, rollbacks, shadow and canary stages), then every version's verdict."""
     registry = _registry()
-    # promote/rollback: `version` serves everyone from then on, replacing `stable before`;
-    # shadow/canary: `version` runs next to the stable one; abort: it stops.
-    table = Table("from", "action", "version", "stable before", "reason", title="served")
+    # promote/rollback: `version` serves everyone from then on, replacing `live before`;
+    # shadow/canary: `version` runs next to the live one; withdraw: it stops.
+    table = Table("from", "action", "version", "live before", "reason", title="served")
     for entry in registry.history():
         previous = f"v{entry.previous}" if entry.previous else "-"
         table.add_row(entry.time, entry.action, f"v{entry.version}", previous, entry.reason)
@@ -285,11 +293,11 @@ def history() -> None:
     rollout = registry.rollout()
     versions = Table("version", "created", "parent", "status", title="versions")
     versions.add_column("failed checks", overflow="fold")
-    current = registry.current_version()
+    live = registry.live_version()
     for version in registry.list_versions():
         manifest = registry.manifest(version)
         failed = [name for name, check in manifest.gate.get("checks", {}).items() if not check.get("passed")]
-        status = manifest.status + (" (current)" if version == current else "")
+        status = manifest.status + (" (live)" if version == live else "")
         if rollout is not None and version == rollout.version:
             status += f" ({rollout.stage})"
         parent = f"v{manifest.parent_version}" if manifest.parent_version else "-"
@@ -298,7 +306,7 @@ def history() -> None:
 
 
 @app.command()
-def verify(version: Annotated[int | None, typer.Argument(help="Default: the current version.")] = None) -> None:
+def verify(version: Annotated[int | None, typer.Argument(help="Default: the live version.")] = None) -> None:
     """Check every file of a version against its manifest's sha256."""
     try:
         manifest, directory = _registry().resolve(version)

@@ -19,8 +19,17 @@ from starlette.responses import Response
 from monitoring.drift_watch import DriftWatch
 from monitoring.state import ControllerState
 from monitoring.trigger import Decision
+from tuneloop.errors import (
+    Conflict,
+    Forbidden,
+    NotAuthenticated,
+    RegistryError,
+    TuneloopError,
+    Unavailable,
+    http_status,
+)
 from tuneloop.events import ModelEvent
-from tuneloop.registry import Registry, RegistryError, Rollout
+from tuneloop.registry import Registry, Rollout
 
 
 class TriggerRequest(BaseModel):
@@ -37,12 +46,15 @@ class ControllerStatus(BaseModel):
     recent_runs: list[dict[str, Any]]
     recent_decisions: list[dict[str, Any]]
     consecutive_drift_windows: dict[int, int]
-    stable_version: int | None
+    live_version: int | None = Field(description="The version that serves everyone.")
+    stable_version: int | None = Field(
+        description="Deprecated: the same as live_version, under its previous name; removed in the next release."
+    )
     rollout: Rollout | None = Field(description="The candidate in shadow or canary, if any.")
 
 
 class RollbackRequest(BaseModel):
-    to: int | None = Field(None, ge=1, description="Version to serve. Default: the one the current version replaced.")
+    to: int | None = Field(None, ge=1, description="Version to serve. Default: the one the live version replaced.")
     reason: str = Field("manual rollback (admin API)", min_length=1, max_length=500, description="Recorded in the history.")
 
 
@@ -68,21 +80,28 @@ class Admin:
 
     def rollback(self, to: int | None, reason: str) -> tuple[int | None, int]:
         """Serve an earlier version again; the replicas swap to it."""
-        current, target = self.registry.rollback(to, reason)
-        if target != current:
-            self.announce(ModelEvent(action="rollback", version=target, previous=current, reason=reason))
-        return current, target
+        live, target = self.registry.rollback(to, reason)
+        if target != live:
+            self.announce(ModelEvent(action="rollback", version=target, previous=live, reason=reason))
+        return live, target
 
     def status(self) -> ControllerStatus:
         runs = self.state.runs()
+        live = self.registry.live_version()
         return ControllerStatus(
             running_runs=[r for r in runs if r["status"] == "running"],
             recent_runs=runs[-20:],
             recent_decisions=self.state.decisions(last=50),
             consecutive_drift_windows=self.drift.policy.consecutive_by_version(),
-            stable_version=self.registry.current_version(),
+            live_version=live,
+            stable_version=live,
             rollout=self.registry.rollout(),
         )
+
+
+def http_error(error: TuneloopError, headers: dict[str, str] | None = None) -> HTTPException:
+    """The HTTP answer to `error`: its class's status (`tuneloop.errors`), its message as the detail."""
+    return HTTPException(http_status(error), str(error), headers=headers)
 
 
 def admin_app(admin: Admin, token: str) -> FastAPI:
@@ -94,11 +113,11 @@ def admin_app(admin: Admin, token: str) -> FastAPI:
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if not token:
-            raise HTTPException(
-                403, "admin endpoints are disabled: set controller.admin_token (TUNELOOP_CONTROLLER__ADMIN_TOKEN)"
+            raise http_error(
+                Forbidden("admin endpoints are disabled: set controller.admin_token (TUNELOOP_CONTROLLER__ADMIN_TOKEN)")
             )
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+            raise http_error(NotAuthenticated("missing or wrong bearer token"), headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -111,27 +130,32 @@ def admin_app(admin: Admin, token: str) -> FastAPI:
     @app.post(
         "/admin/trigger", status_code=202, response_model=TriggerStarted, dependencies=[Depends(authorized)],
         summary="Start a training run now",
-        responses={409: {"description": "A run is in progress"}, 503: {"description": "The controller loop is not running"}},
+        responses={
+            Conflict.http_status: {"description": "A run is in progress"},
+            Unavailable.http_status: {"description": "The controller loop is not running"},
+        },
     )
     def trigger(request: TriggerRequest) -> TriggerStarted:
         try:
             decision, run_id = admin.request_manual(request.reason)
         except TimeoutError as exc:
-            raise HTTPException(503, str(exc)) from None
+            raise http_error(Unavailable(str(exc))) from None
         if run_id is None:
-            raise HTTPException(409, decision.detail)
+            raise http_error(Conflict(decision.detail))
         return TriggerStarted(run_id=run_id, detail=decision.detail)
 
     @app.post(
         "/admin/rollback", response_model=RolledBack, dependencies=[Depends(authorized)],
         summary="Serve an earlier version again",
-        responses={409: {"description": "No such version, rejected by the gate, or no earlier version to return to"}},
+        responses={
+            Conflict.http_status: {"description": "No such version, rejected by the gate, or no earlier version to return to"}
+        },
     )
     def rollback(request: RollbackRequest) -> RolledBack:
         try:
             previous, version = admin.rollback(request.to, request.reason)
-        except RegistryError as exc:
-            raise HTTPException(409, str(exc)) from None
+        except RegistryError as exc:  # every refusal, a version failing verification included, is a conflict here
+            raise http_error(Conflict(str(exc))) from None
         return RolledBack(previous=previous, version=version)
 
     @app.get("/admin/status", response_model=ControllerStatus, dependencies=[Depends(authorized)],

@@ -13,13 +13,13 @@ import queue
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from datetime import datetime
 
 from monitoring.metrics import DriftMetrics
 from monitoring.runs import RunLauncher
-from monitoring.state import ControllerState, iso
+from monitoring.state import ControllerState
 from monitoring.trigger import DAY_S, Decision, TriggerPolicy, TriggerState
 from monitoring.windows import WindowMonitor, WindowReport
+from tuneloop.clock import unix_seconds, utc_iso
 from tuneloop.config import Settings
 from tuneloop.events import PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
@@ -123,12 +123,12 @@ class DriftWatch:
         newest = self.store.last_stored_at()
         return TriggerState(
             now=now,
-            new_rows=self.store.count_stored_since(iso(last) if last is not None else None),
+            new_rows=self.store.count_stored_since(utc_iso(last) if last is not None else None),
             last_run_started=last,
             runs_last_day=self.state.runs_since(now - DAY_S),
             run_in_progress=self.launcher.in_progress,
             rollout_in_progress=self.registry.rollout() is not None,
-            last_row_stored=datetime.fromisoformat(newest).timestamp() if newest else None,
+            last_row_stored=unix_seconds(newest) if newest else None,
         )
 
     def _act(self, decision: Decision, state: TriggerState) -> int | None:

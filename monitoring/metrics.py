@@ -92,18 +92,18 @@ class DriftMetrics:
 
 
 class RolloutMetrics:
-    """A candidate in shadow or canary: its stage, live accuracy against the stable version, verdicts."""
+    """A candidate in shadow or canary: its stage, live accuracy against the live version, verdicts."""
 
     def __init__(self, make: _Factory) -> None:
         self.accuracy = make.gauge(
             "tuneloop_rollout_feedback_accuracy",
-            "Live feedback accuracy during the current rollout stage, for the candidate and the stable version.", ["role"],
+            "Live feedback accuracy during the current rollout stage, for the candidate and the live version.", ["role"],
         )
         self.rows = make.gauge(
             "tuneloop_rollout_feedback_rows", "Labelled rows behind tuneloop_rollout_feedback_accuracy.", ["role"]
         )
         self.p_worse = make.gauge(
-            "tuneloop_rollout_p_worse", "p-value of 'the candidate is less accurate than the stable version'."
+            "tuneloop_rollout_p_worse", "p-value of 'the candidate is less accurate than the live version'."
         )
         self.stage = make.gauge(
             "tuneloop_rollout_stage_version", "The candidate's version in each stage (0: none).", ["stage"]

@@ -11,19 +11,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
 
 from monitoring.metrics import RolloutMetrics
 from monitoring.rollout import Comparison, Verdict, compare_paired, compare_unpaired, judge
+from tuneloop.clock import unix_seconds
 from tuneloop.config import RolloutConfig
 from tuneloop.events import ModelEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Registry, RegistryError, Rollout
+from tuneloop.rollout_stage import SHADOW, STAGES
 
 log = logging.getLogger("tuneloop.controller")
-
-ROLLOUT_STAGES = ("shadow", "canary")
-
 
 class RolloutWatch:
     JUDGE_INTERVAL_S = 5.0  # a verdict needs new feedback, which arrives far slower than this
@@ -54,30 +52,30 @@ class RolloutWatch:
         except (OSError, ValueError) as exc:
             log.warning("cannot read the rollout: %s", exc)
             return
-        for stage in ROLLOUT_STAGES:
+        for stage in STAGES:
             self.metrics.stage.labels(stage).set(rollout.version if rollout and rollout.stage == stage else 0)
-        if rollout is None or rollout.stable is None:
+        if rollout is None or rollout.live is None:
             return
         comparison = self._compare(rollout)
         for role, rows, accuracy in (
             ("candidate", comparison.candidate_rows, comparison.candidate_accuracy),
-            ("stable", comparison.stable_rows, comparison.stable_accuracy),
+            ("live", comparison.live_rows, comparison.live_accuracy),
         ):
             self.metrics.rows.labels(role).set(rows)
             self.metrics.accuracy.labels(role).set(accuracy)
         self.metrics.p_worse.set(comparison.p_worse)
-        elapsed = time.time() - datetime.fromisoformat(rollout.stage_started_at).timestamp()
+        elapsed = time.time() - unix_seconds(rollout.stage_started_at)
         verdict = judge(self.config, rollout.stage, elapsed, comparison)
         if verdict.action != "wait":
             self._conclude(rollout, verdict)
 
     def _compare(self, rollout: Rollout) -> Comparison:
         since = rollout.stage_started_at
-        if rollout.stage == "shadow":
+        if rollout.stage == SHADOW:
             return compare_paired(self.store.shadow_pairs(rollout.version, since))
-        assert rollout.stable is not None
+        assert rollout.live is not None
         return compare_unpaired(
-            self.store.labelled_since(rollout.version, since), self.store.labelled_since(rollout.stable, since)
+            self.store.labelled_since(rollout.version, since), self.store.labelled_since(rollout.live, since)
         )
 
     def _conclude(self, rollout: Rollout, verdict: Verdict) -> None:
@@ -90,10 +88,10 @@ class RolloutWatch:
                 action = stage
             else:
                 self.registry.end_rollout(verdict.action == "promote", reason)
-                action = "promote" if verdict.action == "promote" else "abort"
+                action = verdict.action
         except RegistryError as exc:  # someone else ended or changed it meanwhile
-            log.warning("rollout of v%s not %sd: %s", rollout.version, verdict.action, exc)
+            log.warning("rollout of v%s not moved on (%s): %s", rollout.version, verdict.action, exc)
             return
         self.metrics.verdicts.labels(verdict.action, verdict.reason).inc()
         log.warning("rollout v%s %s -> %s: %s", rollout.version, rollout.stage, action, reason)
-        self.announce(ModelEvent(action=action, version=rollout.version, previous=rollout.stable, reason=reason))
+        self.announce(ModelEvent(action=action, version=rollout.version, previous=rollout.live, reason=reason))

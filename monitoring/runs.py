@@ -17,12 +17,9 @@ from pathlib import Path
 
 from monitoring.state import ControllerState
 from tuneloop.config import TriggerConfig
+from tuneloop.errors import RUN_STATUS  # `tuneloop train`'s exit codes; any other is a failure
 
 log = logging.getLogger("tuneloop.runs")
-
-
-# `tuneloop train`'s exit codes; any other is a failure.
-EXIT_STATUS = {0: "succeeded", 2: "skipped", 3: "rejected"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +81,7 @@ class RunLauncher:
             code = process.poll()
             if code is not None:
                 del self._children[run_id]
-                finished.append(FinishedRun(run_id, EXIT_STATUS.get(code, "failed"), code))
+                finished.append(FinishedRun(run_id, RUN_STATUS.get(code, "failed"), code))
         for run_id, pid in list(self._adopted.items()):
             if not _alive(pid):
                 del self._adopted[run_id]

@@ -13,14 +13,13 @@ controller restarted and the process had gone without it seeing the exit.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from monitoring.trigger import Decision
 from monitoring.windows import WindowReport
+from tuneloop.clock import utc_iso, utc_now
 from tuneloop.durable_sqlite import connect
 
 _SCHEMA = """
@@ -40,10 +39,6 @@ CREATE TABLE IF NOT EXISTS training_runs (
 """
 
 
-def iso(unix_seconds: float) -> str:
-    return datetime.fromtimestamp(unix_seconds, UTC).isoformat(timespec="milliseconds")
-
-
 def _rows(cursor: Any) -> list[dict[str, Any]]:
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
@@ -57,7 +52,7 @@ class ControllerState:
         signals = [asdict(s) | {"drifted": s.drifted} for s in report.signals]
         self._db.execute(
             "INSERT INTO drift_windows (model_version, events_seen, drifted, signals, evaluated_at) VALUES (?, ?, ?, ?, ?)",
-            (report.model_version, report.events_seen, json.dumps(report.drifted()), json.dumps(signals), iso(time.time())),
+            (report.model_version, report.events_seen, json.dumps(report.drifted()), json.dumps(signals), utc_now()),
         )
 
     def windows(self, model_version: int | None = None) -> list[dict[str, Any]]:
@@ -72,7 +67,7 @@ class ControllerState:
     def record_decision(self, decision: Decision) -> None:
         self._db.execute(
             "INSERT INTO trigger_decisions (decided_at, source, outcome, reason, detail) VALUES (?, ?, ?, ?, ?)",
-            (iso(time.time()), decision.source, decision.outcome, decision.reason, decision.detail),
+            (utc_now(), decision.source, decision.outcome, decision.reason, decision.detail),
         )
 
     def decisions(self, last: int | None = None) -> list[dict[str, Any]]:
@@ -86,7 +81,7 @@ class ControllerState:
         cursor = self._db.execute(
             "INSERT INTO training_runs (source, reason, started_at, started_unix, status, new_rows) "
             "VALUES (?, ?, ?, ?, 'running', ?)",
-            (decision.source, decision.detail, iso(now), now, new_rows),
+            (decision.source, decision.detail, utc_iso(now), now, new_rows),
         )
         return int(cursor.lastrowid)
 
@@ -96,7 +91,7 @@ class ControllerState:
     def finish_run(self, run_id: int, status: str, exit_code: int | None) -> None:
         self._db.execute(
             "UPDATE training_runs SET status = ?, exit_code = ?, finished_at = ? WHERE id = ?",
-            (status, exit_code, iso(time.time()), run_id),
+            (status, exit_code, utc_now(), run_id),
         )
 
     def runs(self) -> list[dict[str, Any]]:

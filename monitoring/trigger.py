@@ -123,7 +123,7 @@ class TriggerPolicy:
             return Decision("suppressed", "run_in_progress", f"manual request ({reason}): a run is in progress", "manual")
         if state.rollout_in_progress:
             return Decision("suppressed", "rollout_in_progress",
-                            f"manual request ({reason}): a candidate is in shadow or canary; finish or abort it first",
+                            f"manual request ({reason}): a candidate is in shadow or canary; finish or withdraw it first",
                             "manual")
         return Decision("fired", "manual", f"manual request: {reason}", "manual")
 

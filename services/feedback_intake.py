@@ -20,13 +20,12 @@ from services.metrics import ServiceMetrics
 from services.schemas import FeedbackAccepted
 from tuneloop.bus import Bus, BusUnavailable, Message
 from tuneloop.durable_sqlite import connect
+from tuneloop.errors import FeedbackRefused
 from tuneloop.events import FeedbackEvent
 
 log = logging.getLogger("tuneloop.events")
 
-
-class FeedbackRefused(Exception):
-    """Nothing durable accepted the feedback; the client must retry."""
+__all__ = ["FeedbackIntake", "FeedbackRefused", "FeedbackSink", "Spool", "acknowledged_prefix"]
 
 
 def acknowledged_prefix(acknowledged: list[bool]) -> int:

@@ -1,6 +1,6 @@
 """The model follower: a replica serves what the registry says, and swaps when that changes.
 
-It serves the stable version (`current`), and a candidate in shadow or canary beside it. A
+It serves the live version (the registry's `live` pointer), and a candidate in shadow or canary beside it. A
 version is loaded, verified and warmed in the background before one reference assignment swaps
 it in: a batch already running finishes on the old model. The registry is polled, and model
 events on Kafka wake the follower at once; the registry holds the truth, so a lost event only
@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -25,6 +25,7 @@ from tuneloop.bus import Bus
 from tuneloop.config import Settings
 from tuneloop.events import ModelEvent
 from tuneloop.registry import Registry, Rollout
+from tuneloop.rollout_stage import RolloutStage
 
 log = logging.getLogger("tuneloop.service")
 
@@ -33,8 +34,8 @@ RECONNECT_S = 5.0
 
 @dataclass(frozen=True)
 class Candidate:
-    live: LiveModel
-    stage: Literal["shadow", "canary"]
+    model: LiveModel  # the candidate version, loaded
+    stage: RolloutStage
     share: float
 
 
@@ -114,11 +115,11 @@ class ModelFollower:
             log.warning("cannot follow the registry: %s", exc)
 
     def follow(self) -> None:
-        """Make this replica serve what the registry says: the stable version, and the candidate if any."""
-        wanted = self.registry.current_version()
+        """Make this replica serve what the registry says: the live version, and the candidate if any."""
+        wanted = self.registry.live_version()
         rollout = self.registry.rollout()
         if wanted is not None and (self.live is None or self.live.version != wanted):
-            self._swap_stable(wanted)
+            self._swap_live(wanted)
         self._follow_candidate(rollout)
 
     def _load(self, version: int) -> LiveModel | None:
@@ -138,12 +139,12 @@ class ModelFollower:
         self._failed.pop(version, None)
         return live
 
-    def _swap_stable(self, version: int) -> None:
+    def _swap_live(self, version: int) -> None:
         previous = self.live
         started = time.perf_counter()
         candidate = self.candidate
         # A promoted candidate is loaded and warm already: swap to it without loading again.
-        live = candidate.live if candidate is not None and candidate.live.version == version else self._load(version)
+        live = candidate.model if candidate is not None and candidate.model.version == version else self._load(version)
         if live is None:
             return
         # One reference assignment: a batch already running holds the old model and finishes on it;
@@ -160,25 +161,25 @@ class ModelFollower:
         log.warning("swapped model v%s -> v%s in %.2f s", previous.version, live.version, took)
 
     def _follow_candidate(self, rollout: Rollout | None) -> None:
-        current = self.candidate
+        held = self.candidate
         if rollout is None or (self.live is not None and rollout.version == self.live.version):
-            if current is not None:
+            if held is not None:
                 self.candidate = None
-                self.metrics.candidate_version.labels(current.stage).set(0)
-                log.warning("candidate v%s withdrawn from %s", current.live.version, current.stage)
+                self.metrics.candidate_version.labels(held.stage).set(0)
+                log.warning("candidate v%s withdrawn from %s", held.model.version, held.stage)
             return
-        if current is not None and current.live.version == rollout.version:
-            if (current.stage, current.share) != (rollout.stage, rollout.share):
-                self.candidate = replace(current, stage=rollout.stage, share=rollout.share)
-                self.metrics.candidate_version.labels(current.stage).set(0)
+        if held is not None and held.model.version == rollout.version:
+            if (held.stage, held.share) != (rollout.stage, rollout.share):
+                self.candidate = replace(held, stage=rollout.stage, share=rollout.share)
+                self.metrics.candidate_version.labels(held.stage).set(0)
                 self.metrics.candidate_version.labels(rollout.stage).set(rollout.version)
-                log.warning("candidate v%s: %s -> %s", rollout.version, current.stage, rollout.stage)
+                log.warning("candidate v%s: %s -> %s", rollout.version, held.stage, rollout.stage)
             return
-        live = self._load(rollout.version)
-        if live is None:
+        model = self._load(rollout.version)
+        if model is None:
             return
-        self.candidate = Candidate(live, rollout.stage, rollout.share)
-        if current is not None:
-            self.metrics.candidate_version.labels(current.stage).set(0)
+        self.candidate = Candidate(model, rollout.stage, rollout.share)
+        if held is not None:
+            self.metrics.candidate_version.labels(held.stage).set(0)
         self.metrics.candidate_version.labels(rollout.stage).set(rollout.version)
         log.warning("candidate v%s in %s (share %.2f)", rollout.version, rollout.stage, rollout.share)

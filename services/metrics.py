@@ -92,7 +92,7 @@ def service_metrics() -> ServiceMetrics:
             "tuneloop_prediction_events_dropped_total", "Prediction events dropped: queue full or bus unavailable."
         ),
         candidate_version=prom.Gauge(
-            "tuneloop_candidate_version", "Version in shadow or canary next to the stable one (0: none).",
+            "tuneloop_candidate_version", "Version in shadow or canary next to the live one (0: none).",
             ["stage"], multiprocess_mode="livemax",
         ),
         shadow_predictions=prom.Counter(
@@ -103,6 +103,6 @@ def service_metrics() -> ServiceMetrics:
         ),
         candidate_failures=prom.Counter(
             "tuneloop_candidate_failures_total",
-            "Candidate batches that raised; canary texts were answered by the stable version instead.", ["stage"],
+            "Candidate batches that raised; canary texts were answered by the live version instead.", ["stage"],
         ),
     )

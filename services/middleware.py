@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import bentoml
 
+from services.http_errors import send_error
 from services.metrics import service_metrics
 from services.schemas import NOT_LOADED
+from tuneloop.errors import RequestTooLarge, Unavailable
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -18,15 +19,8 @@ Message = dict[str, Any]
 ENDPOINTS = frozenset({"/predict", "/feedback", "/feedback/batch", "/model", "/livez", "/readyz", "/metrics", "/docs.json"})
 
 
-async def send_json_error(send: Any, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 class BodyLimitMiddleware:
-    """Reject bodies over ``max_bytes`` with 413: by Content-Length up front, else while reading them.
+    """Reject bodies over ``max_bytes`` (RequestTooLarge, 413): by Content-Length up front, else while reading them.
 
     A body without a length (chunked) is read here, up to the limit, and replayed to the app: the
     framework turns any error raised while it reads into a 500, so the check cannot live inside it.
@@ -44,7 +38,7 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit() or int(declared) > self.max_bytes:
-                await send_json_error(send, 413, message)
+                await send_error(send, RequestTooLarge(message))
                 return
             await self.app(scope, receive, send)  # the server enforces the declared length
             return
@@ -57,7 +51,7 @@ class BodyLimitMiddleware:
             size += len(chunks[-1])
             more = event.get("more_body", False)
             if size > self.max_bytes:
-                await send_json_error(send, 413, message)
+                await send_error(send, RequestTooLarge(message))
                 return
         replayed = False
 
@@ -100,7 +94,7 @@ class RequestMetricsMiddleware:
 
 
 class ModelLoadedMiddleware:
-    """Answer /predict with a clear 503 while no verified model is loaded, before the batcher sees it."""
+    """Answer /predict with a clear 503 (Unavailable) while no verified model is loaded, before the batcher sees it."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -112,6 +106,6 @@ class ModelLoadedMiddleware:
             except bentoml.exceptions.BentoMLException:  # the instance is not built yet
                 ready = False
             if not ready:
-                await send_json_error(send, 503, NOT_LOADED)
+                await send_error(send, Unavailable(NOT_LOADED))
                 return
         await self.app(scope, receive, send)

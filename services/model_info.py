@@ -7,7 +7,9 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
 from services.follower import ModelFollower
+from services.http_errors import error_response
 from services.schemas import NOT_LOADED, CandidateInfo, ModelInfo
+from tuneloop.errors import Unavailable
 
 info_app = FastAPI(title="tuneloop model information", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -17,7 +19,7 @@ def model_info() -> ModelInfo | JSONResponse:
     follower: ModelFollower = bentoml.get_current_service().follower
     live, candidate = follower.live, follower.candidate
     if live is None:
-        return JSONResponse({"error": NOT_LOADED}, status_code=503)
+        return error_response(Unavailable(NOT_LOADED))
     manifest = live.manifest
     providers = getattr(live.classifier, "providers", ["torch"])
     return ModelInfo(
@@ -31,6 +33,6 @@ def model_info() -> ModelInfo | JSONResponse:
         quantization=manifest.export.get("quantization"),
         providers=providers,
         candidate=None if candidate is None else CandidateInfo(
-            version=candidate.live.version, stage=candidate.stage, share=candidate.share
+            version=candidate.model.version, stage=candidate.stage, share=candidate.share
         ),
     )

@@ -1,7 +1,7 @@
-"""Which model answers a text: the stable version; a canary for a share of texts; a shadow off the request path.
+"""Which model answers a text: the live version; a canary for a share of texts; a shadow off the request path.
 
 A canary answers the texts routed to it (each text with probability `share`); when it fails a
-batch, the stable version answers those texts too. A shadow scores the served batch with the
+batch, the live version answers those texts too. A shadow scores the served batch with the
 candidate on its own thread, never answers, and is skipped (counted) when it falls behind.
 Every score becomes a prediction event.
 """
@@ -21,6 +21,7 @@ from services.live_model import LiveModel
 from services.metrics import ServiceMetrics
 from services.prediction_events import PredictionPublisher
 from services.schemas import Prediction
+from tuneloop.rollout_stage import CANARY, SHADOW
 
 log = logging.getLogger("tuneloop.service")
 
@@ -34,14 +35,14 @@ class Router:
         self._shadow_slots = threading.BoundedSemaphore(shadow_queue)
 
     def predict(self, live: LiveModel, candidate: Candidate | None, texts: list[str]) -> list[Prediction]:
-        """One prediction per text, in order, by the stable version or the canary; a shadow scores beside."""
-        if candidate is not None and candidate.stage == "canary":
+        """One prediction per text, in order, by the live version or the canary; a shadow scores beside."""
+        if candidate is not None and candidate.stage == CANARY:
             routed = np.flatnonzero(self._rng.random(len(texts)) < candidate.share)
             if len(routed):
-                return self._predict_canary(live, candidate.live, texts, routed)
+                return self._predict_canary(live, candidate.model, texts, routed)
         predictions = self.classify(live, texts)
-        if candidate is not None and candidate.stage == "shadow":
-            self._shadow(candidate.live, texts, predictions)
+        if candidate is not None and candidate.stage == SHADOW:
+            self._shadow(candidate.model, texts, predictions)
         return predictions
 
     def classify(
@@ -77,20 +78,20 @@ class Router:
         self._shadow_executor.shutdown(wait=True, cancel_futures=True)
 
     def _predict_canary(
-        self, stable: LiveModel, canary: LiveModel, texts: list[str], routed: np.ndarray
+        self, live: LiveModel, canary: LiveModel, texts: list[str], routed: np.ndarray
     ) -> list[Prediction]:
-        """The canary answers the routed texts and the stable version the rest; a canary failure falls back."""
+        """The canary answers the routed texts and the live version the rest; a canary failure falls back."""
         rest = np.setdiff1d(np.arange(len(texts)), routed)
         answers: list[Prediction | None] = [None] * len(texts)
         try:
             for i, prediction in zip(routed, self.classify(canary, [texts[i] for i in routed]), strict=True):
                 answers[i] = prediction
         except Exception:
-            self.metrics.candidate_failures.labels("canary").inc()
-            log.exception("canary v%s failed a batch; the stable version answers it", canary.version)
+            self.metrics.candidate_failures.labels(CANARY).inc()
+            log.exception("canary v%s failed a batch; the live version answers it", canary.version)
             rest = np.arange(len(texts))
         if len(rest):
-            for i, prediction in zip(rest, self.classify(stable, [texts[i] for i in rest]), strict=True):
+            for i, prediction in zip(rest, self.classify(live, [texts[i] for i in rest]), strict=True):
                 answers[i] = prediction
         return answers  # type: ignore[return-value]  # every slot is filled above
 
@@ -104,7 +105,7 @@ class Router:
             try:
                 self.classify(candidate, texts, [p.request_id for p in served], shadow=True)
             except Exception:
-                self.metrics.candidate_failures.labels("shadow").inc()
+                self.metrics.candidate_failures.labels(SHADOW).inc()
                 log.exception("shadow v%s failed a batch", candidate.version)
             finally:
                 self._shadow_slots.release()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, Field, StringConstraints
 
 from services.settings import limits
 from tuneloop.events import FeedbackEvent
+from tuneloop.rollout_stage import RolloutStage
 
 NOT_LOADED = "no verified model is loaded yet; check /readyz, and run `tuneloop bootstrap` if the registry is empty"
 
@@ -33,7 +34,7 @@ FeedbackBatch = Annotated[list[FeedbackEvent], Field(min_length=1, max_length=10
 
 class CandidateInfo(BaseModel):
     version: int
-    stage: Literal["shadow", "canary"]
+    stage: RolloutStage
     share: float = Field(description="Share of texts the candidate answers (0 in shadow).")
 
 

@@ -8,7 +8,7 @@ own slice back. Every prediction names the version that served it.
 
 - `services.schemas`: what the API takes and returns;
 - `services.follower`: which versions this replica serves (the registry, model events, swaps);
-- `services.routing`: which of them answers a text (stable, canary, shadow);
+- `services.routing`: which of them answers a text (live, canary, shadow);
 - `services.feedback_intake`: feedback made durable before the 202;
 - `services.prediction_events`: a prediction event per score, off the request path;
 - `services.model_info` (`GET /model`) and `services.middleware`.
@@ -27,8 +27,9 @@ import bentoml
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from services.feedback_intake import FeedbackIntake, FeedbackRefused, FeedbackSink, Spool
+from services.feedback_intake import FeedbackIntake, FeedbackSink, Spool
 from services.follower import Candidate, ModelFollower
+from services.http_errors import error_response
 from services.live_model import LiveModel
 from services.metrics import service_metrics
 from services.middleware import BodyLimitMiddleware, ModelLoadedMiddleware, RequestMetricsMiddleware
@@ -38,6 +39,7 @@ from services.routing import Router
 from services.schemas import NOT_LOADED, FeedbackAccepted, FeedbackBatch, Prediction, Texts
 from services.settings import limits, settings
 from tuneloop.bus import Bus, KafkaBus, open_bus
+from tuneloop.errors import FeedbackRefused, InvalidRequest, TuneloopError, Unavailable, http_status
 from tuneloop.events import FeedbackEvent
 from tuneloop.registry import Registry
 
@@ -48,10 +50,10 @@ __all__ = ["Classifier", "settings"]
 SHUTDOWN_S = 10.0  # what a worker may spend stopping (Kubernetes waits 30 s by default before it kills)
 
 
-def _error(ctx: bentoml.Context, status: int, message: str, detail: object = None) -> JSONResponse:
+def _error(ctx: bentoml.Context, error: TuneloopError, detail: object = None) -> JSONResponse:
     # BentoML copies the context's status onto any response an API with a ctx parameter returns.
-    ctx.response.status_code = status
-    return JSONResponse({"error": message} | ({"detail": detail} if detail else {}), status_code=status)
+    ctx.response.status_code = http_status(error)
+    return error_response(error, detail)
 
 
 def _ensure_topics(bus: Bus, stopped: threading.Event) -> None:
@@ -103,7 +105,7 @@ class Classifier:
 
     @property
     def live(self) -> LiveModel | None:
-        """The stable version this replica serves (None until one loads)."""
+        """The live version this replica serves (None until one loads)."""
         return self.follower.live
 
     @property
@@ -163,7 +165,7 @@ class Classifier:
         try:
             event = FeedbackEvent(**{k: v for k, v in fields.items() if v is not None})
         except ValidationError as exc:
-            return _error(ctx, 400, "invalid feedback", exc.errors(include_url=False, include_context=False))
+            return _error(ctx, InvalidRequest("invalid feedback"), exc.errors(include_url=False, include_context=False))
         return await self._accept([event], ctx)
 
     @bentoml.api(route="/feedback/batch")
@@ -174,14 +176,14 @@ class Classifier:
     async def _accept(self, events: list[FeedbackEvent], ctx: bentoml.Context) -> FeedbackAccepted | JSONResponse:
         live = self.live
         if live is None:
-            return _error(ctx, 503, NOT_LOADED)
+            return _error(ctx, Unavailable(NOT_LOADED))
         unknown = self.feedback_intake.unknown_labels(events, live)
         if unknown:
-            return _error(ctx, 400, unknown)
+            return _error(ctx, InvalidRequest(unknown))
         try:
             accepted = await self.feedback_intake.submit(events)
         except FeedbackRefused as exc:
-            return _error(ctx, 503, f"feedback not accepted, retry later: {exc}")
+            return _error(ctx, FeedbackRefused(f"feedback not accepted, retry later: {exc}"))
         ctx.response.status_code = 202
         return accepted
 

@@ -49,9 +49,10 @@ def test_a_missing_or_wrong_token_is_refused(tmp_path: Path, headers: dict[str, 
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
 
 
-def test_status_reports_the_stable_version_and_the_trigger_counts(tmp_path: Path) -> None:
+def test_status_reports_the_live_version_and_the_trigger_counts(tmp_path: Path) -> None:
     status = Setup(tmp_path).client.get("/admin/status", headers=AUTH).json()
-    assert status["stable_version"] == 2 and status["rollout"] is None
+    assert status["live_version"] == 2 and status["rollout"] is None
+    assert status["stable_version"] == 2  # its deprecated name, kept for one release
     assert status["consecutive_drift_windows"] == {"2": 1}
     assert status["running_runs"] == [] and status["recent_decisions"] == []
 
@@ -60,7 +61,7 @@ def test_a_rollback_serves_the_earlier_version_and_announces_it(tmp_path: Path) 
     s = Setup(tmp_path)
     response = s.client.post("/admin/rollback", json={"reason": "incident"}, headers=AUTH)
     assert response.status_code == 200 and response.json() == {"previous": 2, "version": 1}
-    assert s.registry.current_version() == 1
+    assert s.registry.live_version() == 1
     assert [(e.action, e.version, e.previous, e.reason) for e in s.announced] == [("rollback", 1, 2, "incident")]
     refused = s.client.post("/admin/rollback", json={"to": 7}, headers=AUTH)
     assert refused.status_code == 409

@@ -104,7 +104,7 @@ def test_a_manual_request_is_decided_on_the_loop_and_starts_a_run(tmp_path: Path
     assert (run["source"], run["reason"], run["status"]) == ("manual", "manual request: test", "succeeded")
     status = controller.admin.status()
     assert [d["outcome"] for d in status.recent_decisions] == ["fired"]
-    assert status.stable_version is None and status.rollout is None
+    assert status.live_version is None and status.rollout is None
 
 
 def test_a_manual_request_times_out_when_no_loop_answers(tmp_path: Path) -> None:

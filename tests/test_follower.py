@@ -97,7 +97,7 @@ def test_a_candidate_is_followed_through_its_stages_and_its_promotion_costs_no_r
     registry.start_rollout(2, "shadow", 0.0, "test")
     follower.follow()
     assert follower.candidate is not None
-    assert (follower.candidate.live.version, follower.candidate.stage) == (2, "shadow")
+    assert (follower.candidate.model.version, follower.candidate.stage) == (2, "shadow")
     registry.start_rollout(2, "canary", 0.25, "test")
     follower.follow()
     assert (follower.candidate.stage, follower.candidate.share) == ("canary", 0.25)
@@ -107,7 +107,7 @@ def test_a_candidate_is_followed_through_its_stages_and_its_promotion_costs_no_r
     assert StandIn.built == {1: 1, 2: 1}
 
 
-def test_an_aborted_candidate_is_withdrawn(tmp_path: Path) -> None:
+def test_a_withdrawn_candidate_is_unloaded(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     publish(registry)
     publish(registry, b"v2", parent=1, promote=False)
@@ -148,7 +148,7 @@ def test_an_unreadable_pointer_is_logged_and_the_replica_keeps_serving(
     publish(registry)
     follower = follower_on(registry)
     follower.follow_once()
-    registry.current_file.write_text("garbage")
+    registry.live_file.write_text("garbage")
     follower.follow_once()
     assert follower.live.version == 1
     assert "cannot follow the registry" in caplog.text

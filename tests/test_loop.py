@@ -73,7 +73,7 @@ def test_a_candidate_trained_on_shuffled_labels_is_rejected_kept_and_never_serve
     assert result.returncode == 3, result.stdout + result.stderr
     reg = Registry(registry)
     manifest = reg.manifest(2)
-    assert manifest.status == "rejected" and reg.current_version() == 1
+    assert manifest.status == "rejected" and reg.live_version() == 1
     checks = manifest.gate["checks"]
     assert not checks["new_data_accuracy"]["passed"], checks["new_data_accuracy"]
     assert manifest.training_data["replayed_rows"] > 0
@@ -124,7 +124,7 @@ def test_drift_triggers_training_with_replay_and_both_replicas_swap_without_a_fa
                 items = [{"request_id": p["request_id"], "label": label} for p, label in zip(predictions, labels, strict=True)]
                 assert client.post("/feedback/batch", json={"items": items}).status_code == 202
         deadline = time.monotonic() + 600
-        while Registry(registry).current_version() != 2 or {v for _, v in outcomes[-20:]} != {2}:
+        while Registry(registry).live_version() != 2 or {v for _, v in outcomes[-20:]} != {2}:
             runs = state.runs()
             assert not runs or runs[0]["status"] in ("running", "succeeded"), (runs, Path(runs[0]["log_path"]).read_text())
             assert time.monotonic() < deadline, f"no swap to v2: runs {runs}, decisions {state.decisions()[-3:]}"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tuneloop.events import ModelEvent
 from tuneloop.registry import IntegrityError, Registry, RegistryError, sha256_file
 
 
@@ -27,7 +28,7 @@ def test_publish_writes_a_complete_verified_version(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     version = publish(registry)
     assert version == 1
-    assert registry.current_version() == 1
+    assert registry.live_version() == 1
     manifest = registry.verify(1)
     assert set(manifest.files) == {"model.onnx", "labels.json", "adapter/adapter_model.safetensors"}
     model = registry.version_dir(1) / "model.onnx"
@@ -41,9 +42,9 @@ def test_versions_increase_and_history_records_every_promotion(tmp_path: Path) -
     assert publish(registry) == 1
     assert publish(registry, b"v2", parent=1) == 2
     assert publish(registry, b"v3", promote=False) == 3
-    assert registry.current_version() == 2  # an unpromoted version is stored, not served
+    assert registry.live_version() == 2  # an unpromoted version is stored, not served
     registry.promote(1, action="rollback", reason="test")
-    assert registry.current_version() == 1
+    assert registry.live_version() == 1
     assert [(h.action, h.version, h.previous) for h in registry.history()] == [
         ("promote", 1, None),
         ("promote", 2, 1),
@@ -75,7 +76,7 @@ def test_a_tampered_version_cannot_be_promoted(tmp_path: Path) -> None:
     (registry.version_dir(2) / "model.onnx").write_bytes(b"evil")
     with pytest.raises(IntegrityError):
         registry.promote(2)
-    assert registry.current_version() == 1
+    assert registry.live_version() == 1
 
 
 def test_a_crash_while_staging_publishes_nothing(tmp_path: Path) -> None:
@@ -84,7 +85,7 @@ def test_a_crash_while_staging_publishes_nothing(tmp_path: Path) -> None:
         stage_files(stage)
         raise RuntimeError("killed mid-export")
     assert registry.list_versions() == []
-    assert registry.current_version() is None
+    assert registry.live_version() is None
     assert list((tmp_path / ".staging").iterdir()) == []
 
 
@@ -112,12 +113,56 @@ def test_publish_refuses_empty_stage_and_foreign_manifest(tmp_path: Path) -> Non
             registry.publish(stage, base_model="b", labels=["a"])
 
 
-def test_corrupt_current_pointer_is_reported(tmp_path: Path) -> None:
+def test_corrupt_live_pointer_is_reported(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     publish(registry)
-    (tmp_path / "current").write_text("garbage")
+    (tmp_path / "live").write_text("garbage")
     with pytest.raises(RegistryError, match="not a version number"):
-        registry.current_version()
+        registry.live_version()
+
+
+def test_a_registry_from_the_previous_release_is_read_through_its_current_pointer_until_a_promotion(
+    tmp_path: Path,
+) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", promote=False, parent=1)
+    (tmp_path / "live").rename(tmp_path / "current")  # the pointer's name until this release
+    with pytest.warns(FutureWarning, match="current"):
+        assert Registry(tmp_path).live_version() == 1
+    registry = Registry(tmp_path)
+    with pytest.warns(FutureWarning):
+        registry.promote(2)
+    assert (tmp_path / "live").read_text() == "2\n" and not (tmp_path / "current").exists()
+    assert registry.live_version() == 2
+
+
+def test_a_rollout_file_from_the_previous_release_names_the_live_version_stable(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", promote=False, parent=1)
+    written = json.loads(registry.start_rollout(2, "shadow", 0.0, "manual").model_dump_json())
+    assert written["live"] == 1 and "stable" not in written
+    written["stable"] = written.pop("live")
+    (tmp_path / "rollout.json").write_text(json.dumps(written))
+    with pytest.warns(FutureWarning, match="stable"):
+        rollout = registry.rollout()
+    assert rollout is not None and (rollout.version, rollout.live) == (2, 1)
+
+
+def test_the_previous_release_s_abort_is_read_as_withdraw(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", promote=False, parent=1)
+    registry.start_rollout(2, "shadow", 0.0, "manual")
+    registry.end_rollout(promote=False, reason="worse")
+    lines = registry.history_file.read_text().replace('"action":"withdraw"', '"action":"abort"')
+    assert '"action":"abort"' in lines  # a history line as the previous release wrote it
+    registry.history_file.write_text(lines)
+    assert [h.action for h in registry.history()] == ["promote", "shadow", "withdraw"]
+    with pytest.warns(FutureWarning, match="withdraw"):
+        event = ModelEvent.model_validate_json('{"action": "abort", "version": 2}')
+    assert event.action == "withdraw"
 
 
 def test_rollout_stages_are_recorded_and_promotion_ends_the_rollout(tmp_path: Path) -> None:
@@ -125,12 +170,12 @@ def test_rollout_stages_are_recorded_and_promotion_ends_the_rollout(tmp_path: Pa
     publish(registry)
     publish(registry, b"v2", promote=False, parent=1)
     shadow = registry.start_rollout(2, "shadow", 0.3, "passed the gate")
-    assert (shadow.stage, shadow.share, shadow.stable) == ("shadow", 0.0, 1)  # shadow answers nothing
+    assert (shadow.stage, shadow.share, shadow.live) == ("shadow", 0.0, 1)  # shadow answers nothing
     canary = registry.start_rollout(2, "canary", 0.3, "shadow good")
     assert (canary.stage, canary.share, canary.started_at) == ("canary", 0.3, shadow.started_at)
-    assert registry.current_version() == 1  # a candidate is not the stable version
+    assert registry.live_version() == 1  # a candidate is not the live version
     registry.end_rollout(promote=True, reason="canary good")
-    assert registry.current_version() == 2 and registry.rollout() is None
+    assert registry.live_version() == 2 and registry.rollout() is None
     assert [(h.action, h.version, h.previous) for h in registry.history()] == [
         ("promote", 1, None), ("shadow", 2, 1), ("canary", 2, 1), ("promote", 2, 1),
     ]
@@ -138,7 +183,7 @@ def test_rollout_stages_are_recorded_and_promotion_ends_the_rollout(tmp_path: Pa
     assert registry.rollback(reason="test") == (2, 1)
 
 
-def test_an_aborted_candidate_leaves_the_stable_version_serving(tmp_path: Path) -> None:
+def test_a_withdrawn_candidate_leaves_the_live_version_serving(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     publish(registry)
     publish(registry, b"v2", promote=False)
@@ -147,16 +192,16 @@ def test_an_aborted_candidate_leaves_the_stable_version_serving(tmp_path: Path) 
         publish(registry, b"v3", promote=False)
         registry.start_rollout(3, "shadow", 0.1, "manual")
     registry.end_rollout(promote=False, reason="worse")
-    assert registry.current_version() == 1 and registry.rollout() is None
-    assert registry.history()[-1].action == "abort" and registry.history()[-1].reason == "worse"
+    assert registry.live_version() == 1 and registry.rollout() is None
+    assert registry.history()[-1].action == "withdraw" and registry.history()[-1].reason == "worse"
     with pytest.raises(RegistryError, match="no rollout"):
         registry.end_rollout(promote=True, reason="again")
 
 
-def test_a_rollout_refuses_the_stable_and_rejected_versions(tmp_path: Path) -> None:
+def test_a_rollout_refuses_the_live_and_rejected_versions(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     publish(registry)
-    with pytest.raises(RegistryError, match="already the stable"):
+    with pytest.raises(RegistryError, match="already the live"):
         registry.start_rollout(1, "shadow", 0.1, "manual")
     with registry.staging() as stage:
         stage_files(stage, b"bad")
@@ -173,5 +218,5 @@ def test_promoting_another_version_ends_the_rollout_it_was_judged_against(tmp_pa
     publish(registry, b"v3", promote=False)
     registry.start_rollout(3, "shadow", 0.1, "manual")
     registry.rollback(reason="incident")  # back to v1: v3 was compared with v2
-    assert registry.current_version() == 1 and registry.rollout() is None
-    assert [h.action for h in registry.history()[-2:]] == ["abort", "rollback"]
+    assert registry.live_version() == 1 and registry.rollout() is None
+    assert [h.action for h in registry.history()[-2:]] == ["withdraw", "rollback"]

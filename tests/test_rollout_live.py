@@ -119,10 +119,10 @@ def test_shadow_rolls_back_a_worse_candidate_and_canary_promotes_a_good_one_with
             with service.client() as client:
                 wait_for(lambda: (client.get("/model").json().get("candidate") or {}).get("version") == bad, 20,
                          "a replica to load the shadow candidate")
-            wait_for(lambda: any(e.action == "abort" and e.version == bad for e in reg.history()), 120,
+            wait_for(lambda: any(e.action == "withdraw" and e.version == bad for e in reg.history()), 120,
                      "the controller to roll the reversed candidate back")
-            abort = reg.history()[-1]
-            assert abort.reason.startswith("worse:"), abort
+            withdrawal = reg.history()[-1]
+            assert withdrawal.reason.startswith("worse:"), withdrawal
             shadow_rows = store._db.execute(
                 "SELECT COUNT(*) FROM shadow_predictions WHERE model_version = ?", (bad,)).fetchone()[0]
             assert shadow_rows >= 60
@@ -133,7 +133,7 @@ def test_shadow_rolls_back_a_worse_candidate_and_canary_promotes_a_good_one_with
             rollout_panels, _ = dashboard_queries(rows={ROLLOUT_ROW})
             assert len({title for title, _ in rollout_panels}) == 4  # four panels, eight queries
             assert_panels_have_data(prometheus, rollout_panels)
-            wait_for(lambda: reg.current_version() == good, 180, "the good candidate to pass canary")
+            wait_for(lambda: reg.live_version() == good, 180, "the good candidate to pass canary")
             wait_for(lambda: set(served[-40:]) == {good}, 30, "both replicas to serve it")
             assert [(e.action, e.version) for e in reg.history()[-3:]] == [
                 ("shadow", good), ("canary", good), ("promote", good)]
@@ -157,4 +157,4 @@ def test_shadow_rolls_back_a_worse_candidate_and_canary_promotes_a_good_one_with
     failures = [s for s in served if isinstance(s, str)]
     assert failures == [], failures[:5]
     history = run_cli("history", env=cli_env).stdout
-    assert "abort" in history and "canary" in history and "worse" in history
+    assert "withdraw" in history and "canary" in history and "worse" in history

@@ -60,7 +60,7 @@ def test_a_good_shadow_advances_to_canary_and_the_change_is_announced(tmp_path: 
     assert s.announced[0].reason.startswith("good: shadow baked")
     assert s.sample("tuneloop_rollout_stage_version", stage="shadow") == 2  # the stage it judged
     assert s.sample("tuneloop_rollout_feedback_rows", role="candidate") == 30
-    assert s.sample("tuneloop_rollout_feedback_accuracy", role="stable") == 1.0
+    assert s.sample("tuneloop_rollout_feedback_accuracy", role="live") == 1.0
     assert s.sample("tuneloop_rollout_verdicts_total", action="advance", reason="good") == 1
     s.watch.judge()  # within JUDGE_INTERVAL_S: not judged again
     assert s.sample("tuneloop_rollout_stage_version", stage="canary") == 0
@@ -72,9 +72,9 @@ def test_a_worse_shadow_is_withdrawn(tmp_path: Path) -> None:
     s.registry.start_rollout(2, "shadow", 0.0, "test")
     s.shadow_traffic(30, candidate_right=False)
     s.watch.judge()
-    assert s.registry.rollout() is None and s.registry.current_version() == 1
-    assert [(e.action, e.version) for e in s.announced] == [("abort", 2)]
-    assert s.sample("tuneloop_rollout_verdicts_total", action="rollback", reason="worse") == 1
+    assert s.registry.rollout() is None and s.registry.live_version() == 1
+    assert [(e.action, e.version) for e in s.announced] == [("withdraw", 2)]
+    assert s.sample("tuneloop_rollout_verdicts_total", action="withdraw", reason="worse") == 1
     assert s.sample("tuneloop_rollout_p_worse") < CONFIG.alpha
 
 

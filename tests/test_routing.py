@@ -1,4 +1,4 @@
-"""Routing in process, on stand-in models: stable, canary (with its fall-back), shadow (off the request path)."""
+"""Routing in process, on stand-in models: live, canary (with its fall-back), shadow (off the request path)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def router(shadow_queue: int = 4) -> tuple[Router, MagicMock]:
 TEXTS = [f"text {i}" for i in range(40)]
 
 
-def test_without_a_candidate_the_stable_version_answers_and_every_text_becomes_an_event() -> None:
+def test_without_a_candidate_the_live_version_answers_and_every_text_becomes_an_event() -> None:
     route, publisher = router()
     predictions = route.predict(model(1, Fixed(1)), None, TEXTS)
     assert [(p.label, p.model_version) for p in predictions] == [("pos", 1)] * len(TEXTS)
@@ -59,7 +59,7 @@ def test_without_a_candidate_the_stable_version_answers_and_every_text_becomes_a
     assert not any(c.args[3] for c in publisher.offer.call_args_list)  # none is a shadow score
 
 
-def test_a_canary_answers_its_share_in_order_and_the_stable_version_the_rest() -> None:
+def test_a_canary_answers_its_share_in_order_and_the_live_version_the_rest() -> None:
     route, _ = router()
     canary = Candidate(model(2, Fixed(0)), "canary", 0.5)
     predictions = route.predict(model(1, Fixed(1)), canary, TEXTS)
@@ -68,13 +68,13 @@ def test_a_canary_answers_its_share_in_order_and_the_stable_version_the_rest() -
     assert all(p.label == ("neg" if p.model_version == 2 else "pos") for p in predictions)
 
 
-def test_a_failing_canary_falls_back_to_the_stable_version_for_the_whole_batch() -> None:
+def test_a_failing_canary_falls_back_to_the_live_version_for_the_whole_batch() -> None:
     route, _ = router()
-    stable = Fixed(1)
+    live = Fixed(1)
     canary = Candidate(model(2, Fixed(0, fail=True)), "canary", 1.0)
-    predictions = route.predict(model(1, stable), canary, TEXTS)
+    predictions = route.predict(model(1, live), canary, TEXTS)
     assert {p.model_version for p in predictions} == {1}
-    assert stable.calls == [TEXTS]
+    assert live.calls == [TEXTS]
     route.metrics.candidate_failures.labels.assert_called_with("canary")
 
 
@@ -93,11 +93,11 @@ def test_a_shadow_that_falls_behind_is_skipped_and_counted() -> None:
     route, _ = router(shadow_queue=1)
     gate = threading.Event()
     shadow = Candidate(model(2, Fixed(0, gate=gate)), "shadow", 0.0)
-    stable = model(1, Fixed(1))
-    route.predict(stable, shadow, TEXTS[:3])  # takes the only slot and waits at the gate
-    route.predict(stable, shadow, TEXTS[:5])
+    live = model(1, Fixed(1))
+    route.predict(live, shadow, TEXTS[:3])  # takes the only slot and waits at the gate
+    route.predict(live, shadow, TEXTS[:5])
     route.metrics.shadow_skipped.inc.assert_called_once_with(5)
     gate.set()
     route.close()
-    route.predict(stable, shadow, TEXTS[:2])  # after close: skipped, not raised
+    route.predict(live, shadow, TEXTS[:2])  # after close: skipped, not raised
     assert route.metrics.shadow_skipped.inc.call_args_list[-1].args == (2,)

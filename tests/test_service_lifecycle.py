@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def copy_registry(source: Path, target: Path) -> None:
     shutil.copytree(source / "versions", target / "versions")
-    shutil.copy(source / "current", target / "current")
+    shutil.copy(source / "live", target / "live")
 
 
 def test_empty_registry_is_live_not_ready_then_ready_once_a_version_appears(

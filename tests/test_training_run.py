@@ -53,4 +53,4 @@ def test_a_rollout_in_progress_is_nothing_to_train(registry: Registry) -> None:
     registry.start_rollout(candidate, "shadow", 0.1, "test")
     result = CliRunner().invoke(app, ["train", "--no-progress"])
     assert result.exit_code == 2, result.output
-    assert "nothing to train: v2 is in shadow; let it finish or `tuneloop rollout abort` it first" in said(result.output)
+    assert "nothing to train: v2 is in shadow; let it finish or `tuneloop rollout withdraw` it first" in said(result.output)

@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from tuneloop.rollout_stage import CANARY, SHADOW, RolloutStage
+
 CONFIG_ENV = "TUNELOOP_CONFIG"
 DEFAULT_CONFIG_FILE = "tuneloop.toml"
 
@@ -147,12 +149,12 @@ class ServeConfig(Section):
         2000, ge=1, description="Adaptive batching: a request predicted to wait longer is refused with 503 (load shedding)."
     )
     watch_interval_s: float = Field(
-        1.0, gt=0, description="How often each replica checks the registry's current version (hot swap)."
+        1.0, gt=0, description="How often each replica checks the registry's live version (hot swap)."
     )
 
 
 class RolloutConfig(Section):
-    stages: list[Literal["shadow", "canary"]] = Field(
+    stages: list[RolloutStage] = Field(
         default_factory=list,
         description="What a candidate that passed the gate goes through before it serves everyone, in order "
         "(shadow: scored on live traffic, not returned; canary: answers canary_share of it). Empty: promote at the gate.",
@@ -160,21 +162,21 @@ class RolloutConfig(Section):
     canary_share: float = Field(0.1, gt=0, lt=1, description="Share of texts the canary answers.")
     bake_s: float = Field(900, ge=0, description="Shortest time a stage lasts before it can advance.")
     min_feedback_rows: int = Field(
-        200, ge=1, description="Labelled rows on the candidate's predictions needed to advance or roll back a stage."
+        200, ge=1, description="Labelled rows on the candidate's predictions needed to advance a stage or withdraw the candidate."
     )
     max_accuracy_drop: float = Field(
-        0.02, ge=0, lt=1, description="The candidate's live feedback accuracy may trail the stable version's by at most this."
+        0.02, ge=0, lt=1, description="The candidate's live feedback accuracy may trail the live version's by at most this."
     )
-    alpha: float = Field(0.05, gt=0, lt=1, description="A worse candidate is rolled back early when its deficit is significant at this level.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="A worse candidate is withdrawn early when its deficit is significant at this level.")
     stage_timeout_s: float = Field(
-        86_400, gt=0, description="A stage that has not shown the candidate good enough by then rolls it back."
+        86_400, gt=0, description="A stage that has not shown the candidate good enough by then withdraws it."
     )
     shadow_queue: int = Field(64, ge=1, description="Batches waiting for shadow scoring per replica; beyond it they are skipped.")
 
     @field_validator("stages")
     @classmethod
     def each_stage_once(cls, stages: list[str]) -> list[str]:
-        if len(set(stages)) != len(stages) or stages not in ([], ["shadow"], ["canary"], ["shadow", "canary"]):
+        if len(set(stages)) != len(stages) or stages not in ([], [SHADOW], [CANARY], [SHADOW, CANARY]):
             raise ValueError(f"stages must be shadow and/or canary, each once, shadow first; got {stages}")
         return stages
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import uuid
+import warnings
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from tuneloop.clock import utc_now
+from tuneloop.rollout_stage import RolloutStage
 
 
 def new_id() -> str:
@@ -62,8 +64,16 @@ class DeadLetter(BaseModel):
 class ModelEvent(BaseModel):
     """The registry changed: replicas reload what it says. The registry, not the event, holds the truth."""
 
-    action: Literal["promote", "rollback", "shadow", "canary", "abort"]
+    action: Literal["promote", "rollback", RolloutStage, "withdraw"]
     version: int
     previous: int | None = None
     reason: str = ""
     timestamp: str = Field(default_factory=utc_now)
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _withdraw_was_abort(cls, action: object) -> object:
+        if action == "abort":  # sent by the previous release; read until the next one
+            warnings.warn("model event action `abort` is `withdraw` since this release", FutureWarning, stacklevel=2)
+            return "withdraw"
+        return action

@@ -4,9 +4,10 @@ Layout under the root::
 
     versions/v1/manifest.json     sha256 of every other file, lineage, metrics
     versions/v1/model.onnx ...    the files a server or trainer needs
-    current                       the promoted (stable) version number, replaced by rename
+    live                          the live version's number (the one that serves everyone), replaced by rename;
+                                  the previous release named it `current`: read while `live` is absent
     rollout.json                  a candidate in shadow or canary, when one is; replaced by rename
-    history.jsonl                 one line per promotion, rollback and rollout stage
+    history.jsonl                 one line per promotion, rollback, rollout stage and withdrawal
     .staging/                     half-written versions; never read by a loader
 
 A version becomes visible only by renaming a complete, fsynced staging directory
@@ -21,14 +22,16 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 
 from tuneloop.clock import utc_now
 from tuneloop.errors import IntegrityError, RegistryError
+from tuneloop.rollout_stage import CANARY, RolloutStage
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -55,21 +58,38 @@ class Manifest(BaseModel):
 
 class HistoryEntry(BaseModel):
     time: str
-    action: str
+    action: str  # promote, rollback (an older version again), shadow, canary, withdraw (a candidate taken away)
     version: int
     previous: int | None
     reason: str = ""
 
+    @field_validator("action")
+    @classmethod
+    def _withdraw_was_abort(cls, action: str) -> str:
+        return "withdraw" if action == "abort" else action  # the previous release's word, in older history lines
+
 
 class Rollout(BaseModel):
-    """A gated candidate on its way to serving everyone, next to the stable (current) version."""
+    """A gated candidate on its way to serving everyone, next to the live version."""
 
     version: int
-    stable: int | None
-    stage: Literal["shadow", "canary"]
+    # Written as `live`; a rollout.json from the previous release names it `stable` (read for one release).
+    live: int | None = Field(validation_alias=AliasChoices("live", "stable"))
+    stage: RolloutStage
     share: float = Field(0.0, description="Share of texts the candidate answers (canary only).")
     started_at: str
     stage_started_at: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_stable(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stable" in data and "live" not in data:
+            warnings.warn(
+                "rollout.json names the live version `stable`; it is `live` since this release, and `stable` "
+                "is read only until the next one (the next rollout change rewrites the file)",
+                FutureWarning, stacklevel=2,
+            )
+        return data
 
 
 def sha256_file(path: Path) -> str:
@@ -111,9 +131,11 @@ class Registry:
         self.root = Path(root)
         self.versions_dir = self.root / "versions"
         self.staging_dir = self.root / ".staging"
-        self.current_file = self.root / "current"
+        self.live_file = self.root / "live"
+        self.legacy_live_file = self.root / "current"  # the previous release's name; read while `live` is absent
         self.history_file = self.root / "history.jsonl"
         self.rollout_file = self.root / "rollout.json"
+        self._warned_legacy = False
 
     # -- writing ---------------------------------------------------------------
 
@@ -192,12 +214,15 @@ class Registry:
 
     def _promote_locked(self, version: int, action: str, reason: str) -> None:
         self._servable(version)
-        previous = self.current_version()
+        previous = self.live_version()
         rollout = self.rollout()
         if rollout is not None and rollout.version != version:
             # The candidate was being compared with the version that stops serving now; that comparison ends.
             self._end_rollout_locked(rollout, f"ended by {action} to v{version}")
-        _write_atomic(self.current_file, f"{version}\n".encode())
+        _write_atomic(self.live_file, f"{version}\n".encode())
+        if self.legacy_live_file.exists():  # `live` replaces it: one pointer, never two that disagree
+            self.legacy_live_file.unlink()
+            _fsync_dir(self.root)
         self.rollout_file.unlink(missing_ok=True)
         self._log(HistoryEntry(time=utc_now(), action=action, version=version, previous=previous, reason=reason))
 
@@ -215,22 +240,22 @@ class Registry:
             os.fsync(handle.fileno())
 
     def rollback(self, to: int | None = None, reason: str = "rollback") -> tuple[int | None, int]:
-        """Serve an earlier version again: `to`, or the one the current version replaced. Returns (from, to)."""
+        """Serve an earlier version again: `to`, or the one the live version replaced. Returns (from, to)."""
         with self._lock():
-            current = self.current_version()
+            live = self.live_version()
             target = to
             if target is None:
                 entry = next(
                     (e for e in reversed(self.history())
-                     if e.action in ("promote", "rollback") and e.version == current and e.previous),
+                     if e.action in ("promote", "rollback") and e.version == live and e.previous),
                     None,
                 )
                 if entry is None:
-                    raise RegistryError(f"v{current} has no earlier version to return to; name one (--to VERSION)")
+                    raise RegistryError(f"v{live} has no earlier version to return to; name one (--to VERSION)")
                 target = entry.previous
-            if target != current:
+            if target != live:
                 self._promote_locked(target, "rollback", reason)
-        return current, target
+        return live, target
 
     # -- rollout: shadow and canary ----------------------------------------------------------
 
@@ -240,29 +265,29 @@ class Registry:
         except FileNotFoundError:
             return None
 
-    def start_rollout(self, version: int, stage: Literal["shadow", "canary"], share: float, reason: str) -> Rollout:
-        """Put an accepted version next to the stable one, in shadow or as canary; the replicas follow."""
+    def start_rollout(self, version: int, stage: RolloutStage, share: float, reason: str) -> Rollout:
+        """Put an accepted version next to the live one, in shadow or as canary; the replicas follow."""
         with self._lock():
             self._servable(version)
-            current = self.current_version()
-            if version == current:
-                raise RegistryError(f"v{version} is already the stable version")
+            live = self.live_version()
+            if version == live:
+                raise RegistryError(f"v{version} is already the live version")
             previous = self.rollout()
             if previous is not None and previous.version != version:
                 raise RegistryError(
-                    f"v{previous.version} is in {previous.stage} already; abort it first (`tuneloop rollout abort`)"
+                    f"v{previous.version} is in {previous.stage} already; withdraw it first (`tuneloop rollout withdraw`)"
                 )
             now = utc_now()
             rollout = Rollout(
-                version=version, stable=current, stage=stage, share=share if stage == "canary" else 0.0,
+                version=version, live=live, stage=stage, share=share if stage == CANARY else 0.0,
                 started_at=previous.started_at if previous else now, stage_started_at=now,
             )
             _write_atomic(self.rollout_file, rollout.model_dump_json(indent=2).encode() + b"\n")
-            self._log(HistoryEntry(time=now, action=stage, version=version, previous=current, reason=reason))
+            self._log(HistoryEntry(time=now, action=stage, version=version, previous=live, reason=reason))
         return rollout
 
     def end_rollout(self, promote: bool, reason: str) -> Rollout:
-        """Promote the candidate to stable, or withdraw it (abort); the stable version keeps serving."""
+        """Promote the candidate to live, or withdraw it; the live version keeps serving."""
         with self._lock():
             rollout = self.rollout()
             if rollout is None:
@@ -276,7 +301,7 @@ class Registry:
     def _end_rollout_locked(self, rollout: Rollout, reason: str) -> None:
         self.rollout_file.unlink(missing_ok=True)
         _fsync_dir(self.root)
-        self._log(HistoryEntry(time=utc_now(), action="abort", version=rollout.version, previous=rollout.stable, reason=reason))
+        self._log(HistoryEntry(time=utc_now(), action="withdraw", version=rollout.version, previous=rollout.live, reason=reason))
 
     # -- reading ---------------------------------------------------------------
 
@@ -288,13 +313,26 @@ class Registry:
             return []
         return sorted(int(p.name[1:]) for p in self.versions_dir.iterdir() if p.name[1:].isdigit())
 
-    def current_version(self) -> int | None:
+    def live_version(self) -> int | None:
+        """The version that serves everyone (None before the first promotion)."""
+        path = self.live_file
         try:
-            text = self.current_file.read_text().strip()
+            text = path.read_text().strip()
         except FileNotFoundError:
-            return None
+            path = self.legacy_live_file
+            try:
+                text = path.read_text().strip()
+            except FileNotFoundError:
+                return None
+            if not self._warned_legacy:
+                self._warned_legacy = True
+                warnings.warn(
+                    f"{path} is the previous release's name for the live version pointer; it is read until the "
+                    f"next promotion writes {self.live_file.name} (support ends in the next release)",
+                    FutureWarning, stacklevel=2,
+                )
         if not text.isdigit():
-            raise RegistryError(f"{self.current_file} holds {text!r}, not a version number; fix or remove it.")
+            raise RegistryError(f"{path} holds {text!r}, not a version number; fix or remove it.")
         return int(text)
 
     def manifest(self, version: int) -> Manifest:
@@ -321,9 +359,9 @@ class Registry:
         return manifest
 
     def resolve(self, version: int | None = None) -> tuple[Manifest, Path]:
-        """The verified manifest and directory of a version (default: current)."""
+        """The verified manifest and directory of a version (default: the live one)."""
         if version is None:
-            version = self.current_version()
+            version = self.live_version()
             if version is None:
                 raise RegistryError(f"no model is promoted in {self.root}; run `tuneloop bootstrap` first.")
         return self.verify(version), self.version_dir(version)
