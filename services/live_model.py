@@ -1,16 +1,17 @@
 """The model a replica serves: a verified registry version behind one inference backend.
 
 Backends are chosen by `serve.backend` from a registered list (`BACKENDS`): name -> loader.
-ONNX Runtime is the serving backend. The PyTorch-eager backend lives with the trainer (it needs
-torch and the train extra); its entry names the module and class, imported on first use only, so
-the serving path never imports torch and `services/` imports nothing from the trainer.
+ONNX Runtime is the serving backend. Other packages add backends under the `tuneloop.backends`
+entry-point group (pyproject.toml): the trainer registers `torch`, the PyTorch-eager backend, which
+needs torch and the train extra. An entry point is loaded when first chosen, so the serving path
+never imports torch and `services/` imports nothing from the trainer.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Protocol
 
@@ -40,26 +41,27 @@ def _onnx(manifest: Manifest, directory: Path, settings: Settings) -> TextClassi
     return OnnxTextClassifier.from_version(manifest, directory, serve.execution_provider, serve.intra_op_threads)
 
 
-@dataclass(frozen=True)
-class Deferred:
-    """A backend from another package, imported when first chosen: `module.cls.from_version(...)`."""
+ENTRY_POINT_GROUP = "tuneloop.backends"
 
-    module: str
-    cls: str
-    needs: str  # what to install when the import fails
+
+@dataclass(frozen=True)
+class Plugin:
+    """A backend another package registers as an entry point (a class with `from_version`), loaded when first chosen."""
+
+    entry_point: EntryPoint
 
     def __call__(self, manifest: Manifest, directory: Path, settings: Settings) -> TextClassifier:
         try:
-            backend = getattr(importlib.import_module(self.module), self.cls)
+            backend = self.entry_point.load()
         except ImportError as exc:
-            raise RuntimeError(f"serve.backend={settings.serve.backend} needs {self.needs} installed ({exc})") from exc
+            raise RuntimeError(
+                f"serve.backend={self.entry_point.name} cannot be imported ({exc}); install what "
+                f"{self.entry_point.value} needs (for torch: pip install 'tuneloop[train]')"
+            ) from exc
         return backend.from_version(manifest, directory, settings)
 
 
-BACKENDS: dict[str, Loader] = {
-    "onnx": _onnx,
-    "torch": Deferred("trainer.eager_backend", "EagerTextClassifier", needs="the train extra"),
-}
+BACKENDS: dict[str, Loader] = {"onnx": _onnx} | {ep.name: Plugin(ep) for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def register_backend(name: str, loader: Loader) -> None:

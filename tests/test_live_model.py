@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from services import live_model
-from services.live_model import BACKENDS, Deferred, load_live_model, register_backend
+from services.live_model import BACKENDS, ENTRY_POINT_GROUP, Plugin, load_live_model, register_backend
 from tuneloop.config import Settings
 from tuneloop.inference import Scores
 from tuneloop.registry import Manifest, Registry
@@ -59,16 +60,17 @@ def test_an_unknown_backend_and_a_missing_extra_are_named(registry: Registry, mo
     settings.serve.backend = "torch"
     with pytest.raises(RuntimeError, match=r"serve.backend=torch is not one of \['onnx'\]"):
         load_live_model(registry, settings)
-    monkeypatch.setitem(BACKENDS, "torch", Deferred("no_such_module_anywhere", "Backend", needs="the train extra"))
-    with pytest.raises(RuntimeError, match=r"serve.backend=torch needs the train extra installed \(No module named"):
+    missing = EntryPoint("torch", "no_such_module_anywhere:Backend", ENTRY_POINT_GROUP)
+    monkeypatch.setitem(BACKENDS, "torch", Plugin(missing))
+    with pytest.raises(RuntimeError, match=r"serve.backend=torch cannot be imported \(No module named .*tuneloop\[train\]"):
         load_live_model(registry, settings)
 
 
-def test_the_eager_backend_entry_names_a_class_with_from_version_without_importing_it() -> None:
-    deferred = live_model.BACKENDS["torch"]
-    assert isinstance(deferred, Deferred)
-    spec = importlib.util.find_spec(deferred.module)
+def test_the_trainer_registers_the_eager_backend_as_an_entry_point_not_imported_until_chosen() -> None:
+    plugin = live_model.BACKENDS["torch"]  # from the installed package's metadata (pyproject.toml)
+    assert isinstance(plugin, Plugin) and plugin.entry_point.group == ENTRY_POINT_GROUP
+    spec = importlib.util.find_spec(plugin.entry_point.module)
     assert spec is not None and spec.origin is not None
     classes = {node.name: node for node in ast.walk(ast.parse(Path(spec.origin).read_text())) if isinstance(node, ast.ClassDef)}
-    methods = {item.name for item in classes[deferred.cls].body if isinstance(item, ast.FunctionDef)}
+    methods = {item.name for item in classes[plugin.entry_point.attr].body if isinstance(item, ast.FunctionDef)}
     assert "from_version" in methods
