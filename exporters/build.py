@@ -69,13 +69,13 @@ def build_and_publish(
         steps.set_postfix_str(name)
         steps.update(1)
 
-    with registry.staging() as stage, tempfile.TemporaryDirectory(prefix="tuneloop-export-") as work:
+    with registry.staging() as staged, tempfile.TemporaryDirectory(prefix="tuneloop-export-") as work:
         workdir = Path(work)
         model.to("cpu").eval()
         torch_logits, _ = predict(model, tokenizer, val.texts, max_length)
         step(STEPS[0])
 
-        model.save_pretrained(stage / "adapter")
+        model.save_pretrained(staged / "adapter")
         step(STEPS[1])
 
         fp32_path = workdir / "model.fp32.onnx"
@@ -90,10 +90,10 @@ def build_and_publish(
 
         tokenizer_dir = workdir / "tokenizer"
         tokenizer.save_pretrained(tokenizer_dir)
-        shutil.copy(tokenizer_dir / "tokenizer.json", stage / "tokenizer.json")
-        (stage / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+        shutil.copy(tokenizer_dir / "tokenizer.json", staged / "tokenizer.json")
+        (staged / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
         for name, rows in candidate.stored.items():
-            write_csv(stage / "data" / f"{name}.csv", rows)
+            write_csv(staged / "data" / f"{name}.csv", rows)
         export_info: dict[str, Any] = {
             "max_seq_length": max_length,
             "pad_token": tokenizer.pad_token,
@@ -104,22 +104,22 @@ def build_and_publish(
 
         def int8_classifier(path: Path, recipe: Recipe) -> OnnxTextClassifier:
             return OnnxTextClassifier(
-                path, stage / "tokenizer.json", labels, max_length, tokenizer.pad_token,
+                path, staged / "tokenizer.json", labels, max_length, tokenizer.pad_token,
                 max_rows_per_run=recipe.max_rows_per_run,
             )
 
         def int8_logits(path: Path, recipe: Recipe) -> np.ndarray:
             return int8_classifier(path, recipe).predict(val.texts).logits
 
-        calibration = Calibration(calibration_sample(candidate.calibration_texts), stage / "tokenizer.json", max_length)
+        calibration = Calibration(calibration_sample(candidate.calibration_texts), staged / "tokenizer.json", max_length)
         recipe, parity, attempts = quantize_until_parity(
-            optimized_path, stage / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement,
+            optimized_path, staged / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement,
             keep_best=gate is not None, calibration=calibration,
         )
-        onnx_model = int8_classifier(stage / "model.onnx", recipe)  # a fresh session on the staged files
+        onnx_model = int8_classifier(staged / "model.onnx", recipe)  # a fresh session on the staged files
         onnx_logits = onnx_model.predict(val.texts).logits
         reference = candidate.reference_rows
-        Reference.from_scores(onnx_model.predict(reference.texts), reference.labels, labels).save(stage / REFERENCE_FILE)
+        Reference.from_scores(onnx_model.predict(reference.texts), reference.labels, labels).save(staged / REFERENCE_FILE)
         verdict = gate(onnx_model, parity) if gate is not None else None
         step(STEPS[4])
 
@@ -134,11 +134,11 @@ def build_and_publish(
             "val_accuracy_torch": _accuracy(torch_logits, val.labels, labels),
             "val_accuracy_onnx": _accuracy(onnx_logits, val.labels, labels),
             "parity": asdict(parity),
-            "model_bytes": (stage / "model.onnx").stat().st_size,
+            "model_bytes": (staged / "model.onnx").stat().st_size,
             "fp32_model_bytes": optimized_path.stat().st_size,
         }
         manifest = registry.publish(
-            stage,
+            staged,
             base_model=f"{base.model_id}@sha256:{weights_digest(base)}",
             labels=labels,
             parent_version=parent_version,

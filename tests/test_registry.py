@@ -92,8 +92,8 @@ def test_a_crash_while_staging_publishes_nothing(tmp_path: Path) -> None:
 def test_leftover_staging_dirs_are_never_versions(tmp_path: Path) -> None:
     """A SIGKILL during export leaves a staging dir behind; it must stay invisible."""
     registry = Registry(tmp_path)
-    (tmp_path / ".staging" / "stage-crashed").mkdir(parents=True)
-    (tmp_path / ".staging" / "stage-crashed" / "model.onnx").write_bytes(b"half")
+    (tmp_path / ".staging" / "staged-crashed").mkdir(parents=True)
+    (tmp_path / ".staging" / "staged-crashed" / "model.onnx").write_bytes(b"half")
     assert publish(registry) == 1
     assert registry.list_versions() == [1]
 

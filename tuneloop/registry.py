@@ -153,7 +153,7 @@ class Registry:
     def staging(self) -> Iterator[Path]:
         """A private directory to assemble a version in; removed unless published."""
         self.staging_dir.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="stage-", dir=self.staging_dir))
+        path = Path(tempfile.mkdtemp(prefix="staged-", dir=self.staging_dir))
         try:
             yield path
         finally:
