@@ -7,12 +7,12 @@ from typing import Annotated
 from pydantic import BaseModel, Field, StringConstraints
 
 from services.settings import limits
-from tuneloop.events import FeedbackEvent
+from tuneloop.events import FeedbackEvent, VisibleText
 from tuneloop.rollout_stage import RolloutStage
 
 NOT_LOADED = "no verified model is loaded yet; check /readyz, and run `tuneloop bootstrap` if the registry is empty"
 
-Text = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_chars_per_text)]
+Text = Annotated[VisibleText, StringConstraints(max_length=limits.max_chars_per_text)]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_texts_per_request)]
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.data import IMDB
-from trainer.data import DataError, LabelledTexts, label_set, load_csv, split, split3, traffic_order
+from tests.support.data import IMDB, LINE_BREAKING
+from trainer.data import DataError, LabelledTexts, label_set, load_csv, split, split3, traffic_order, write_csv
 
 
 def test_imdb_copy_loads_with_its_provenance() -> None:
@@ -76,3 +76,9 @@ def test_traffic_order_replays_every_row_once_per_pass() -> None:
     passes = [order[start : start + 300] for start in range(0, 1800, 300)]
     assert all(sorted(p) == list(range(300)) for p in passes)  # no row twice before every row once
     assert passes[0] != passes[1] and len(set(order[1800:])) == 200
+
+
+def test_texts_with_unicode_line_breaks_survive_write_and_load(tmp_path: Path) -> None:
+    rows = LabelledTexts(LINE_BREAKING, ["a"] * len(LINE_BREAKING))
+    loaded = load_csv(write_csv(tmp_path / "odd.csv", rows))
+    assert loaded.texts == LINE_BREAKING and loaded.labels == rows.labels

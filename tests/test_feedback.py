@@ -89,6 +89,7 @@ INVALID = [
     ("no request_id or text", "/feedback", {"label": "positive"}, "needs a request_id"),
     ("no label", "/feedback", {"text": "x"}, "label"),
     ("label not a string", "/feedback", {"text": "x", "label": 3}, "string"),
+    ("blank text", "/feedback", {"text": "\u00a0\u2028", "label": "positive"}, "only whitespace"),
     ("bad feedback_id", "/feedback", {"text": "x", "label": "positive", "feedback_id": "a b/c"}, "pattern"),
     ("unknown field", "/feedback/batch", {"items": [{"text": "x", "label": "positive", "colour": "red"}]}, "extra"),
     ("empty batch", "/feedback/batch", {"items": []}, "at least 1"),

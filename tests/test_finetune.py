@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
-from trainer.data import LabelledTexts, write_csv
+from tests.support.data import LINE_BREAKING
+from trainer.data import LabelledTexts, concat, load_csv, write_csv
 from trainer.finetune import balanced_sample, build_dataset
 from tuneloop.config import Settings
 from tuneloop.events import FeedbackEvent
 from tuneloop.feedback_store import FeedbackStore
+from tuneloop.clock import utc_now
 from tuneloop.registry import Manifest
 
 POOL = LabelledTexts([f"t{i}" for i in range(130)], ["common"] * 100 + ["middle"] * 25 + ["rare"] * 5)
@@ -59,3 +62,25 @@ def test_a_version_without_validation_rows_still_validates_on_some_replay(tmp_pa
     data = build_dataset(store, live, live_dir, Settings())
     assert any(t.startswith("old") for t in data.val.texts)
     assert all(t.startswith("new") for t in data.unseen_val.texts)
+
+
+def test_feedback_with_unicode_line_breaks_trains_and_the_next_generation_reads_it(tmp_path: Path) -> None:
+    # A text with U+2028 or U+0085 split its CSV row in two on reading: the version trained on it was
+    # published, and every later run from it failed with DataError.
+    store, live, live_dir = lineage(tmp_path, with_val=True)
+    store.write([], [FeedbackEvent(text=f"{text} {i}", label="c") for text in LINE_BREAKING for i in range(3)])
+    first = build_dataset(store, live, live_dir, Settings())
+    odd = {f"{text} {i}" for text in LINE_BREAKING for i in range(3)}
+    assert odd <= set(first.train.texts) | set(first.val.texts) | set(first.new_holdout.texts)
+
+    child_dir = tmp_path / "v2"  # the candidate's data files, as the exporter stores them
+    for name, rows in {"train": first.train, "val": first.unseen_val,
+                       "holdout": concat([first.holdout, first.new_holdout])}.items():
+        write_csv(child_dir / "data" / f"{name}.csv", rows)
+    time.sleep(0.01)
+    child = Manifest(version=2, created_at=utc_now(), base_model="m", labels=["a", "b", "c"], files={}, parent_version=1)
+    store.write([], [FeedbackEvent(text=f"later {i}", label="a") for i in range(100)])
+    second = build_dataset(store, child, child_dir, Settings())
+    assert any(text.startswith("later") for text in second.unseen_val.texts)
+    assert set(first.unseen_val.texts) <= set(second.unseen_val.texts)  # the odd validation rows, handed down intact
+    assert load_csv(child_dir / "data" / "train.csv").texts == first.train.texts

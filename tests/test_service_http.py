@@ -89,6 +89,7 @@ BAD_REQUESTS = [
     ("too many texts", {"json": {"texts": ["ok"] * 65}}, 400, "at most 64"),
     ("too long a text", {"json": {"texts": ["x" * 2001]}}, 400, "at most 2000 characters"),
     ("empty text", {"json": {"texts": [""]}}, 400, "at least 1 character"),
+    ("blank text", {"json": {"texts": ["ok", "\u2028 "]}}, 400, "only whitespace"),
     ("texts not a list", {"json": {"texts": "just a string"}}, 400, "texts"),
     ("numbers for texts", {"json": {"texts": [1, 2]}}, 400, "string"),
     ("missing field", {"json": {"text": ["hello"]}}, 400, "texts"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,7 +35,8 @@ def load_csv(path: Path | str) -> LabelledTexts:
         raise DataError(f"{path}: no such file")
     raw = path.read_bytes()
     try:
-        rows = list(csv.DictReader(raw.decode("utf-8").splitlines()))
+        # newline="": csv alone decides where a row ends; str.splitlines() also broke quoted fields at U+2028, U+0085, ...
+        rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"), newline="")))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 ({exc})") from None
     if not rows or not {"text", "label"} <= set(rows[0]):

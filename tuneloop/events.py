@@ -6,7 +6,7 @@ import uuid
 import warnings
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from tuneloop.clock import utc_now
 from tuneloop.rollout_stage import RolloutStage
@@ -35,6 +35,17 @@ class PredictionEvent(BaseModel):
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
+def _visible(text: str) -> str:
+    if not text or text.isspace():
+        raise ValueError("is empty or only whitespace; send the text (or label) itself")
+    return text
+
+
+# A text or label with at least one character that is not whitespace (U+00A0, U+2028 and the like count as
+# whitespace): a blank one cannot be trained on, and stored as feedback it made the next training run fail.
+VisibleText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_visible)]
+
+
 class FeedbackEvent(BaseModel):
     """One labelled example sent back by an application."""
 
@@ -42,8 +53,8 @@ class FeedbackEvent(BaseModel):
 
     feedback_id: Identifier = Field(default_factory=new_id, description="Deduplication key; a resend stores nothing twice.")
     request_id: Identifier | None = Field(None, description="The prediction this labels; its text is joined in.")
-    text: Annotated[str, StringConstraints(min_length=1)] | None = Field(None, description="Needed without request_id.")
-    label: Annotated[str, StringConstraints(min_length=1)]
+    text: VisibleText | None = Field(None, description="Needed without request_id.")
+    label: VisibleText
     source: Annotated[str, StringConstraints(max_length=128)] = "api"
     timestamp: str = Field(default_factory=utc_now)
 

@@ -33,3 +33,8 @@ def validation_split() -> LabelledTexts:
     _, val, holdout = split3(load_csv(imdb_parts()[0]), settings.train.val_fraction, settings.train.holdout_fraction,
                              settings.train.seed)
     return concat([val, holdout])
+
+
+# Characters str.splitlines() treats as line ends, though csv (and every spreadsheet) keeps them inside a field.
+LINE_BREAKING = ["line\u2028separator", "paragraph\u2029separator", "next\u0085line", "group\x1dseparator",
+                 "crlf\r\ninside", "vertical\x0btab", "no-break\u00a0space"]
