@@ -65,14 +65,17 @@ class DeadLetters:
         self.topic = topic
         self.metrics = metrics
 
-    def send(self, topic: str, raw: str, kind: str, reason: str) -> None:
-        letter = DeadLetter(topic=topic, reason=reason, raw=raw)
-        acknowledged = self.bus.publish_many(self.topic, [(None, letter.model_dump_json().encode())])
+    def send(self, letters: list[DeadLetter], kind: str) -> None:
+        """Publish the letters in one batch (each bounded, so the bus always takes it)."""
+        if not letters:
+            return
+        acknowledged = self.bus.publish_many(self.topic, [(None, letter.encoded()) for letter in letters])
         if not all(acknowledged):
-            # Not committing keeps the message for a retry rather than losing it.
+            # Not committing keeps the messages for a retry rather than losing them.
             raise RuntimeError(f"dead-letter topic {self.topic} did not acknowledge")
-        self.metrics.dead_lettered.labels(kind).inc()
-        log.warning("dead-lettered a %s message: %s", topic, reason)
+        self.metrics.dead_lettered.labels(kind).inc(len(letters))
+        for letter in letters:
+            log.warning("dead-lettered a %s message: %s", letter.topic, letter.reason)
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,8 @@ class Ingest:
             os._exit(FAULT_EXIT_CODE)
         self.metrics.stored.inc(result.stored)
         self.metrics.duplicates.inc(result.duplicates)
-        for bad in parsed.malformed:
-            raw = bad.record.value.decode("utf-8", errors="replace")
-            self.dead_letters.send(bad.record.topic, raw, "malformed", bad.reason)
+        self.dead_letters.send([DeadLetter.of(bad.record.topic, bad.record.value, bad.reason) for bad in parsed.malformed],
+                               "malformed")
         self.expire_pending()
         consumer.commit(records)
         self.metrics.pending.set(self.store.count("pending_feedback"))
@@ -116,8 +118,8 @@ class Ingest:
     def expire_pending(self) -> None:
         """Dead-letter feedback whose prediction did not arrive within the join timeout."""
         expired = self.store.expired_pending(self.config.join_timeout_s)
-        for _, payload in expired:
-            reason = f"its prediction did not arrive within {self.config.join_timeout_s:g} s"
-            self.dead_letters.send(self.topics.feedback, payload, "unjoined", reason)
+        reason = f"its prediction did not arrive within {self.config.join_timeout_s:g} s"
+        self.dead_letters.send([DeadLetter.of(self.topics.feedback, payload.encode(), reason) for _, payload in expired],
+                               "unjoined")
         if expired:
             self.store.drop_pending([feedback_id for feedback_id, _ in expired])

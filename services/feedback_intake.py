@@ -5,6 +5,10 @@ unreachable, written to a local spool (SQLite, fsynced) that a background thread
 order when the broker returns. While the spool holds anything, new feedback queues behind it,
 so the order of acceptance is the order on the topic. A replay after a crash can repeat a
 message; the controller's deduplication by feedback_id stores it once. Feedback is never dropped.
+
+Feedback no bus could ever carry (over `MAX_MESSAGE_BYTES`) is refused with a 413 before it is
+accepted. A spooled record over the limit (written by an older version) goes to the dead-letter
+topic with the reason, so that it never blocks the feedback queued behind it.
 """
 
 from __future__ import annotations
@@ -18,14 +22,18 @@ from pathlib import Path
 from services.live_model import LiveModel
 from services.metrics import ServiceMetrics
 from services.schemas import FeedbackAccepted
-from tuneloop.bus import Bus, BusUnavailable, Message
+from tuneloop.bus import MAX_MESSAGE_BYTES, Bus, BusUnavailable, Message
 from tuneloop.durable_sqlite import connect
-from tuneloop.errors import FeedbackRefused
-from tuneloop.events import FeedbackEvent
+from tuneloop.errors import FeedbackRefused, RequestTooLarge
+from tuneloop.events import DeadLetter, FeedbackEvent
 
 log = logging.getLogger("tuneloop.events")
 
 __all__ = ["FeedbackIntake", "FeedbackRefused", "FeedbackSink", "Spool", "acknowledged_prefix"]
+
+
+def too_large(key: bytes | None, value: bytes) -> bool:
+    return len(key or b"") + len(value) > MAX_MESSAGE_BYTES
 
 
 def acknowledged_prefix(acknowledged: list[bool]) -> int:
@@ -57,9 +65,11 @@ class Spool:
 
 
 class FeedbackSink:
-    def __init__(self, bus: Bus, topic: str, ack_timeout_s: float, spool: Spool | None, metrics: ServiceMetrics) -> None:
+    def __init__(self, bus: Bus, topic: str, dead_letter_topic: str, ack_timeout_s: float, spool: Spool | None,
+                 metrics: ServiceMetrics) -> None:
         self.bus = bus
         self.topic = topic
+        self.dead_letter_topic = dead_letter_topic
         self.ack_timeout_s = ack_timeout_s
         self.spool = spool  # None on the embedded bus: its commit is already local and durable
         self.metrics = metrics
@@ -122,8 +132,13 @@ class FeedbackSink:
         batch = self.spool.oldest(500)
         if not batch:
             return False
+        deliverable = next((i for i, (_, key, value) in enumerate(batch) if too_large(key, value)), len(batch))
+        if deliverable == 0:
+            return self._dead_letter_head(batch[0])
         try:
-            acknowledged = self.bus.publish_many(self.topic, [(key, value) for _, key, value in batch], self.ack_timeout_s)
+            acknowledged = self.bus.publish_many(
+                self.topic, [(key, value) for _, key, value in batch[:deliverable]], self.ack_timeout_s
+            )
         except BusUnavailable:
             acknowledged = []
         sent = acknowledged_prefix(acknowledged)
@@ -137,6 +152,23 @@ class FeedbackSink:
         self.metrics.feedback_replayed.inc(sent)
         log.info("replayed %d spooled feedback messages, %d left", sent, remaining)
         return remaining > 0
+
+    def _dead_letter_head(self, head: tuple[int, bytes | None, bytes]) -> bool:
+        """Move a spooled message no bus can carry to the dead-letter topic; True once it left the spool."""
+        seq, key, value = head
+        reason = f"{len(value):,} bytes, over the bus's {MAX_MESSAGE_BYTES:,}-byte message limit (spooled by an older version)"
+        letter = DeadLetter.of(self.topic, value, reason)
+        try:
+            acknowledged = self.bus.publish_many(self.dead_letter_topic, [(key, letter.encoded())], self.ack_timeout_s)
+        except BusUnavailable:
+            acknowledged = [False]
+        if not acknowledged[0]:
+            self._stopped.wait(1.0)
+            return False
+        with self._lock:
+            self.spool.remove_through(seq)
+        log.warning("dead-lettered spooled feedback %r: %s", key, reason)
+        return True
 
 
 class FeedbackIntake:
@@ -159,6 +191,12 @@ class FeedbackIntake:
     async def submit(self, events: list[FeedbackEvent]) -> FeedbackAccepted:
         """Durable once this returns; raises FeedbackRefused when nothing durable took it."""
         messages = [(event.feedback_id.encode(), event.model_dump_json().encode()) for event in events]
+        for i, (key, value) in enumerate(messages):
+            if too_large(key, value):
+                raise RequestTooLarge(
+                    f"feedback item {i} is {len(key) + len(value):,} bytes as a message, over the bus's "
+                    f"{MAX_MESSAGE_BYTES:,}-byte limit; shorten its text (the model reads only its first tokens)"
+                )
         loop = asyncio.get_running_loop()
         spooled = await loop.run_in_executor(self._executor, self.sink.submit, messages)
         self.metrics.feedback_accepted.labels("bus").inc(len(events) - spooled)

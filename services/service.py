@@ -39,7 +39,7 @@ from services.routing import Router
 from services.schemas import NOT_LOADED, FeedbackAccepted, FeedbackBatch, Prediction, Texts
 from services.settings import limits, settings
 from tuneloop.bus import Bus, KafkaBus, open_bus
-from tuneloop.errors import FeedbackRefused, InvalidRequest, TuneloopError, Unavailable, http_status
+from tuneloop.errors import FeedbackRefused, InvalidRequest, RequestTooLarge, TuneloopError, Unavailable, http_status
 from tuneloop.events import FeedbackEvent
 from tuneloop.registry import Registry
 
@@ -89,7 +89,8 @@ class Classifier:
             threading.Thread(target=_ensure_topics, args=(self.bus, self._stopped), name="ensure-topics", daemon=True).start()
             self.follower.listen(self.bus, events.topics.model)
         self.feedback_intake = FeedbackIntake(
-            FeedbackSink(self.bus, events.topics.feedback, events.ack_timeout_s, spool, self.metrics), self.metrics
+            FeedbackSink(self.bus, events.topics.feedback, events.topics.dead_letter, events.ack_timeout_s, spool, self.metrics),
+            self.metrics,
         )
         self.prediction_events = PredictionPublisher(
             self.bus, events.topics.predictions, events.prediction_buffer, self.metrics
@@ -182,6 +183,8 @@ class Classifier:
             return _error(ctx, InvalidRequest(unknown))
         try:
             accepted = await self.feedback_intake.submit(events)
+        except RequestTooLarge as exc:
+            return _error(ctx, exc)
         except FeedbackRefused as exc:
             return _error(ctx, FeedbackRefused(f"feedback not accepted, retry later: {exc}"))
         ctx.response.status_code = 202

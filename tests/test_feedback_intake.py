@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest.mock import MagicMock
 
@@ -12,11 +14,14 @@ import pytest
 
 from services.feedback_intake import FeedbackIntake, FeedbackRefused, FeedbackSink, Spool, acknowledged_prefix
 from services.live_model import LiveModel
-from tuneloop.bus import BusUnavailable, EmbeddedBus, Message
-from tuneloop.events import FeedbackEvent
+from tuneloop.bus import BusUnavailable, EmbeddedBus, KafkaBus, Message
+from tuneloop.config import TopicsConfig
+from tuneloop.errors import RequestTooLarge
+from tuneloop.events import DeadLetter, FeedbackEvent
 from tuneloop.registry import Manifest
 
 TOPIC = "tuneloop.feedback"
+DEAD = "tuneloop.feedback.dead-letter"
 
 
 def live(labels: list[str]) -> LiveModel:
@@ -44,7 +49,7 @@ def test_labels_the_served_model_does_not_know_are_named() -> None:
 def test_feedback_on_the_embedded_log_is_durable_when_submitted(tmp_path: Path) -> None:
     bus = EmbeddedBus(tmp_path / "events.db")
     metrics = MagicMock()
-    intake = FeedbackIntake(FeedbackSink(bus, TOPIC, 5.0, None, metrics), metrics)
+    intake = FeedbackIntake(FeedbackSink(bus, TOPIC, DEAD, 5.0, None, metrics), metrics)
     accepted = asyncio.run(intake.submit(events("pos", "neg")))
     assert (accepted.accepted, accepted.spooled, accepted.feedback_ids) == (2, 0, ["f0", "f1"])
     records = bus.consumer("reader", [TOPIC]).poll(10, timeout_s=0.1)
@@ -60,7 +65,7 @@ class Unreachable:
 
 def test_without_a_spool_an_unreachable_bus_refuses_the_feedback() -> None:
     metrics = MagicMock()
-    intake = FeedbackIntake(FeedbackSink(Unreachable(), TOPIC, 5.0, None, metrics), metrics)  # type: ignore[arg-type]
+    intake = FeedbackIntake(FeedbackSink(Unreachable(), TOPIC, DEAD, 5.0, None, metrics), metrics)  # type: ignore[arg-type]
     with pytest.raises(FeedbackRefused, match="no broker"):
         asyncio.run(intake.submit(events("pos")))
     intake.close()
@@ -88,7 +93,7 @@ def test_what_the_broker_misses_is_spooled_in_order_then_replayed_and_close_stop
     bus = Returning(acks=1)
     metrics = MagicMock()
     spool = Spool(tmp_path / "spool.db")
-    intake = FeedbackIntake(FeedbackSink(bus, TOPIC, 5.0, spool, metrics), metrics)  # type: ignore[arg-type]
+    intake = FeedbackIntake(FeedbackSink(bus, TOPIC, DEAD, 5.0, spool, metrics), metrics)  # type: ignore[arg-type]
     accepted = asyncio.run(intake.submit(events("a", "b", "c")))
     assert (accepted.accepted, accepted.spooled) == (3, 2)
     later = asyncio.run(intake.submit(events("d")))  # queues behind the spool, even though nothing failed now
@@ -105,7 +110,46 @@ def test_what_the_broker_misses_is_spooled_in_order_then_replayed_and_close_stop
 
 def test_spooled_feedback_survives_a_close_and_is_replayed_by_the_next_start(tmp_path: Path) -> None:
     metrics = MagicMock()
-    sink = FeedbackSink(Unreachable(), TOPIC, 5.0, Spool(tmp_path / "spool.db"), metrics)  # type: ignore[arg-type]
+    sink = FeedbackSink(Unreachable(), TOPIC, DEAD, 5.0, Spool(tmp_path / "spool.db"), metrics)  # type: ignore[arg-type]
     assert sink.submit([(b"k", b"v")]) == 1
     sink.close()
     assert len(Spool(tmp_path / "spool.db")) == 1
+
+
+def oversized(feedback_id: str) -> FeedbackEvent:
+    # Fits serve.max_body_bytes as a request, but not Kafka's 1 MiB max.request.size as a message.
+    return FeedbackEvent(feedback_id=feedback_id, text="x" * 1_048_300, label="pos")
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_feedback_kafka_cannot_carry_is_refused_before_acceptance_and_never_blocks_the_spool(
+    kafka: object, tmp_path: Path
+) -> None:
+    # Kafka refused such a record; the sink took the refusal for an outage, spooled it and answered 202, and the
+    # replay retried it forever while every later feedback of that worker queued behind it.
+    topics = TopicsConfig(feedback=f"intake-{tmp_path.name}", dead_letter=f"intake-dlq-{tmp_path.name}")
+    bus = KafkaBus(kafka.bootstrap_servers)
+    bus.ensure_topics([topics.feedback, topics.dead_letter])
+    spool = Spool(tmp_path / "spool.db")
+    huge = oversized("huge").model_dump_json().encode()
+    spool.append([(b"huge", huge), (b"after", events("pos")[0].model_dump_json().encode())])  # as an older version did
+    metrics = MagicMock()
+    intake = FeedbackIntake(FeedbackSink(bus, topics.feedback, topics.dead_letter, 5.0, spool, metrics), metrics)
+    with pytest.raises(RequestTooLarge, match=r"feedback item 0 is 1,048,\d+ bytes .* shorten its text"):
+        asyncio.run(intake.submit([oversized("big")]))
+    wait_until(lambda: len(spool) == 0, "the spool drained past the oversized record")
+    assert asyncio.run(intake.submit(events("neg"))).spooled == 0
+    published = bus.consumer("reader", [topics.feedback]).poll(10, timeout_s=5)
+    assert [r.key for r in published] == [b"after", b"f0"]
+    [letter] = [DeadLetter.model_validate_json(r.value) for r in bus.consumer("reader", [topics.dead_letter]).poll(10, 5)]
+    assert letter.topic == topics.feedback and "message limit" in letter.reason
+    assert letter.raw_bytes == len(huge) and letter.raw_sha256 == hashlib.sha256(huge).hexdigest()
+    intake.close()
+    bus.close()

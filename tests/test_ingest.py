@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,9 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.ingest import DeadLetters, Ingest, parse
 from monitoring.metrics import ControllerMetrics
-from tuneloop.bus import EmbeddedBus, EmbeddedConsumer, Message, Record
+from tuneloop.bus import MAX_MESSAGE_BYTES, EmbeddedBus, EmbeddedConsumer, Message, Record
 from tuneloop.config import ControllerConfig, TopicsConfig
-from tuneloop.events import FeedbackEvent, PredictionEvent
+from tuneloop.events import DeadLetter, FeedbackEvent, PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
 
 TOPICS = TopicsConfig()
@@ -179,5 +180,49 @@ def test_dead_letters_raise_when_not_acknowledged(tmp_path: Path) -> None:
     metrics = ControllerMetrics(CollectorRegistry()).ingest
     with pytest.raises(RuntimeError, match=f"dead-letter topic {TOPICS.dead_letter} did not acknowledge"):
         DeadLetters(RefusingDeadLetters(tmp_path / "events.db"), TOPICS.dead_letter, metrics).send(
-            TOPICS.feedback, "raw", "malformed", "reason"
+            [DeadLetter.of(TOPICS.feedback, b"raw", "reason")], "malformed"
         )
+
+
+# 400k backslashes escape to 800k characters on the bus, and to 1.6 MB in a dead letter quoting them whole: Kafka
+# refused that letter, the batch was never committed, and every reconnect polled it again (storing stopped).
+BACKSLASHES = "\\" * 400_000
+
+
+def assert_bounded(letter: dict, payload: bytes) -> None:
+    assert len(json.dumps(letter).encode()) <= MAX_MESSAGE_BYTES
+    assert letter["raw_bytes"] == len(payload) and letter["raw_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert payload.decode().startswith(letter["raw"]) and len(letter["raw"]) < len(payload)
+
+
+def test_an_oversized_malformed_message_is_dead_lettered_bounded_and_the_batch_commits(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    payload = json.dumps({"text": BACKSLASHES, "label": "negative", "colour": "red"}).encode()
+    h.publish(TOPICS.feedback, payload, feedback("f2", text="fine"))
+    h.ingest.step(h.consumer())
+    [letter] = h.dead_letters()
+    assert_bounded(letter, payload)
+    assert h.store.count() == 1 and h.consumer().poll(100, timeout_s=0.1) == []
+
+
+class Counting(EmbeddedBus):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.calls: list[tuple[str, int]] = []
+
+    def publish_many(self, topic: str, messages: list[Message], timeout_s: float = 5.0) -> list[bool]:
+        self.calls.append((topic, len(messages)))
+        return super().publish_many(topic, messages, timeout_s)
+
+
+def test_expired_feedback_is_dead_lettered_in_one_publish_each_bounded(tmp_path: Path) -> None:
+    bus = Counting(tmp_path / "events.db")
+    h = Harness(tmp_path, join_timeout_s=1e-6, bus=bus)
+    payloads = [feedback(f"f{i}", request_id="nope", text=BACKSLASHES if i == 0 else None) for i in range(50)]
+    h.publish(TOPICS.feedback, *payloads)
+    h.ingest.step(h.consumer())
+    letters = h.dead_letters()
+    assert len(letters) == 50 and [c for c in bus.calls if c[0] == TOPICS.dead_letter] == [(TOPICS.dead_letter, 50)]
+    assert_bounded(letters[0], payloads[0])
+    assert all(letter["raw"] == payload.decode() and letter["raw_bytes"] == len(payload)
+               for letter, payload in zip(letters[1:], payloads[1:], strict=True))

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from tuneloop.config import EventsConfig
 from tuneloop.durable_sqlite import connect
-from tuneloop.errors import BusUnavailable
+from tuneloop.errors import BusUnavailable, MessageTooLarge
 from tuneloop.events import ModelEvent
 
 
@@ -39,6 +39,18 @@ class Consumer(Protocol):
 
 
 Message = tuple[bytes | None, bytes]  # (key, value)
+
+# The largest message (key and value) either bus takes: under Kafka's default max.request.size (1,048,576 bytes),
+# with room for the record's framing. The embedded log holds the same line, so nothing works there and fails on Kafka.
+MAX_MESSAGE_BYTES = 1_000_000
+
+
+def check_sizes(messages: list[Message]) -> None:
+    """Raise MessageTooLarge, before anything is sent, when a message is over MAX_MESSAGE_BYTES."""
+    for i, (key, value) in enumerate(messages):
+        size = len(key or b"") + len(value)
+        if size > MAX_MESSAGE_BYTES:
+            raise MessageTooLarge(f"message {i} is {size:,} bytes, over the bus's {MAX_MESSAGE_BYTES:,}-byte message limit")
 
 
 class Bus(Protocol):
@@ -82,6 +94,7 @@ class EmbeddedBus:
         return None  # topics exist implicitly
 
     def publish_many(self, topic: str, messages: list[Message], timeout_s: float = 5.0) -> list[bool]:
+        check_sizes(messages)
         now = time.time()
         try:
             with self._lock, self._db:
@@ -208,6 +221,7 @@ class KafkaBus:
     def publish_many(self, topic: str, messages: list[Message], timeout_s: float = 5.0) -> list[bool]:
         from kafka.errors import KafkaError
 
+        check_sizes(messages)
         deadline = time.monotonic() + timeout_s
         futures = []
         for key, value in messages:

@@ -50,6 +50,12 @@ class IntegrityError(RegistryError):
     http_status = 500
 
 
+class MessageTooLarge(TuneloopError):
+    """A message over the bus's size limit (`tuneloop.bus.MAX_MESSAGE_BYTES`): no retry can deliver it."""
+
+    http_status = 413
+
+
 class BusUnavailable(TuneloopError):
     """The bus did not acknowledge in time; the message may or may not have been stored."""
 

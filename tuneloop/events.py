@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 import warnings
 from typing import Annotated, Literal
@@ -65,11 +66,27 @@ class FeedbackEvent(BaseModel):
         return self
 
 
+# A dead letter quotes at most this many characters of its message: enough to read what went wrong, and
+# bounded, so that the letter itself always fits the bus (JSON escapes a character to at most 6 bytes).
+DEAD_LETTER_RAW_CHARS = 65_536
+
+
 class DeadLetter(BaseModel):
     topic: str
     reason: str
-    raw: str
+    raw: str = Field(description=f"The message as text, its first {DEAD_LETTER_RAW_CHARS:,} characters.")
+    raw_bytes: int | None = Field(None, description="The whole message's size.")
+    raw_sha256: str | None = Field(None, description="The whole message's hash, to match it with its source.")
     timestamp: str = Field(default_factory=utc_now)
+
+    @classmethod
+    def of(cls, topic: str, raw: bytes, reason: str) -> DeadLetter:
+        text = raw.decode("utf-8", errors="replace")
+        return cls(topic=topic, reason=reason, raw=text[:DEAD_LETTER_RAW_CHARS], raw_bytes=len(raw),
+                   raw_sha256=hashlib.sha256(raw).hexdigest())
+
+    def encoded(self) -> bytes:
+        return self.model_dump_json().encode()
 
 
 class ModelEvent(BaseModel):
