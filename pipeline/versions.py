@@ -18,7 +18,7 @@ from tuneloop.bus import announce_model_event
 from tuneloop.config import Settings
 from tuneloop.events import ModelEvent
 from tuneloop.inference import OnnxTextClassifier
-from tuneloop.registry import Manifest, Registry
+from tuneloop.registry import Manifest, Registry, RegistryError
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class V1Built:
 class CandidateBuilt:
     run: FeedbackRun
     manifest: Manifest
-    outcome: str  # "promoted", "in shadow", "in canary" or "REJECTED"
+    outcome: str  # "promoted", "in shadow", "in canary", "REJECTED", or "not promoted: ..." when its parent left
     warnings: list[str] = field(default_factory=list)  # model events the bus did not take (the registry holds the truth)
 
     @property
@@ -65,10 +65,17 @@ def build_candidate(settings: Settings, registry: Registry, run_id: int | None =
     outcome = "REJECTED"
     if manifest.status == "accepted" and settings.rollout.stages:
         stage = settings.rollout.stages[0]
-        registry.start_rollout(manifest.version, stage, settings.rollout.canary_share, "passed the gate")
+        try:
+            registry.start_rollout(manifest.version, stage, settings.rollout.canary_share, "passed the gate", live.version)
+        except RegistryError as exc:
+            return CandidateBuilt(run, manifest, f"not promoted: {exc}", warnings)
         warnings += _announce(settings, stage, manifest.version, live.version)
         outcome = f"in {stage}"
     elif manifest.status == "accepted":
+        now_live = registry.live_version()
+        if now_live != manifest.version:  # publish promotes a candidate only over its parent
+            return CandidateBuilt(run, manifest, f"not promoted: v{now_live} is live, not its parent v{live.version} "
+                                  "(a rollback or promotion happened during the run)", warnings)
         warnings += _announce(settings, "promote", manifest.version, live.version)
         outcome = "promoted"
     return CandidateBuilt(run, manifest, outcome, warnings)

@@ -220,3 +220,40 @@ def test_promoting_another_version_ends_the_rollout_it_was_judged_against(tmp_pa
     registry.rollback(reason="incident")  # back to v1: v3 was compared with v2
     assert registry.live_version() == 1 and registry.rollout() is None
     assert [h.action for h in registry.history()[-2:]] == ["withdraw", "rollback"]
+
+
+def test_a_second_rollback_goes_further_back_not_to_the_version_just_left(tmp_path: Path) -> None:
+    # The default target matched the first rollback's own entry, so a second rollback served the bad version again.
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", parent=1)
+    publish(registry, b"v3", parent=2)
+    assert registry.rollback() == (3, 2)
+    assert registry.rollback() == (2, 1)
+    with pytest.raises(RegistryError, match="no earlier version"):
+        registry.rollback()
+
+
+def test_a_candidate_is_promoted_only_over_its_parent(tmp_path: Path) -> None:
+    # An operator rolled v2 back to v1 while a run from v2 exported: the run's v3 replaced v1, undoing the rollback.
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", parent=1)
+    registry.rollback(reason="v2 misbehaves")
+    assert publish(registry, b"v3", parent=2) == 3
+    assert registry.live_version() == 1
+    assert registry.history()[-1].action == "rollback"
+    with pytest.raises(RegistryError, match=r"v1 is live, not v2, the version v3 was trained from"):
+        registry.start_rollout(3, "shadow", 0.0, "passed the gate", parent=2)
+    assert registry.rollout() is None
+    assert publish(registry, b"v4", parent=1) == 4 and registry.live_version() == 4
+
+
+def test_versions_are_readable_by_other_users(tmp_path: Path) -> None:
+    # mkdtemp made version directories 0700: a replica under another uid (BentoML images run as 1034) never got ready.
+    registry = Registry(tmp_path)
+    publish(registry)
+    for path in [registry.version_dir(1), *registry.version_dir(1).rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode & 0o444 == 0o444, (path, oct(mode))
+        assert not path.is_dir() or mode & 0o111 == 0o111, (path, oct(mode))

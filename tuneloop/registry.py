@@ -108,6 +108,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _readable_by_all(root: Path) -> None:
+    """Directories 0755 and files at least 0644: replicas may run under another uid (BentoML images use 1034),
+    and mkdtemp makes a staging directory 0700."""
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, os.stat(path).st_mode & 0o777 | 0o444)
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
@@ -201,10 +211,13 @@ class Registry:
                 files=files,
             )
             (staged / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+            _readable_by_all(staged)
             _fsync_tree(staged)
             os.rename(staged, self.version_dir(version))
             _fsync_dir(self.versions_dir)
-            if promote and status == "accepted":
+            # Only over its parent: if the live version changed meanwhile (an operator's rollback during the run),
+            # promoting a child of the version that left would undo that decision. The caller sees it is not live.
+            if promote and status == "accepted" and parent_version in (None, self.live_version()):
                 self._promote_locked(version, "promote", reason)
         return manifest
 
@@ -245,9 +258,10 @@ class Registry:
             live = self.live_version()
             target = to
             if target is None:
+                # The promotion that made the live version live; a rollback's own entry would point back
+                # at the version just left.
                 entry = next(
-                    (e for e in reversed(self.history())
-                     if e.action in ("promote", "rollback") and e.version == live and e.previous),
+                    (e for e in reversed(self.history()) if e.action == "promote" and e.version == live and e.previous),
                     None,
                 )
                 if entry is None:
@@ -265,13 +279,20 @@ class Registry:
         except FileNotFoundError:
             return None
 
-    def start_rollout(self, version: int, stage: RolloutStage, share: float, reason: str) -> Rollout:
-        """Put an accepted version next to the live one, in shadow or as canary; the replicas follow."""
+    def start_rollout(self, version: int, stage: RolloutStage, share: float, reason: str,
+                      parent: int | None = None) -> Rollout:
+        """Put an accepted version next to the live one, in shadow or as canary; the replicas follow.
+        With `parent`, only while that version is live (a candidate is judged against what it was trained from)."""
         with self._lock():
             self._servable(version)
             live = self.live_version()
             if version == live:
                 raise RegistryError(f"v{version} is already the live version")
+            if parent is not None and parent != live:
+                raise RegistryError(
+                    f"v{live} is live, not v{parent}, the version v{version} was trained from (a rollback or promotion "
+                    f"happened meanwhile); v{version} is kept unpromoted: train again, or `tuneloop rollout start` it"
+                )
             previous = self.rollout()
             if previous is not None and previous.version != version:
                 raise RegistryError(
