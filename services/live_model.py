@@ -71,7 +71,7 @@ def register_backend(name: str, loader: Loader) -> None:
 
 def load_live_model(registry: Registry, settings: Settings, version: int | None = None) -> LiveModel:
     """Verify every file of a version (default: the live one), build its backend and warm it up."""
-    manifest, directory = registry.resolve(version)
+    manifest, directory = registry.resolve(version, servable=True)
     backend = settings.serve.backend
     try:
         loader = BACKENDS[backend]

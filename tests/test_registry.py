@@ -257,3 +257,34 @@ def test_versions_are_readable_by_other_users(tmp_path: Path) -> None:
         mode = path.stat().st_mode & 0o777
         assert mode & 0o444 == 0o444, (path, oct(mode))
         assert not path.is_dir() or mode & 0o111 == 0o111, (path, oct(mode))
+
+
+def test_a_rejected_version_is_never_resolved_for_serving_even_when_a_pointer_names_it(tmp_path: Path) -> None:
+    # Replicas checked hashes only: a hand-edited pointer served a version the gate had rejected.
+    registry = Registry(tmp_path)
+    publish(registry)
+    with registry.staging() as stage:
+        stage_files(stage, b"bad")
+        registry.publish(stage, base_model="b", labels=["neg", "pos"], parent_version=1, status="rejected")
+    registry.live_file.write_text("2\n")
+    with pytest.raises(RegistryError, match="rejected by the validation gate"):
+        registry.resolve(servable=True)
+    assert registry.resolve(2)[0].status == "rejected"  # still readable for analysis
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda files: files.pop("model.onnx"), "lists no model.onnx"),
+    (lambda files: files.update({"../outside.onnx": files["model.onnx"]}), r"names ../outside.onnx, outside"),
+    (lambda files: files.update({"/etc/passwd": files["model.onnx"]}), r"names /etc/passwd, outside"),
+])
+def test_verify_refuses_a_manifest_without_the_model_or_naming_files_outside_its_version(
+    tmp_path: Path, edit: object, message: str
+) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    path = registry.version_dir(1) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest["files"])
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match=message):
+        registry.verify(1)

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
@@ -34,6 +34,7 @@ from tuneloop.errors import IntegrityError, RegistryError
 from tuneloop.rollout_stage import CANARY, RolloutStage
 
 MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"  # every servable version holds it
 _CHUNK = 1 << 20
 
 
@@ -367,7 +368,11 @@ class Registry:
         """Check every file against its manifest sha256; raise IntegrityError naming the first bad one."""
         manifest = self.manifest(version)
         directory = self.version_dir(version)
+        if MODEL_FILE not in manifest.files:
+            raise IntegrityError(f"version {version}: its manifest lists no {MODEL_FILE}; it cannot be served")
         for name, entry in manifest.files.items():
+            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+                raise IntegrityError(f"version {version}: its manifest names {name}, outside its directory")
             path = directory / name
             if not path.is_file():
                 raise IntegrityError(f"version {version}: {name} is missing from {directory}")
@@ -379,13 +384,15 @@ class Registry:
                 )
         return manifest
 
-    def resolve(self, version: int | None = None) -> tuple[Manifest, Path]:
-        """The verified manifest and directory of a version (default: the live one)."""
+    def resolve(self, version: int | None = None, servable: bool = False) -> tuple[Manifest, Path]:
+        """The verified manifest and directory of a version (default: the live one); with `servable`, only an
+        accepted one (whatever a pointer says, a version the gate rejected is never served)."""
         if version is None:
             version = self.live_version()
             if version is None:
                 raise RegistryError(f"no model is promoted in {self.root}; run `tuneloop bootstrap` first.")
-        return self.verify(version), self.version_dir(version)
+        manifest = self._servable(version) if servable else self.verify(version)
+        return manifest, self.version_dir(version)
 
     def history(self) -> list[HistoryEntry]:
         if not self.history_file.exists():
