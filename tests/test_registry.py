@@ -288,3 +288,18 @@ def test_verify_refuses_a_manifest_without_the_model_or_naming_files_outside_its
     path.write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError, match=message):
         registry.verify(1)
+
+
+def test_a_torn_last_history_line_is_skipped_and_the_next_entry_starts_on_its_own_line(tmp_path: Path) -> None:
+    # A crash in the middle of an append left half a line: history() raised, and /admin/rollback answered 500.
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", parent=1)
+    with registry.history_file.open("a") as handle:
+        handle.write('{"time": "2026-11-29T00:00:00+00:00", "action": "prom')
+    with pytest.warns(RuntimeWarning, match="torn"):
+        assert [(h.action, h.version) for h in registry.history()] == [("promote", 1), ("promote", 2)]
+    with pytest.warns(RuntimeWarning, match="torn"):
+        assert registry.rollback() == (2, 1)
+    with pytest.warns(RuntimeWarning, match="torn"):
+        assert [(h.action, h.version) for h in registry.history()][-1] == ("rollback", 1)

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tuneloop.clock import utc_now
 from tuneloop.errors import IntegrityError, RegistryError
@@ -248,8 +248,13 @@ class Registry:
         return manifest
 
     def _log(self, entry: HistoryEntry) -> None:
-        with self.history_file.open("a") as handle:
-            handle.write(entry.model_dump_json() + "\n")
+        with self.history_file.open("a+b") as handle:
+            torn = False
+            if handle.seek(0, os.SEEK_END) > 0:
+                handle.seek(-1, os.SEEK_END)
+                torn = handle.read(1) != b"\n"
+            # After a line torn by a crash, start on a new one, so that only the torn line is lost.
+            handle.write(b"\n" * torn + entry.model_dump_json().encode() + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -397,4 +402,12 @@ class Registry:
     def history(self) -> list[HistoryEntry]:
         if not self.history_file.exists():
             return []
-        return [HistoryEntry.model_validate_json(line) for line in self.history_file.read_text().splitlines() if line]
+        entries = []
+        for number, line in enumerate(self.history_file.read_text().split("\n"), start=1):
+            if not line:
+                continue
+            try:
+                entries.append(HistoryEntry.model_validate_json(line))
+            except ValidationError:  # torn by a crash mid-append; the pointer files, not the log, hold the state
+                warnings.warn(f"{self.history_file}:{number}: a torn line, skipped", RuntimeWarning, stacklevel=2)
+        return entries
