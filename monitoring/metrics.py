@@ -7,6 +7,7 @@ serves. A test that builds several controllers in one process gives each its own
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -122,6 +123,7 @@ class ControllerMetrics:
         self.rollout = RolloutMetrics(make)
 
 
+@functools.cache
 def controller_metrics() -> ControllerMetrics:
-    """The controller's metrics in the process-wide registry (once per process)."""
+    """The controller's metrics in the process-wide registry, registered once per process."""
     return ControllerMetrics()

@@ -6,7 +6,7 @@ import re
 
 from prometheus_client import CollectorRegistry
 
-from monitoring.metrics import ControllerMetrics
+from monitoring.metrics import ControllerMetrics, controller_metrics
 from services.metrics import service_metrics
 from tests.support.data import ROOT
 
@@ -37,3 +37,8 @@ def test_each_controller_gets_its_own_registry_when_asked() -> None:
     first.ingest.stored.inc(3)
     assert first.registry.get_sample_value("tuneloop_controller_feedback_stored_total") == 3
     assert second.registry.get_sample_value("tuneloop_controller_feedback_stored_total") == 0
+
+
+def test_a_second_controller_in_one_process_shares_the_process_wide_metrics() -> None:
+    # Each call registered the series again: a second Controller in one process raised "Duplicated timeseries".
+    assert controller_metrics() is controller_metrics()
