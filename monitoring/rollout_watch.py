@@ -54,7 +54,10 @@ class RolloutWatch:
             return
         for stage in STAGES:
             self.metrics.stage.labels(stage).set(rollout.version if rollout and rollout.stage == stage else 0)
-        if rollout is None or rollout.live is None:
+        if rollout is None:
+            return
+        if rollout.live is None:  # left by hand or by an older release: nothing serves, so nothing to compare with
+            self._conclude(rollout, Verdict("promote", "no_live_version", "no version was live to compare it with"))
             return
         comparison = self._compare(rollout)
         for role, rows, accuracy in (

@@ -108,3 +108,21 @@ def test_a_rollout_ended_by_someone_else_meanwhile_is_logged_not_announced(
     s.watch.judge()
     assert s.announced == []
     assert "rollout of v2 not" in caplog.text and "no rollout is in progress" in caplog.text
+
+
+def test_a_rollout_with_no_live_version_is_refused_and_one_left_on_disk_is_promoted(tmp_path: Path) -> None:
+    # With nothing live, the judge skipped the rollout for ever: it never timed out, and it held off every training run.
+    registry = Registry(tmp_path / "registry")
+    publish(registry, b"v1", promote=False)
+    with pytest.raises(RegistryError, match="no version is live"):
+        registry.start_rollout(1, "shadow", 0.0, "test")
+    registry.rollout_file.write_text(Rollout(version=1, live=None, stage="shadow", started_at="2026-11-29T00:00:00+00:00",
+                                             stage_started_at="2026-11-29T00:00:00+00:00").model_dump_json())
+    prometheus, announced = CollectorRegistry(), []
+    watch = RolloutWatch(CONFIG, registry, FeedbackStore(tmp_path / "store.db"), ControllerMetrics(prometheus).rollout,
+                         announced.append)
+    watch.judge()
+    assert registry.rollout() is None and registry.live_version() == 1
+    assert [(e.action, e.version) for e in announced] == [("promote", 1)]
+    verdicts = {"action": "promote", "reason": "no_live_version"}
+    assert prometheus.get_sample_value("tuneloop_rollout_verdicts_total", verdicts) == 1

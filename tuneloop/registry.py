@@ -294,6 +294,8 @@ class Registry:
             live = self.live_version()
             if version == live:
                 raise RegistryError(f"v{version} is already the live version")
+            if live is None:
+                raise RegistryError(f"no version is live to compare v{version} with; promote it (`tuneloop rollback --to {version}`)")
             if parent is not None and parent != live:
                 raise RegistryError(
                     f"v{live} is live, not v{parent}, the version v{version} was trained from (a rollback or promotion "
