@@ -77,10 +77,26 @@ def test_feedback_with_unicode_line_breaks_trains_and_the_next_generation_reads_
     for name, rows in {"train": first.train, "val": first.unseen_val,
                        "holdout": concat([first.holdout, first.new_holdout])}.items():
         write_csv(child_dir / "data" / f"{name}.csv", rows)
-    time.sleep(0.01)
-    child = Manifest(version=2, created_at=utc_now(), base_model="m", labels=["a", "b", "c"], files={}, parent_version=1)
+    child = Manifest(version=2, created_at=utc_now(), base_model="m", labels=["a", "b", "c"], files={}, parent_version=1,
+                     training_data={"feedback_through": first.feedback_through})
     store.write([], [FeedbackEvent(text=f"later {i}", label="a") for i in range(100)])
     second = build_dataset(store, child, child_dir, Settings())
     assert any(text.startswith("later") for text in second.unseen_val.texts)
     assert set(first.unseen_val.texts) <= set(second.unseen_val.texts)  # the odd validation rows, handed down intact
     assert load_csv(child_dir / "data" / "train.csv").texts == first.train.texts
+
+
+def test_feedback_stored_while_a_run_trained_is_the_next_runs(tmp_path: Path) -> None:
+    # Rows were chosen by stored_at > the live version's created_at: a child's created_at is its publish time,
+    # minutes after its run read the store, so what arrived in between was never trained on.
+    store, live, live_dir = lineage(tmp_path, with_val=True)
+    first = build_dataset(store, live, live_dir, Settings())
+    assert first.feedback_rows == 100
+    store.write([], [FeedbackEvent(text=f"during {i}", label="c") for i in range(60)])  # arrives while it trains
+    time.sleep(0.01)  # then the child is published
+    child = Manifest(version=2, created_at=utc_now(), base_model="m", labels=["a", "b", "c"], files={},
+                     parent_version=1, training_data={"feedback_through": first.feedback_through})
+    second = build_dataset(store, child, live_dir, Settings(train={"min_feedback_rows": 50}))
+    new = [t for t in second.train.texts + second.val.texts + second.new_holdout.texts if not t.startswith("old")]
+    assert {t for t in new if not t.startswith("val")} == {f"during {i}" for i in range(60)}
+    assert second.feedback_through > first.feedback_through

@@ -36,6 +36,7 @@ class FinetuneData:
     val: LabelledTexts  # early stopping's rows
     unseen_val: LabelledTexts  # the validation rows no version trained on, handed down the lineage (data/val.csv)
     feedback_rows: int  # new rows in all: train, validation and holdout
+    feedback_through: int  # the store's last row read: the next run's feedback starts after it
     new_train: int
     new_holdout: LabelledTexts  # new rows never trained on nor used to stop training: the gate's new rows
     replayed: int
@@ -64,14 +65,20 @@ def balanced_sample(pool: LabelledTexts, wanted: int, seed: int) -> list[int]:
 def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings: Settings,
                   replay_ratio: float | None = None) -> FinetuneData:
     """New feedback since the live version plus its replay sample, both split with the configured seed."""
-    since = utc_iso(live.created_at)
-    rows = [r for r in store.feedback_rows() if r["stored_at"] > since]
+    through = live.training_data.get("feedback_through")
+    if through is None:  # v1, or a version from before row marks: by time (a child is published minutes after its read)
+        since = utc_iso(live.created_at)
+        rows = [r for r in store.feedback_rows() if r["stored_at"] > since]
+    else:  # the row after the last one its run read: feedback stored while it trained is the next run's
+        rows = store.feedback_rows(after=int(through))
+    feedback_through = max((int(r["row_id"]) for r in rows), default=int(through or 0))
     unknown = sorted({r["label"] for r in rows} - set(live.labels))
     if unknown:  # the service refuses such labels; a row with one can only come from outside it
         rows = [r for r in rows if r["label"] in live.labels]
     if len(rows) < settings.train.min_feedback_rows:
         raise NothingToTrain(
-            f"{len(rows)} labelled rows arrived since v{live.version} was published ({since}); "
+            f"{len(rows)} labelled rows arrived since v{live.version} "
+            f"{'was published' if through is None else 'read the feedback store'}; "
             f"train.min_feedback_rows is {settings.train.min_feedback_rows}"
         )
     new = LabelledTexts([str(r["text"]) for r in rows], [str(r["label"]) for r in rows], {"feedback_rows": len(rows)})
@@ -97,7 +104,8 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
     if not holdout_path.is_file():
         raise NothingToTrain(f"v{live.version} carries no original-data holdout ({holdout_path}); the gate needs one")
     return FinetuneData(
-        train=concat(parts_train), val=val, unseen_val=unseen_val, feedback_rows=len(new), new_train=len(new_train),
+        train=concat(parts_train), val=val, unseen_val=unseen_val, feedback_rows=len(new),
+        feedback_through=feedback_through, new_train=len(new_train),
         new_holdout=new_holdout, replayed=replayed, holdout=load_csv(holdout_path),
         known_labels=[label for label in live.labels if pool is None or label in pool_labels],
     )

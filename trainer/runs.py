@@ -127,6 +127,7 @@ def train_on_feedback(settings: Settings, registry: Registry, run_id: int | None
     evaluation = concat([data.holdout, data.new_holdout])
     training = {
         "run_id": run_id, "feedback_since": live.created_at, "feedback_rows": data.feedback_rows,
+        "feedback_through": data.feedback_through,
         "new_train_rows": data.new_train,
         "new_holdout_rows": len(data.new_holdout), "replayed_rows": data.replayed, "replay_ratio": ratio,
         "warm_start": settings.train.warm_start, "learning_rate": settings.train.finetune_learning_rate,

@@ -139,8 +139,11 @@ class FeedbackStore:
             raise ValueError(f"no table {table}")
         return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
-    def feedback_rows(self) -> list[dict[str, object]]:
-        cursor = self._db.execute("SELECT * FROM feedback ORDER BY stored_at, feedback_id")
+    def feedback_rows(self, after: int = 0) -> list[dict[str, object]]:
+        """Stored feedback, each row with its `row_id` (increasing in storing order); only rows after `after`."""
+        cursor = self._db.execute(
+            "SELECT rowid AS row_id, * FROM feedback WHERE rowid > ? ORDER BY stored_at, feedback_id", (after,)
+        )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
