@@ -2,7 +2,8 @@
 
 A run is a separate process (by default `tuneloop train --run-id N`), so a crash in training
 never takes the controller down, and a controller restart does not kill a run: the next
-controller adopts it by pid and waits for it to go.
+controller adopts it by pid and waits for it to go, once the process with that pid is shown to
+be the run (it started when the run did; after a restart a pid is often another process's).
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ class FinishedRun:
     exit_code: int | None
 
 
+# A run's process starts right after its row is written; a process that started later holds a reused pid.
+START_TOLERANCE_S = 30.0
+
+
+def process_start_unix(pid: int) -> float | None:
+    """When a process started, in unix seconds (Linux /proc), or None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3, after the name
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: clock ticks after boot
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _is_the_run(pid: int | None, started_unix: float) -> bool:
+    if not pid or not _alive(pid):
+        return False
+    start = process_start_unix(pid)
+    return start is None or started_unix - 2 <= start <= started_unix + START_TOLERANCE_S
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -46,7 +69,7 @@ class RunLauncher:
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._adopted: dict[int, int] = {}  # run id -> pid of a run an earlier controller started
         for run in state.running():
-            if run["pid"] and _alive(run["pid"]):
+            if _is_the_run(run["pid"], run["started_unix"]):
                 self._adopted[run["id"]] = run["pid"]
             else:
                 state.finish_run(run["id"], "lost", None)

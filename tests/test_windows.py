@@ -1,20 +1,13 @@
-"""Sliding drift windows and training-run bookkeeping, on synthetic events of known shape."""
+"""Sliding drift windows (monitoring/windows.py), on synthetic events of known shape."""
 
 from __future__ import annotations
-
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from monitoring.drift import Signal
-from monitoring.runs import RunLauncher
-from monitoring.state import ControllerState
-from monitoring.trigger import Decision
 from monitoring.windows import WindowMonitor, below_by_chance
-from tuneloop.config import DriftConfig, TriggerConfig
+from tuneloop.config import DriftConfig
 from tuneloop.events import PredictionEvent
 from tuneloop.reference import Reference
 
@@ -74,50 +67,6 @@ def test_a_version_without_reference_is_not_monitored_and_feedback_signals_need_
     assert report.feedback_rows == 30 and report.recall == {"a": 0.0}
     sparse = WindowMonitor(CONFIG, lambda version: reference(np.random.default_rng(0)), lambda version, n: wrong[:10])
     assert "feedback_accuracy" not in {s.name for s in sparse.observe(events(rng, 100))[-1].signals}
-
-
-def launcher(tmp_path: Path, code: str) -> tuple[RunLauncher, ControllerState]:
-    state = ControllerState(tmp_path / "state.db")
-    config = TriggerConfig(command=[sys.executable, "-c", code, "{run_id}"], runs_dir=tmp_path / "runs")
-    return RunLauncher(config, state), state
-
-
-def wait_finished(runner: RunLauncher) -> list:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        finished = runner.poll()
-        if finished:
-            return finished
-        time.sleep(0.1)
-    raise AssertionError("run did not finish")
-
-
-def test_a_run_is_a_process_whose_exit_code_decides_its_status(tmp_path: Path) -> None:
-    runner, state = launcher(tmp_path, "import sys; print('run', sys.argv[1]); sys.exit(4)")
-    run_id = state.start_run(Decision("fired", "manual", "test", "manual"), new_rows=5, now=time.time())
-    runner.start(run_id)
-    assert runner.in_progress
-    [finished] = wait_finished(runner)
-    assert (finished.run_id, finished.status, finished.exit_code) == (run_id, "failed", 4)
-    [row] = state.runs()
-    assert row["status"] == "failed" and row["exit_code"] == 4 and row["new_rows"] == 5
-    assert Path(row["log_path"]).read_text().strip() == f"run {run_id}"  # {run_id} was filled in
-
-
-def test_a_restarted_controller_adopts_a_live_run_and_marks_a_vanished_one_lost(tmp_path: Path) -> None:
-    runner, state = launcher(tmp_path, "import time; time.sleep(2)")
-    decision = Decision("fired", "drift_sustained", "test")
-    live = state.start_run(decision, 0, time.time())
-    runner.start(live)
-    gone = state.start_run(decision, 0, time.time())
-    state.run_started(gone, 2**22 + 12345, tmp_path / "none.log")  # a pid no process has
-    adopted = RunLauncher(runner.config, state)  # as a new controller would, with the first still running
-    assert adopted.in_progress
-    assert {r["id"]: r["status"] for r in state.runs()} == {live: "running", gone: "lost"}
-    # Here the test process is the run's parent, so it reaps the exit; the adopter sees the pid gone.
-    assert [(f.run_id, f.status) for f in wait_finished(runner)] == [(live, "succeeded")]
-    assert [(f.run_id, f.status, f.exit_code) for f in adopted.poll()] == [(live, "lost", None)]
-    assert not adopted.in_progress
 
 
 def test_feedback_quality_drifts_only_beyond_its_sampling_error() -> None:
