@@ -303,3 +303,18 @@ def test_a_torn_last_history_line_is_skipped_and_the_next_entry_starts_on_its_ow
         assert registry.rollback() == (2, 1)
     with pytest.warns(RuntimeWarning, match="torn"):
         assert [(h.action, h.version) for h in registry.history()][-1] == ("rollback", 1)
+
+
+def test_a_rollout_file_that_outlived_its_promotion_is_not_a_rollout(tmp_path: Path) -> None:
+    # The pointer was written before rollout.json was removed: a crash in between kept a finished rollout alive,
+    # training stayed suppressed, and a later timeout withdrew the version that was serving.
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", parent=1, promote=False)
+    registry.start_rollout(2, "canary", 0.2, "test")
+    left = registry.rollout_file.read_bytes()
+    registry.end_rollout(promote=True, reason="good")
+    registry.rollout_file.write_bytes(left)  # the state such a crash left
+    assert registry.live_version() == 2 and registry.rollout() is None
+    with pytest.raises(RegistryError, match="no rollout is in progress"):
+        registry.end_rollout(promote=False, reason="timeout")

@@ -233,11 +233,15 @@ class Registry:
         if rollout is not None and rollout.version != version:
             # The candidate was being compared with the version that stops serving now; that comparison ends.
             self._end_rollout_locked(rollout, f"ended by {action} to v{version}")
+        # The rollout ends before the pointer moves: a crash in between leaves the old version serving and no
+        # rollout, never a finished rollout that holds off training (rollout() also ignores one naming the live version).
+        if self.rollout_file.exists():
+            self.rollout_file.unlink()
+            _fsync_dir(self.root)
         _write_atomic(self.live_file, f"{version}\n".encode())
         if self.legacy_live_file.exists():  # `live` replaces it: one pointer, never two that disagree
             self.legacy_live_file.unlink()
             _fsync_dir(self.root)
-        self.rollout_file.unlink(missing_ok=True)
         self._log(HistoryEntry(time=utc_now(), action=action, version=version, previous=previous, reason=reason))
 
     def _servable(self, version: int) -> Manifest:
@@ -280,10 +284,12 @@ class Registry:
     # -- rollout: shadow and canary ----------------------------------------------------------
 
     def rollout(self) -> Rollout | None:
+        """The rollout in progress; not one whose candidate is live already (left by a crash mid-promotion)."""
         try:
-            return Rollout.model_validate_json(self.rollout_file.read_bytes())
+            rollout = Rollout.model_validate_json(self.rollout_file.read_bytes())
         except FileNotFoundError:
             return None
+        return None if rollout.version == self.live_version() else rollout
 
     def start_rollout(self, version: int, stage: RolloutStage, share: float, reason: str,
                       parent: int | None = None) -> Rollout:
