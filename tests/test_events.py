@@ -25,3 +25,12 @@ def test_feedback_needs_a_text_and_a_label_that_are_not_all_whitespace(blank: st
 def test_a_prediction_request_refuses_a_blank_text(blank: str) -> None:
     with pytest.raises(ValidationError, match="only whitespace"):
         TypeAdapter(Texts).validate_python(["a real sentence", blank])
+
+
+def test_a_feedback_timestamp_must_be_iso_with_an_offset_and_is_stored_in_utc() -> None:
+    # The client-written timestamp went into the store unchecked, where timestamps are compared as strings.
+    event = FeedbackEvent(text="fine", label="positive", timestamp="2026-11-29T10:00:00+02:00")
+    assert event.timestamp == "2026-11-29T08:00:00.000+00:00"
+    for bad in ("yesterday", "2026-11-29T10:00:00", "2026-13-01T00:00:00+00:00"):
+        with pytest.raises(ValidationError, match="timestamp"):
+            FeedbackEvent(text="fine", label="positive", timestamp=bad)

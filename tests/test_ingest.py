@@ -226,3 +226,13 @@ def test_expired_feedback_is_dead_lettered_in_one_publish_each_bounded(tmp_path:
     assert_bounded(letters[0], payloads[0])
     assert all(letter["raw"] == payload.decode() and letter["raw_bytes"] == len(payload)
                for letter, payload in zip(letters[1:], payloads[1:], strict=True))
+
+
+def test_feedback_naming_a_prediction_stores_the_text_that_was_served_not_a_text_sent_with_it(tmp_path: Path) -> None:
+    # The client's text replaced the joined one: a label for one text could be trained on with another.
+    h = Harness(tmp_path)
+    h.publish(TOPICS.predictions, prediction("r1", label="positive"))
+    h.publish(TOPICS.feedback, feedback("f1", label="negative", request_id="r1", text="some other text"))
+    h.ingest.step(h.consumer())
+    [row] = h.store.feedback_rows()
+    assert (row["text"], row["label"], row["predicted_label"]) == ("text of r1", "negative", "positive")

@@ -318,3 +318,13 @@ def test_a_rollout_file_that_outlived_its_promotion_is_not_a_rollout(tmp_path: P
     assert registry.live_version() == 2 and registry.rollout() is None
     with pytest.raises(RegistryError, match="no rollout is in progress"):
         registry.end_rollout(promote=False, reason="timeout")
+
+
+@pytest.mark.parametrize("share", [0.0, -0.1, 1.5])
+def test_a_canary_share_outside_0_to_1_is_refused(tmp_path: Path, share: float) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", parent=1, promote=False)
+    with pytest.raises(RegistryError, match="share"):
+        registry.start_rollout(2, "canary", share, "test")
+    assert registry.rollout() is None

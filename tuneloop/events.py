@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from datetime import datetime
 import warnings
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from tuneloop.clock import utc_now
+from tuneloop.clock import utc_iso, utc_now
 from tuneloop.rollout_stage import RolloutStage
 
 
@@ -57,7 +58,19 @@ class FeedbackEvent(BaseModel):
     text: VisibleText | None = Field(None, description="Needed without request_id.")
     label: VisibleText
     source: Annotated[str, StringConstraints(max_length=128)] = "api"
-    timestamp: str = Field(default_factory=utc_now)
+    timestamp: str = Field(default_factory=utc_now, description="When it was labelled: ISO 8601 with an offset.")
+
+    @field_validator("timestamp")
+    @classmethod
+    def iso_with_offset(cls, value: str) -> str:
+        """Stored in the store's one format (UTC, milliseconds), where timestamps are compared as strings."""
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"timestamp {value!r} is not ISO 8601 (2026-11-29T10:00:00+00:00)") from None
+        if moment.tzinfo is None:
+            raise ValueError(f"timestamp {value!r} has no UTC offset; add one (+00:00)")
+        return utc_iso(moment)
 
     @model_validator(mode="after")
     def needs_request_id_or_text(self) -> FeedbackEvent:

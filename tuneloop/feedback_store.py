@@ -104,9 +104,8 @@ class FeedbackStore:
 
     def _insert(self, event: FeedbackEvent, stored_at: str) -> None:
         text, predicted, version = event.text, None, None
-        if event.request_id is not None:
-            joined_text, predicted, version = self._prediction(event.request_id)
-            text = text or joined_text
+        if event.request_id is not None:  # the text that was served, whatever text came with the label
+            text, predicted, version = self._prediction(event.request_id)
         self._db.execute(
             "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (event.feedback_id, event.request_id, text, event.label, predicted, version, event.source,

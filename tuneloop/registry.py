@@ -300,6 +300,8 @@ class Registry:
             live = self.live_version()
             if version == live:
                 raise RegistryError(f"v{version} is already the live version")
+            if stage == CANARY and not 0 < share <= 1:
+                raise RegistryError(f"a canary share must be above 0 and at most 1, not {share}")
             if live is None:
                 raise RegistryError(f"no version is live to compare v{version} with; promote it (`tuneloop rollback --to {version}`)")
             if parent is not None and parent != live:
