@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,17 +43,30 @@ def acknowledged_prefix(acknowledged: list[bool]) -> int:
     return next((i for i, ok in enumerate(acknowledged) if not ok), len(acknowledged))
 
 
+SPOOL_SCHEMA = "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, key BLOB, value BLOB);"
+
+
 class Spool:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = connect(path, "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, key BLOB, value BLOB);")
+        try:
+            self._db = connect(path, SPOOL_SCHEMA)
+        except sqlite3.DatabaseError as exc:  # a corrupt file must not stop the worker; keep it for a person to read
+            kept = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            path.rename(kept)
+            for suffix in ("-wal", "-shm"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+            log.error("feedback spool %s is unreadable (%s); moved to %s, starting an empty one", path, exc, kept)
+            self._db = connect(path, SPOOL_SCHEMA)
 
     def append(self, messages: list[Message]) -> None:
+        """Raises sqlite3.OperationalError when the disk (or the database) is full."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("INSERT INTO spool (key, value) VALUES (?, ?)", messages)
 
     def oldest(self, limit: int) -> list[tuple[int, bytes | None, bytes]]:
+        """Read under the sink's lock, like every write, so a batch never interleaves with an append."""
         return self._db.execute("SELECT seq, key, value FROM spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
 
     def remove_through(self, seq: int) -> None:
@@ -99,11 +114,21 @@ class FeedbackSink:
                 return 0
             if self.spool is None:
                 raise FeedbackRefused(f"the event log did not acknowledge {len(messages) - first_miss} messages")
-            return self._to_spool(messages[first_miss:])
+            try:
+                return self._to_spool(messages[first_miss:])
+            except FeedbackRefused as exc:
+                if not first_miss:
+                    raise
+                taken = ", ".join((key or b"").decode() for key, _ in messages[:first_miss])
+                raise FeedbackRefused(f"{exc}; the first {first_miss} item(s) were accepted (feedback_ids {taken}); "
+                                      "resend the rest") from exc
 
     def _to_spool(self, messages: list[Message]) -> int:
         assert self.spool is not None
-        self.spool.append(messages)
+        try:
+            self.spool.append(messages)
+        except sqlite3.OperationalError as exc:  # a full disk: nothing durable took it, the client must retry
+            raise FeedbackRefused(f"the bus is unreachable and the local spool cannot take it ({exc})") from exc
         self.metrics.feedback_spooled.set(len(self.spool))
         self._wake.set()
         return len(messages)
@@ -129,7 +154,8 @@ class FeedbackSink:
     def _replay_once(self) -> bool:
         """Publish the oldest spooled messages; True when some went out and more may follow."""
         assert self.spool is not None
-        batch = self.spool.oldest(500)
+        with self._lock:
+            batch = self.spool.oldest(500)
         if not batch:
             return False
         deliverable = next((i for i, (_, key, value) in enumerate(batch) if too_large(key, value)), len(batch))

@@ -153,3 +153,29 @@ def test_feedback_kafka_cannot_carry_is_refused_before_acceptance_and_never_bloc
     assert letter.raw_bytes == len(huge) and letter.raw_sha256 == hashlib.sha256(huge).hexdigest()
     intake.close()
     bus.close()
+
+
+def test_a_corrupt_spool_file_is_set_aside_and_the_worker_starts(tmp_path: Path) -> None:
+    # A worker whose spool file was corrupt crashed at start, again on every restart.
+    path = tmp_path / "feedback-worker1.db"
+    path.write_bytes(b"this is not a database" * 100)
+    spool = Spool(path)
+    spool.append([(b"k", b"v")])
+    assert len(spool) == 1
+    [kept] = tmp_path.glob("feedback-worker1.db.corrupt-*")
+    assert kept.read_bytes().startswith(b"this is not a database")
+
+
+def test_a_full_spool_refuses_with_a_503_naming_what_the_bus_already_took(tmp_path: Path) -> None:
+    # A full disk answered 500, and a client retrying a batch without feedback_ids duplicated what the bus had taken.
+    # SQLite's page limit raises the same SQLITE_FULL error a full disk does (a full disk cannot be made here safely).
+    spool = Spool(tmp_path / "spool.db")
+    pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
+    spool._db.execute(f"PRAGMA max_page_count = {pages}")
+    metrics = MagicMock()
+    sink = FeedbackSink(Returning(acks=1), TOPIC, DEAD, 5.0, spool, metrics)  # type: ignore[arg-type]
+    big = [(f"f{i}".encode(), b"x" * 5000) for i in range(3)]
+    with pytest.raises(FeedbackRefused, match=r"the first 1 item\(s\) were accepted \(feedback_ids f0\); resend the rest"):
+        sink.submit(big)
+    assert FeedbackRefused.http_status == 503
+    sink.close()
