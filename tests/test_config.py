@@ -71,3 +71,9 @@ def test_readme_configuration_table_is_the_generated_one() -> None:
 
     readme = (ROOT / "README.md").read_text()
     assert readme_with_config_table(readme, config_table()) == readme
+
+
+def test_requiring_kafka_without_brokers_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="events.require_kafka is set but events.kafka_bootstrap_servers is empty"):
+        Settings(events={"require_kafka": True})
+    assert Settings(events={"require_kafka": True, "kafka_bootstrap_servers": "kafka:9092"}).events.require_kafka

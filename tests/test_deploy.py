@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from tests.support.data import ROOT
-from tuneloop.config import ALL_SIGNALS
+from tuneloop.config import ALL_SIGNALS, Settings
 
 PROJECT_PACKAGES = ("tuneloop", "services", "trainer", "exporters", "monitoring")
 
@@ -57,7 +57,7 @@ def test_kubernetes_probes_use_the_service_health_endpoints() -> None:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     mount = next(m for m in container["volumeMounts"] if m["name"] == "registry")
     assert env["TUNELOOP_REGISTRY__PATH"] == mount["mountPath"]
 
@@ -104,3 +104,15 @@ def test_grafana_provisioning_names_the_dashboard_datasource() -> None:
     signals = {t["expr"].split('signal="')[1].split('"')[0] for p in dashboard["panels"]
                for t in p.get("targets", []) if 'signal="' in t["expr"]}
     assert signals == set(ALL_SIGNALS)
+
+
+def test_the_kubernetes_deployment_requires_kafka_and_replicated_topics() -> None:
+    # With no Kafka configured every 202 landed in the pod's throwaway embedded log, lost with the pod.
+    documents = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "service.yaml").read_text()))
+    container = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TUNELOOP_EVENTS__REQUIRE_KAFKA"]["value"] == "true"
+    assert env["TUNELOOP_EVENTS__KAFKA_BOOTSTRAP_SERVERS"]["valueFrom"]["configMapKeyRef"]["optional"] is False
+    assert int(env["TUNELOOP_EVENTS__REPLICATION_FACTOR"]["value"]) >= 3
+    settings = Settings(events={"require_kafka": True, "kafka_bootstrap_servers": "kafka:9092", "replication_factor": 3})
+    assert settings.events.min_insync_replicas == 2

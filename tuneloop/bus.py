@@ -176,9 +176,12 @@ class EmbeddedConsumer:
 
 
 class KafkaBus:
-    def __init__(self, bootstrap_servers: str, max_block_ms: int = 2000) -> None:
+    def __init__(self, bootstrap_servers: str, max_block_ms: int = 2000, replication_factor: int = 1,
+                 min_insync_replicas: int = 1) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.max_block_ms = max_block_ms
+        self.replication_factor = replication_factor
+        self.min_insync_replicas = min_insync_replicas
         self._producer_instance: object | None = None
         self._producer_lock = threading.Lock()
 
@@ -214,7 +217,11 @@ class KafkaBus:
             missing = set(topics) - set(admin.list_topics())
             if missing:
                 with contextlib.suppress(TopicAlreadyExistsError):  # another process created it meanwhile
-                    admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1) for name in missing])
+                    admin.create_topics([
+                        NewTopic(name, num_partitions=1, replication_factor=self.replication_factor,
+                                 topic_configs={"min.insync.replicas": str(self.min_insync_replicas)})
+                        for name in missing
+                    ])
         finally:
             admin.close()
 
@@ -317,5 +324,6 @@ def announce_model_event(config: EventsConfig, event: ModelEvent) -> str | None:
 
 def open_bus(config: EventsConfig) -> Bus:
     if config.kafka_bootstrap_servers:
-        return KafkaBus(config.kafka_bootstrap_servers)
+        return KafkaBus(config.kafka_bootstrap_servers, replication_factor=config.replication_factor,
+                        min_insync_replicas=config.min_insync_replicas)
     return EmbeddedBus(config.embedded_path)

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 from pydantic_settings import (
     BaseSettings,
@@ -199,6 +199,25 @@ class EventsConfig(Section):
     topics: TopicsConfig = TopicsConfig()
     ack_timeout_s: float = Field(5.0, gt=0, description="How long /feedback waits for the broker before spooling.")
     prediction_buffer: int = Field(10_000, ge=1, description="Prediction events queued per worker; beyond it they are dropped.")
+    require_kafka: bool = Field(
+        False, description="Refuse to start without kafka_bootstrap_servers: the embedded log lives on one host's disk "
+        "(in Kubernetes, a pod's throwaway one)."
+    )
+    replication_factor: int = Field(
+        1, ge=1, description="Replicas of each topic the service and controller create (3 for a production cluster; "
+        "min.insync.replicas is one less, so acks=all survives one broker down)."
+    )
+
+    @property
+    def min_insync_replicas(self) -> int:
+        return max(1, self.replication_factor - 1)
+
+    @model_validator(mode="after")
+    def kafka_when_required(self) -> EventsConfig:
+        if self.require_kafka and not self.kafka_bootstrap_servers:
+            raise ValueError("events.require_kafka is set but events.kafka_bootstrap_servers is empty; name the brokers "
+                             "(TUNELOOP_EVENTS__KAFKA_BOOTSTRAP_SERVERS)")
+        return self
 
 
 class ControllerConfig(Section):
