@@ -1,10 +1,19 @@
-"""The embedded log keeps the consumer contract the controller relies on (the Kafka side runs in test_feedback)."""
+"""The embedded log keeps the consumer contract the controller relies on (the Kafka side runs in test_feedback);
+Kafka clients with the broker down answer in seconds and leak nothing."""
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
+import threading
+import time
 from pathlib import Path
 
-from tuneloop.bus import EmbeddedBus
+import pytest
+
+from cli.processes import free_port
+from tuneloop.bus import BusUnavailable, EmbeddedBus, KafkaBus
 
 
 def test_poll_advances_commit_persists_and_uncommitted_records_are_redelivered(tmp_path: Path) -> None:
@@ -34,3 +43,36 @@ def test_topics_are_separate_and_offsets_ordered(tmp_path: Path) -> None:
     records = bus.consumer("g", ["a"]).poll(10, timeout_s=0.1)
     assert [r.value for r in records] == [b"a1", b"a2"]
     assert records[0].offset < records[1].offset
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_with_the_broker_down_kafka_clients_answer_within_seconds_and_leak_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    # Nothing listens on the port: the broker is down for real. KafkaProducer(...) blocked 30 s (under the bus's lock,
+    # holding the first feedback), and every failed admin client or consumer leaked an IO thread and 3-7 fds.
+    caplog.set_level(logging.CRITICAL, logger="kafka")  # captured records would hold the failed sockets' tracebacks
+    bus = KafkaBus(f"127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    try:
+        acknowledged = bus.publish_many("t", [(None, b"v")], timeout_s=1.0)
+    except BusUnavailable:
+        acknowledged = [False]
+    assert acknowledged == [False] and time.monotonic() - started < 5
+    bus.close()
+    gc.collect()
+    threads, fds = threading.active_count(), open_fds()
+    bus = KafkaBus(bus.bootstrap_servers)  # admin clients and consumers only: no producer retrying in the background
+    for _ in range(5):
+        started = time.monotonic()
+        with pytest.raises(BusUnavailable, match="cannot reach Kafka"):
+            bus.ensure_topics(["t"])
+        assert time.monotonic() - started < 5
+        consumer = bus.consumer("g", ["t"])
+        assert consumer.poll(10, timeout_s=0.2) == []
+        consumer.close()
+    assert threading.active_count() == threads
+    gc.collect()  # a closed consumer's sockets wait in reference cycles for the collector; an IO thread would not
+    assert open_fds() == fds
+    bus.close()
