@@ -69,7 +69,8 @@ def build_and_publish(
         steps.set_postfix_str(name)
         steps.update(1)
 
-    with registry.staging() as staged, tempfile.TemporaryDirectory(prefix="tuneloop-export-") as work:
+    # The work directory sits beside the staged version, so what a killed export leaves is cleaned up with it.
+    with registry.staging() as staged, tempfile.TemporaryDirectory(prefix="work-", dir=registry.staging_dir) as work:
         workdir = Path(work)
         model.to("cpu").eval()
         torch_logits, _ = predict(model, tokenizer, val.texts, max_length)

@@ -4,9 +4,10 @@ Each step polls one batch and hands it to the parts in order:
 
 1. `monitoring.ingest`: store the batch, dead-letter what cannot be stored, commit the offsets;
 2. `monitoring.drift_watch`: finished training runs; drift windows, trigger decisions, new runs;
-3. `monitoring.rollout_watch`: a candidate in shadow or canary judged, moved on, announced.
+3. `monitoring.rollout_watch`: a candidate in shadow or canary judged, moved on, announced;
+4. `monitoring.retention`: old predictions, consumed log messages and abandoned exports pruned.
 
-Everything after the commit (2 and 3) may fail without losing an event. `monitoring.admin`
+Everything after the commit (2 to 4) may fail without losing an event. `monitoring.admin`
 serves /metrics and the admin operations; `monitoring.metrics` holds every metric.
 """
 
@@ -20,6 +21,7 @@ from monitoring.admin import Admin, admin_app
 from monitoring.drift_watch import DriftWatch
 from monitoring.ingest import Ingest
 from monitoring.metrics import ControllerMetrics, controller_metrics
+from monitoring.retention import Retention
 from monitoring.rollout_watch import RolloutWatch
 from monitoring.state import ControllerState
 from tuneloop.bus import Bus, Consumer, announce, open_bus
@@ -44,6 +46,7 @@ class Controller:
         self.drift = DriftWatch(settings, self.registry, self.store, self.state, self.metrics.drift)
         self.rollout = RolloutWatch(settings.rollout, self.registry, self.store, self.metrics.rollout, self.announce)
         self.admin = Admin(self.registry, self.state, self.drift, self.announce)
+        self.retention = Retention(settings.controller, self.store, self.bus, self.registry)
 
     def run(self, stop: threading.Event) -> None:
         """Consume until stopped; after any failure, reconnect and resume from the last committed offsets."""
@@ -74,6 +77,7 @@ class Controller:
         self.drift.collect_finished_runs()
         self.rollout.judge()
         self.drift.observe(predictions)
+        self.retention.prune()
 
     def announce(self, event: ModelEvent) -> None:
         """Tell the replicas on the model topic; they also poll the registry, so a lost event only delays them."""

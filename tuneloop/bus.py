@@ -60,6 +60,9 @@ class Bus(Protocol):
         """Send in order; True for each message acknowledged as durable within the timeout."""
         ...
     def consumer(self, group: str, topics: list[str]) -> Consumer: ...
+    def prune(self, older_than_unix: float) -> int:
+        """Drop messages older than that which every reader has consumed; returns how many."""
+        ...
     def close(self) -> None: ...
 
 
@@ -110,6 +113,17 @@ class EmbeddedBus:
 
     def consumer(self, group: str, topics: list[str]) -> EmbeddedConsumer:
         return EmbeddedConsumer(self.path, group, topics)
+
+    def prune(self, older_than_unix: float) -> int:
+        """Delete messages published before `older_than_unix` that every group committing their topic has passed.
+        A topic no group has committed yet keeps everything: a reader may still come for it. Returns how many went."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            return self._db.execute(
+                "DELETE FROM messages WHERE time < ? AND offset < "
+                "(SELECT MIN(next) FROM consumer_offsets c WHERE c.topic = messages.topic)",
+                (older_than_unix,),
+            ).rowcount
 
     def close(self) -> None:
         self._db.close()
@@ -274,6 +288,9 @@ class KafkaBus:
 
     def consumer(self, group: str, topics: list[str]) -> KafkaEventConsumer:
         return KafkaEventConsumer(self.bootstrap_servers, group, topics)
+
+    def prune(self, older_than_unix: float) -> int:
+        return 0  # the broker's retention.ms applies
 
     def tail(self, topic: str) -> KafkaEventConsumer:
         """Messages published from now on, with no consumer group: every listener sees every one."""

@@ -229,6 +229,10 @@ class ControllerConfig(Section):
     host: str = Field("127.0.0.1", description="Address of the controller's /metrics and /admin.")
     port: int = Field(3100, ge=1, le=65535, description="The controller's /metrics port.")
     poll_max_records: int = Field(500, ge=1, description="Messages stored per feedback-store transaction.")
+    retention_days: float = Field(
+        30, gt=0, description="Predictions (served and shadow) and consumed embedded-log messages older than this are "
+        "deleted; stored feedback is kept. Exports a killed run left are removed after an hour."
+    )
     admin_token: SecretStr = Field(
         SecretStr(""), description="Bearer token for the controller's /admin endpoints; empty disables them."
     )

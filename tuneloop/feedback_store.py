@@ -138,6 +138,15 @@ class FeedbackStore:
             raise ValueError(f"no table {table}")
         return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
+    def prune_predictions(self, before: str) -> int:
+        """Delete predictions (served and shadow) made before `before` (a stored timestamp); feedback stays.
+        Returns how many went. Feedback joins a prediction within controller.join_timeout_s, long before."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            served = self._db.execute("DELETE FROM predictions WHERE created_at < ?", (before,)).rowcount
+            shadow = self._db.execute("DELETE FROM shadow_predictions WHERE created_at < ?", (before,)).rowcount
+        return served + shadow
+
     def feedback_rows(self, after: int = 0) -> list[dict[str, object]]:
         """Stored feedback, each row with its `row_id` (increasing in storing order); only rows after `after`."""
         cursor = self._db.execute(

@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -159,6 +160,19 @@ class Registry:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def remove_abandoned(self, older_than_s: float) -> list[Path]:
+        """Remove what exports killed mid-way left in the staging directory (a live one is younger). Returns them."""
+        if not self.staging_dir.is_dir():
+            return []
+        cutoff = time.time() - older_than_s
+        abandoned = [path for path in self.staging_dir.iterdir() if path.stat().st_mtime < cutoff]
+        for path in abandoned:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return abandoned
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
