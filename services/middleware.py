@@ -1,7 +1,8 @@
-"""ASGI middleware: per-endpoint request metrics, a request-body size limit, and the model-loaded check."""
+"""ASGI middleware: per-endpoint request metrics, a request-body size limit, the feedback token, the model-loaded check."""
 
 from __future__ import annotations
 
+import hmac
 import time
 from typing import Any
 
@@ -10,7 +11,7 @@ import bentoml
 from services.http_errors import send_error
 from services.metrics import service_metrics
 from services.schemas import NOT_LOADED
-from tuneloop.errors import RequestTooLarge, Unavailable
+from tuneloop.errors import NotAuthenticated, RequestTooLarge, Unavailable
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -63,6 +64,26 @@ class BodyLimitMiddleware:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+class FeedbackTokenMiddleware:
+    """With `serve.feedback_token` set, /feedback and /feedback/batch want `Authorization: Bearer <token>` (401).
+
+    Feedback decides what the model is retrained on and how rollouts are judged: in production only
+    the applications that hold the token may send it. Empty (the default, as in `make up`): open."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if self.token and scope["type"] == "http" and scope["path"] in ("/feedback", "/feedback/batch"):
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(sent, self.expected):
+                await send_error(send, NotAuthenticated("feedback needs 'Authorization: Bearer <serve.feedback_token>'"))
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestMetricsMiddleware:

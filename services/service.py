@@ -32,7 +32,7 @@ from services.follower import Candidate, ModelFollower
 from services.http_errors import error_response
 from services.live_model import LiveModel
 from services.metrics import service_metrics
-from services.middleware import BodyLimitMiddleware, ModelLoadedMiddleware, RequestMetricsMiddleware
+from services.middleware import BodyLimitMiddleware, FeedbackTokenMiddleware, ModelLoadedMiddleware, RequestMetricsMiddleware
 from services.model_info import info_app
 from services.prediction_events import PredictionPublisher
 from services.routing import Router
@@ -191,7 +191,9 @@ class Classifier:
         return accepted
 
 
-# First added is outermost: count every request, then refuse oversized bodies, then check a model is loaded.
+# First added is outermost: count every request, then refuse oversized bodies and feedback without its token,
+# then check a model is loaded.
 Classifier.add_asgi_middleware(RequestMetricsMiddleware)
 Classifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+Classifier.add_asgi_middleware(FeedbackTokenMiddleware, token=limits.feedback_token.get_secret_value())
 Classifier.add_asgi_middleware(ModelLoadedMiddleware)

@@ -201,3 +201,17 @@ def test_broker_sigkill_mid_stream_loses_and_duplicates_nothing(
     assert failures == []
     assert sorted(stored) == sorted(accepted)  # every 202 stored, exactly once
     assert spooled > 0  # the outage really was bridged by the spool
+
+
+def test_with_a_feedback_token_feedback_needs_it_and_predictions_do_not(registry_path: Path, tmp_path: Path) -> None:
+    # /feedback drives retraining and rollout verdicts, and anyone who could reach it could send some.
+    env = bus_env("embedded", tmp_path) | {"TUNELOOP_SERVE__FEEDBACK_TOKEN": "s3cret"}
+    with running_service(registry_path, tmp_path, **env) as server, server.client() as client:
+        body = {"text": "fine", "label": "positive"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = client.post("/feedback", json=body, headers=headers)
+            assert response.status_code == 401 and "serve.feedback_token" in response.text, response.text
+        batch = client.post("/feedback/batch", json={"items": [body]})
+        assert batch.status_code == 401
+        assert client.post("/feedback", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 202
+        assert client.post("/predict", json={"texts": ["no token needed"]}).status_code == 200

@@ -144,6 +144,10 @@ class ServeConfig(Section):
     max_texts_per_request: int = Field(64, ge=1, description="Texts in one /predict request; more is a 400.")
     max_chars_per_text: int = Field(2000, ge=1, description="Characters in one text; more is a 400.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body size; more is a 413.")
+    feedback_token: SecretStr = Field(
+        SecretStr(""), description="Bearer token /feedback requires (401 without it); empty: open, as in `make up`. "
+        "Set it in production: feedback decides what the model is retrained on."
+    )
     max_batch_size: int = Field(32, ge=1, description="Adaptive batching: most texts in one inference batch.")
     max_latency_ms: int = Field(
         2000, ge=1, description="Adaptive batching: a request predicted to wait longer is refused with 503 (load shedding)."
