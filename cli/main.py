@@ -17,7 +17,7 @@ from rich.table import Table
 
 from tuneloop.bus import announce_model_event
 from tuneloop.config import Settings, load_settings
-from tuneloop.errors import DataError, ExitCode, NothingToTrain, RegistryError
+from tuneloop.errors import Conflict, DataError, ExitCode, NothingToTrain, RegistryError
 from tuneloop.events import ModelEvent
 from tuneloop.registry import Registry
 from tuneloop.rollout_stage import CANARY, STAGES
@@ -144,7 +144,11 @@ def controller() -> None:
         f"controller: {bus} -> {settings.controller.store_path}; "
         f"metrics on http://{settings.controller.host}:{settings.controller.port}/metrics"
     )
-    serve_controller(settings)
+    try:
+        serve_controller(settings)
+    except Conflict as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(exc.exit_code) from None
 
 
 @app.command()

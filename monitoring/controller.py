@@ -14,8 +14,11 @@ serves /metrics and the admin operations; `monitoring.metrics` holds every metri
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 from monitoring.admin import Admin, admin_app
 from monitoring.drift_watch import DriftWatch
@@ -26,6 +29,7 @@ from monitoring.rollout_watch import RolloutWatch
 from monitoring.state import ControllerState
 from tuneloop.bus import Bus, Consumer, announce, open_bus
 from tuneloop.config import Settings
+from tuneloop.errors import Conflict
 from tuneloop.events import ModelEvent, PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Registry
@@ -87,8 +91,32 @@ class Controller:
             log.warning("model event not published (%s)", exc)
 
 
+@contextlib.contextmanager
+def exclusive_controller(store_path: Path) -> Iterator[None]:
+    """Hold the store's controller lock while inside; raise Conflict when another controller holds it.
+
+    Two controllers on one store would both store every event of the embedded log, both judge the
+    rollout and both start training runs. The lock (flock) goes with the process, however it ends."""
+    path = store_path.with_name(store_path.name + ".controller.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict(f"another controller is running on {store_path}; stop it first (one controller per store)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def serve_controller(settings: Settings, stop: threading.Event | None = None) -> None:
-    """Run the controller with its HTTP side (/metrics, /admin) until stopped."""
+    """Run the controller with its HTTP side (/metrics, /admin) until stopped; the only one on its store."""
+    with exclusive_controller(settings.controller.store_path):
+        _serve(settings, stop)
+
+
+def _serve(settings: Settings, stop: threading.Event | None) -> None:
     import uvicorn
 
     controller = Controller(settings)

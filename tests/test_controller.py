@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring.controller import Controller
+from monitoring.controller import Controller, exclusive_controller
 from monitoring.metrics import ControllerMetrics
 from tests.support.processes import wait_for
 from tuneloop.bus import BusUnavailable, EmbeddedBus, Message
 from tuneloop.config import Settings
+from tuneloop.errors import Conflict
 from tuneloop.events import FeedbackEvent, ModelEvent, PredictionEvent
 
 
@@ -122,3 +123,13 @@ def test_an_announcement_the_bus_refuses_is_logged_not_raised(tmp_path: Path, ca
     controller = controller_in(tmp_path, DownBus(tmp_path / "events.db"))
     controller.announce(ModelEvent(action="promote", version=2))
     assert "model event not published (down)" in caplog.text
+
+
+def test_a_second_controller_on_the_same_store_refuses_to_start(tmp_path: Path) -> None:
+    # Two controllers on one embedded log both stored everything, both judged rollouts and both started runs.
+    store = tmp_path / "store.db"
+    with exclusive_controller(store):
+        with pytest.raises(Conflict, match="another controller is running on .*store.db"), exclusive_controller(store):
+            pass
+    with exclusive_controller(store):  # released when the first one stopped
+        pass
