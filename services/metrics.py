@@ -35,6 +35,8 @@ class ServiceMetrics:
     feedback_replayed: Counter
     prediction_events_published: Counter
     prediction_events_dropped: Counter
+    prediction_events_spooled: Gauge
+    prediction_events_replayed: Counter
     candidate_version: Gauge
     shadow_predictions: Counter
     shadow_skipped: Counter
@@ -89,7 +91,15 @@ def service_metrics() -> ServiceMetrics:
             "tuneloop_prediction_events_published_total", "Prediction events acknowledged by the bus."
         ),
         prediction_events_dropped=prom.Counter(
-            "tuneloop_prediction_events_dropped_total", "Prediction events dropped: queue full or bus unavailable."
+            "tuneloop_prediction_events_dropped_total",
+            "Prediction events dropped: queue full, or bus and spool unavailable (the embedded log has no spool).",
+        ),
+        prediction_events_spooled=prom.Gauge(
+            "tuneloop_prediction_events_spooled", "Prediction events waiting in the local spool for Kafka.",
+            multiprocess_mode="livesum",
+        ),
+        prediction_events_replayed=prom.Counter(
+            "tuneloop_prediction_events_replayed_total", "Spooled prediction events delivered to Kafka later."
         ),
         candidate_version=prom.Gauge(
             "tuneloop_candidate_version", "Version in shadow or canary next to the live one (0: none).",

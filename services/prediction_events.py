@@ -1,7 +1,9 @@
 """Prediction events out of the service, without slowing predictions.
 
-Prediction events go through a bounded queue drained by a background thread; when it is full
-they are dropped and counted. Closing the publisher sends what is queued, then stops it.
+Prediction events go through a bounded queue drained by a background thread into a spooled sink
+(`services.spool`): while Kafka is away they wait in the worker's spool, because feedback that
+names their request_id is joined with them. When the queue is full they are dropped and counted.
+Closing the publisher sends what is queued, then stops it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.metrics import ServiceMetrics
-from tuneloop.bus import Bus, BusUnavailable, Message
+from services.spool import SpooledSink
+from tuneloop.bus import Message
+from tuneloop.errors import NotDurable
 from tuneloop.events import utc_now
 
 log = logging.getLogger("tuneloop.events")
@@ -32,9 +36,8 @@ class PredictionPublisher:
     `tuneloop.events.PredictionEvent` validates on the controller's side.
     """
 
-    def __init__(self, bus: Bus, topic: str, capacity: int, metrics: ServiceMetrics) -> None:
-        self.bus = bus
-        self.topic = topic
+    def __init__(self, sink: SpooledSink, capacity: int, metrics: ServiceMetrics) -> None:
+        self.sink = sink
         self.metrics = metrics
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=capacity)  # None: close after what came before
         self._drainer = threading.Thread(target=self._drain_forever, name="prediction-events", daemon=True)
@@ -55,6 +58,7 @@ class PredictionPublisher:
             log.warning("prediction events still queued at shutdown were not published")
             return
         self._drainer.join(max(0.0, deadline - time.monotonic()))
+        self.sink.close(max(0.5, deadline - time.monotonic()))
 
     @staticmethod
     def _message(prediction: Any, text: str, drift_inputs: DriftInputs, shadow: bool, timestamp: str) -> Message:
@@ -94,10 +98,9 @@ class PredictionPublisher:
     def _publish(self, items: list[_Item]) -> None:
         batch = [self._message(*item) for item in items]
         try:
-            acknowledged = self.bus.publish_many(self.topic, batch, timeout_s=10.0)
-        except BusUnavailable:
-            acknowledged = [False] * len(batch)
-        self.metrics.prediction_events_published.inc(sum(acknowledged))
-        lost = len(batch) - sum(acknowledged)
-        if lost:
-            self.metrics.prediction_events_dropped.inc(lost)
+            spooled = self.sink.submit(batch)
+        except NotDurable as exc:  # the embedded log refused, or the spool is full
+            self.metrics.prediction_events_dropped.inc(len(batch))
+            log.warning("%d prediction events dropped: %s", len(batch), exc)
+            return
+        self.metrics.prediction_events_published.inc(len(batch) - spooled)

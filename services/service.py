@@ -27,7 +27,7 @@ import bentoml
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from services.feedback_intake import FeedbackIntake, FeedbackSink, Spool
+from services.feedback_intake import FeedbackIntake
 from services.follower import Candidate, ModelFollower
 from services.http_errors import error_response
 from services.live_model import LiveModel
@@ -38,6 +38,7 @@ from services.prediction_events import PredictionPublisher
 from services.routing import Router
 from services.schemas import NOT_LOADED, FeedbackAccepted, FeedbackBatch, Prediction, Texts
 from services.settings import limits, settings
+from services.spool import Spool, SpooledSink
 from tuneloop.bus import Bus, KafkaBus, open_bus
 from tuneloop.errors import FeedbackRefused, InvalidRequest, RequestTooLarge, TuneloopError, Unavailable, http_status
 from tuneloop.events import FeedbackEvent
@@ -82,18 +83,23 @@ class Classifier:
         events = settings.events
         self.bus = open_bus(events)
         self._stopped = threading.Event()
-        spool = None
+        topics, metrics = events.topics, self.metrics
+        feedback_spool = prediction_spool = None  # the embedded log's commit is already local and durable
         if isinstance(self.bus, KafkaBus):
             worker = bentoml.server_context.worker_index or 1  # stable across restarts, unlike a pid
-            spool = Spool(events.spool_dir / f"feedback-worker{worker}.db")
+            feedback_spool = Spool(events.spool_dir / f"feedback-worker{worker}.db")
+            prediction_spool = Spool(events.spool_dir / f"predictions-worker{worker}.db")
             threading.Thread(target=_ensure_topics, args=(self.bus, self._stopped), name="ensure-topics", daemon=True).start()
-            self.follower.listen(self.bus, events.topics.model)
+            self.follower.listen(self.bus, topics.model)
         self.feedback_intake = FeedbackIntake(
-            FeedbackSink(self.bus, events.topics.feedback, events.topics.dead_letter, events.ack_timeout_s, spool, self.metrics),
-            self.metrics,
+            SpooledSink(self.bus, topics.feedback, topics.dead_letter, events.ack_timeout_s, feedback_spool,
+                        metrics.feedback_spooled, metrics.feedback_replayed),
+            metrics,
         )
         self.prediction_events = PredictionPublisher(
-            self.bus, events.topics.predictions, events.prediction_buffer, self.metrics
+            SpooledSink(self.bus, topics.predictions, topics.dead_letter, events.ack_timeout_s, prediction_spool,
+                        metrics.prediction_events_spooled, metrics.prediction_events_replayed),
+            events.prediction_buffer, metrics,
         )
         self.router = Router(self.prediction_events, self.metrics, settings.rollout.shadow_queue)
         # Load before this worker takes traffic: readiness is answered by whichever worker a probe

@@ -215,3 +215,31 @@ def test_with_a_feedback_token_feedback_needs_it_and_predictions_do_not(registry
         assert batch.status_code == 401
         assert client.post("/feedback", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 202
         assert client.post("/predict", json={"texts": ["no token needed"]}).status_code == 200
+
+
+def test_feedback_naming_predictions_made_while_the_broker_was_down_is_joined_when_it_returns(
+    own_broker: object, registry_path: Path, tmp_path: Path
+) -> None:
+    # Prediction events were dropped while Kafka was down: feedback naming those requests got its 202, waited
+    # for a join that never came, and was dead-lettered after controller.join_timeout_s.
+    env = bus_env("kafka", tmp_path, own_broker.bootstrap_servers)
+    with running_service(registry_path, tmp_path, **env) as server, server.client() as client, running_controller(
+        registry_path, tmp_path, env
+    ):
+        assert client.post("/predict", json={"texts": ["before the outage"]}).status_code == 200
+        own_broker.kill()
+        served = []
+        for i in range(20):
+            response = client.post("/predict", json={"texts": [f"a review written during the outage, number {i}"]})
+            assert response.status_code == 200, response.text
+            served.append(response.json()[0])
+        for prediction in served:
+            response = client.post("/feedback", json={"request_id": prediction["request_id"], "label": "positive"})
+            assert response.status_code == 202 and response.json()["spooled"] == 1, response.text
+        own_broker.start()
+        wait_for(lambda: store(env).count() >= len(served), 120, "the feedback joined and stored")
+        assert metric(server.url + "/metrics", "tuneloop_prediction_events_spooled") == 0
+    rows = {r["request_id"]: r for r in store(env).feedback_rows()}
+    assert set(rows) == {p["request_id"] for p in served}
+    assert all(rows[p["request_id"]]["text"].endswith(f"number {i}") and rows[p["request_id"]]["predicted_label"] == p["label"]
+               for i, p in enumerate(served))

@@ -12,16 +12,21 @@ from unittest.mock import MagicMock
 
 import pytest
 
-from services.feedback_intake import FeedbackIntake, FeedbackRefused, FeedbackSink, Spool, acknowledged_prefix
+from services.feedback_intake import FeedbackIntake
+from services.spool import Spool, SpooledSink, acknowledged_prefix
 from services.live_model import LiveModel
 from tuneloop.bus import BusUnavailable, EmbeddedBus, KafkaBus, Message
 from tuneloop.config import TopicsConfig
-from tuneloop.errors import RequestTooLarge
+from tuneloop.errors import FeedbackRefused, NotDurable, RequestTooLarge
 from tuneloop.events import DeadLetter, FeedbackEvent
 from tuneloop.registry import Manifest
 
 TOPIC = "tuneloop.feedback"
 DEAD = "tuneloop.feedback.dead-letter"
+
+
+def sink(bus: object, topic: str, dead: str, ack_timeout_s: float, spool: Spool | None, metrics: MagicMock) -> SpooledSink:
+    return SpooledSink(bus, topic, dead, ack_timeout_s, spool, metrics.feedback_spooled, metrics.feedback_replayed)  # type: ignore[arg-type]
 
 
 def live(labels: list[str]) -> LiveModel:
@@ -49,7 +54,7 @@ def test_labels_the_served_model_does_not_know_are_named() -> None:
 def test_feedback_on_the_embedded_log_is_durable_when_submitted(tmp_path: Path) -> None:
     bus = EmbeddedBus(tmp_path / "events.db")
     metrics = MagicMock()
-    intake = FeedbackIntake(FeedbackSink(bus, TOPIC, DEAD, 5.0, None, metrics), metrics)
+    intake = FeedbackIntake(sink(bus, TOPIC, DEAD, 5.0, None, metrics), metrics)
     accepted = asyncio.run(intake.submit(events("pos", "neg")))
     assert (accepted.accepted, accepted.spooled, accepted.feedback_ids) == (2, 0, ["f0", "f1"])
     records = bus.consumer("reader", [TOPIC]).poll(10, timeout_s=0.1)
@@ -65,7 +70,7 @@ class Unreachable:
 
 def test_without_a_spool_an_unreachable_bus_refuses_the_feedback() -> None:
     metrics = MagicMock()
-    intake = FeedbackIntake(FeedbackSink(Unreachable(), TOPIC, DEAD, 5.0, None, metrics), metrics)  # type: ignore[arg-type]
+    intake = FeedbackIntake(sink(Unreachable(), TOPIC, DEAD, 5.0, None, metrics), metrics)  # type: ignore[arg-type]
     with pytest.raises(FeedbackRefused, match="no broker"):
         asyncio.run(intake.submit(events("pos")))
     intake.close()
@@ -93,7 +98,7 @@ def test_what_the_broker_misses_is_spooled_in_order_then_replayed_and_close_stop
     bus = Returning(acks=1)
     metrics = MagicMock()
     spool = Spool(tmp_path / "spool.db")
-    intake = FeedbackIntake(FeedbackSink(bus, TOPIC, DEAD, 5.0, spool, metrics), metrics)  # type: ignore[arg-type]
+    intake = FeedbackIntake(sink(bus, TOPIC, DEAD, 5.0, spool, metrics), metrics)  # type: ignore[arg-type]
     accepted = asyncio.run(intake.submit(events("a", "b", "c")))
     assert (accepted.accepted, accepted.spooled) == (3, 2)
     later = asyncio.run(intake.submit(events("d")))  # queues behind the spool, even though nothing failed now
@@ -110,9 +115,9 @@ def test_what_the_broker_misses_is_spooled_in_order_then_replayed_and_close_stop
 
 def test_spooled_feedback_survives_a_close_and_is_replayed_by_the_next_start(tmp_path: Path) -> None:
     metrics = MagicMock()
-    sink = FeedbackSink(Unreachable(), TOPIC, DEAD, 5.0, Spool(tmp_path / "spool.db"), metrics)  # type: ignore[arg-type]
-    assert sink.submit([(b"k", b"v")]) == 1
-    sink.close()
+    spooled = sink(Unreachable(), TOPIC, DEAD, 5.0, Spool(tmp_path / "spool.db"), metrics)
+    assert spooled.submit([(b"k", b"v")]) == 1
+    spooled.close()
     assert len(Spool(tmp_path / "spool.db")) == 1
 
 
@@ -141,7 +146,7 @@ def test_feedback_kafka_cannot_carry_is_refused_before_acceptance_and_never_bloc
     huge = oversized("huge").model_dump_json().encode()
     spool.append([(b"huge", huge), (b"after", events("pos")[0].model_dump_json().encode())])  # as an older version did
     metrics = MagicMock()
-    intake = FeedbackIntake(FeedbackSink(bus, topics.feedback, topics.dead_letter, 5.0, spool, metrics), metrics)
+    intake = FeedbackIntake(sink(bus, topics.feedback, topics.dead_letter, 5.0, spool, metrics), metrics)
     with pytest.raises(RequestTooLarge, match=r"feedback item 0 is 1,048,\d+ bytes .* shorten its text"):
         asyncio.run(intake.submit([oversized("big")]))
     wait_until(lambda: len(spool) == 0, "the spool drained past the oversized record")
@@ -173,9 +178,9 @@ def test_a_full_spool_refuses_with_a_503_naming_what_the_bus_already_took(tmp_pa
     pages = spool._db.execute("PRAGMA page_count").fetchone()[0]
     spool._db.execute(f"PRAGMA max_page_count = {pages}")
     metrics = MagicMock()
-    sink = FeedbackSink(Returning(acks=1), TOPIC, DEAD, 5.0, spool, metrics)  # type: ignore[arg-type]
+    full = sink(Returning(acks=1), TOPIC, DEAD, 5.0, spool, metrics)
     big = [(f"f{i}".encode(), b"x" * 5000) for i in range(3)]
-    with pytest.raises(FeedbackRefused, match=r"the first 1 item\(s\) were accepted \(feedback_ids f0\); resend the rest"):
-        sink.submit(big)
-    assert FeedbackRefused.http_status == 503
-    sink.close()
+    with pytest.raises(NotDurable, match=r"the first 1 item\(s\) were accepted \(keys f0\); resend the rest"):
+        full.submit(big)
+    assert NotDurable.http_status == FeedbackRefused.http_status == 503
+    full.close()

@@ -101,6 +101,10 @@ class Unavailable(TuneloopError):
     http_status = 503
 
 
+class NotDurable(Unavailable):
+    """Nothing durable took the messages: the bus did not acknowledge them and no spool could."""
+
+
 class FeedbackRefused(Unavailable):
     """Nothing durable accepted the feedback; the client must retry."""
 
