@@ -11,11 +11,15 @@ the dead-letter topic with the reason, so that it never blocks the messages behi
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import re
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from prometheus_client import Counter, Gauge
 
@@ -25,6 +29,8 @@ from tuneloop.errors import NotDurable
 from tuneloop.events import DeadLetter
 
 log = logging.getLogger("tuneloop.events")
+
+ADOPT_INTERVAL_S = 30.0  # how often a worker with an empty spool looks for spools whose worker is not running
 
 
 def too_large(key: bytes | None, value: bytes) -> bool:
@@ -40,8 +46,11 @@ SPOOL_SCHEMA = "CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOIN
 
 
 class Spool:
-    def __init__(self, path: Path) -> None:
+    """One worker's spool file, owned through a lock held while the worker runs (`<file>.owner`, flock)."""
+
+    def __init__(self, path: Path, owner: IO[bytes] | None = None) -> None:
         self.path = path
+        self._owner = owner or _own(path, wait_s=OWNER_WAIT_S)
         try:
             self._db = connect(path, SPOOL_SCHEMA)
         except sqlite3.DatabaseError as exc:  # a corrupt file must not stop the worker; keep it for a person to read
@@ -70,6 +79,45 @@ class Spool:
 
     def close(self) -> None:
         self._db.close()
+        if self._owner is not None:
+            self._owner.close()  # releases the lock
+
+    def orphans(self) -> Iterator[Spool]:
+        """Spools of this kind whose worker is not running (the service came back with fewer), not empty."""
+        pattern = re.sub(r"\d+\.db$", "*.db", self.path.name)
+        for path in sorted(self.path.parent.glob(pattern)):
+            if path == self.path:
+                continue
+            owner = _own(path, wait_s=0)
+            if owner is None:
+                continue  # its worker is running
+            orphan = Spool(path, owner)
+            if len(orphan):
+                yield orphan
+            orphan.close()
+
+
+# A worker that restarts waits this long for its predecessor (same index) to let go of the spool.
+OWNER_WAIT_S = 15.0
+
+
+def _own(path: Path, wait_s: float) -> IO[bytes] | None:
+    """Lock the spool's owner file; None when another process holds it beyond `wait_s` (the lock then stays unheld,
+    which only lets an adopter replay it too: the controller stores a repeated message once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.with_name(path.name + ".owner").open("ab")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                if wait_s:
+                    log.warning("spool %s is still held by another process; using it anyway", path)
+                return None
+            time.sleep(0.1)
 
 
 class SpooledSink:
@@ -142,22 +190,35 @@ class SpooledSink:
 
     def _replay_forever(self) -> None:
         assert self.spool is not None
+        next_adoption = 0.0
         while not self._stopped.is_set():
             self._wake.wait(timeout=1.0)
             self._wake.clear()
-            while not self._stopped.is_set() and self._replay_once():
+            while not self._stopped.is_set() and self._replay_once(self.spool):
                 pass
+            if time.monotonic() >= next_adoption and not len(self.spool):
+                next_adoption = time.monotonic() + ADOPT_INTERVAL_S
+                self._adopt_orphans()
 
-    def _replay_once(self) -> bool:
-        """Publish the oldest spooled messages; True when some went out and more may follow."""
+    def _adopt_orphans(self) -> None:
         assert self.spool is not None
+        for orphan in self.spool.orphans():
+            log.info("replaying %s, left by a worker that is not running", orphan.path)
+            try:
+                while not self._stopped.is_set() and self._replay_once(orphan):
+                    pass
+            finally:
+                orphan.close()
+
+    def _replay_once(self, spool: Spool) -> bool:
+        """Publish the oldest messages of a spool; True when some went out and more may follow."""
         with self._lock:
-            batch = self.spool.oldest(500)
+            batch = spool.oldest(500)
         if not batch:
             return False
         deliverable = next((i for i, (_, key, value) in enumerate(batch) if too_large(key, value)), len(batch))
         if deliverable == 0:
-            return self._dead_letter_head(batch[0])
+            return self._dead_letter_head(spool, batch[0])
         try:
             acknowledged = self.bus.publish_many(
                 self.topic, [(key, value) for _, key, value in batch[:deliverable]], self.ack_timeout_s
@@ -169,14 +230,15 @@ class SpooledSink:
             self._stopped.wait(1.0)  # broker still away
             return False
         with self._lock:
-            self.spool.remove_through(batch[sent - 1][0])
-            remaining = len(self.spool)
-        self.spooled.set(remaining)
+            spool.remove_through(batch[sent - 1][0])
+            remaining = len(spool)
+        if spool is self.spool:
+            self.spooled.set(remaining)
         self.replayed.inc(sent)
         log.info("replayed %d spooled %s messages, %d left", sent, self.topic, remaining)
         return remaining > 0
 
-    def _dead_letter_head(self, head: tuple[int, bytes | None, bytes]) -> bool:
+    def _dead_letter_head(self, spool: Spool, head: tuple[int, bytes | None, bytes]) -> bool:
         """Move a spooled message no bus can carry to the dead-letter topic; True once it left the spool."""
         seq, key, value = head
         reason = f"{len(value):,} bytes, over the bus's {MAX_MESSAGE_BYTES:,}-byte message limit (spooled by an older version)"
@@ -189,6 +251,6 @@ class SpooledSink:
             self._stopped.wait(1.0)
             return False
         with self._lock:
-            self.spool.remove_through(seq)
+            spool.remove_through(seq)
         log.warning("dead-lettered a spooled %s message %r: %s", self.topic, key, reason)
         return True

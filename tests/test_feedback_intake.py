@@ -184,3 +184,23 @@ def test_a_full_spool_refuses_with_a_503_naming_what_the_bus_already_took(tmp_pa
         full.submit(big)
     assert NotDurable.http_status == FeedbackRefused.http_status == 503
     full.close()
+
+
+def test_a_spool_left_by_a_worker_no_longer_running_is_adopted_and_drained(tmp_path: Path) -> None:
+    # After the service restarted with fewer workers, the spools of the missing indices were never replayed.
+    left = Spool(tmp_path / "feedback-worker3.db")  # worker 3 spooled, then the service came back with 2 workers
+    left.append([(b"o1", b"v1"), (b"o2", b"v2")])
+    left.close()
+    running = Spool(tmp_path / "feedback-worker2.db")  # worker 2 is up: its spool is its own
+    running.append([(b"r1", b"v")])
+    bus = Returning(acks=0)
+    bus.back.set()
+    own = sink(bus, TOPIC, DEAD, 5.0, Spool(tmp_path / "feedback-worker1.db"), MagicMock())
+    deadline = time.monotonic() + 10
+    while len(bus.published) < 2:
+        assert time.monotonic() < deadline, "the orphaned spool was not replayed"
+        time.sleep(0.05)
+    own.close()
+    assert bus.published == [b"o1", b"o2"] and len(running) == 1
+    assert len(Spool(tmp_path / "feedback-worker3.db")) == 0
+    running.close()
