@@ -7,12 +7,12 @@ from typing import Annotated
 from pydantic import BaseModel, Field, StringConstraints
 
 from services.settings import limits
-from tuneloop.events import FeedbackEvent, VisibleText
+from tuneloop.events import NOT_BLANK, FeedbackEvent
 from tuneloop.rollout_stage import RolloutStage
 
 NOT_LOADED = "no verified model is loaded yet; check /readyz, and run `tuneloop bootstrap` if the registry is empty"
 
-Text = Annotated[VisibleText, StringConstraints(max_length=limits.max_chars_per_text)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_chars_per_text), NOT_BLANK]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_texts_per_request)]
 
 

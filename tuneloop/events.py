@@ -43,9 +43,11 @@ def _visible(text: str) -> str:
     return text
 
 
-# A text or label with at least one character that is not whitespace (U+00A0, U+2028 and the like count as
-# whitespace): a blank one cannot be trained on, and stored as feedback it made the next training run fail.
-VisibleText = Annotated[str, StringConstraints(min_length=1), AfterValidator(_visible)]
+# A text or label needs one character that is not whitespace (U+00A0, U+2028 and the like count as whitespace):
+# a blank one cannot be trained on, and stored as feedback it made the next training run fail. Put it after any
+# length constraint, whose own message ("at most 2000 characters") it would otherwise replace.
+NOT_BLANK = AfterValidator(_visible)
+VisibleText = Annotated[str, StringConstraints(min_length=1), NOT_BLANK]
 
 
 class FeedbackEvent(BaseModel):
