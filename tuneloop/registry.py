@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
 
+from tuneloop import faults
 from tuneloop.clock import utc_now
 from tuneloop.errors import IntegrityError, RegistryError
 from tuneloop.rollout_stage import CANARY, RolloutStage
@@ -228,8 +229,10 @@ class Registry:
             (staged / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
             _readable_by_all(staged)
             _fsync_tree(staged)
+            faults.point("publish:staged")
             os.rename(staged, self.version_dir(version))
             _fsync_dir(self.versions_dir)
+            faults.point("publish:renamed")
             # Only over its parent: if the live version changed meanwhile (an operator's rollback during the run),
             # promoting a child of the version that left would undo that decision. The caller sees it is not live.
             if promote and status == "accepted" and parent_version in (None, self.live_version()):
@@ -252,7 +255,9 @@ class Registry:
         if self.rollout_file.exists():
             self.rollout_file.unlink()
             _fsync_dir(self.root)
+        faults.point("promote:rollout-ended")
         _write_atomic(self.live_file, f"{version}\n".encode())
+        faults.point("promote:live-written")
         if self.legacy_live_file.exists():  # `live` replaces it: one pointer, never two that disagree
             self.legacy_live_file.unlink()
             _fsync_dir(self.root)
