@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from services.live_model import LiveModel
 from services.metrics import ServiceMetrics
 from services.schemas import FeedbackAccepted
-from services.spool import SpooledSink, too_large
-from tuneloop.bus import MAX_MESSAGE_BYTES
+from services.spool import SpooledSink
+from tuneloop.bus import MAX_MESSAGE_BYTES, too_large
 from tuneloop.errors import FeedbackRefused, NotDurable, RequestTooLarge
 from tuneloop.events import FeedbackEvent
 

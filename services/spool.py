@@ -23,7 +23,7 @@ from typing import IO
 
 from prometheus_client import Counter, Gauge
 
-from tuneloop.bus import MAX_MESSAGE_BYTES, Bus, BusUnavailable, Message
+from tuneloop.bus import MAX_MESSAGE_BYTES, Bus, BusUnavailable, Message, too_large
 from tuneloop.durable_sqlite import connect
 from tuneloop.errors import NotDurable
 from tuneloop.events import DeadLetter
@@ -31,10 +31,6 @@ from tuneloop.events import DeadLetter
 log = logging.getLogger("tuneloop.events")
 
 ADOPT_INTERVAL_S = 30.0  # how often a worker with an empty spool looks for spools whose worker is not running
-
-
-def too_large(key: bytes | None, value: bytes) -> bool:
-    return len(key or b"") + len(value) > MAX_MESSAGE_BYTES
 
 
 def acknowledged_prefix(acknowledged: list[bool]) -> int:

@@ -46,12 +46,16 @@ Message = tuple[bytes | None, bytes]  # (key, value)
 MAX_MESSAGE_BYTES = 1_000_000
 
 
+def too_large(key: bytes | None, value: bytes) -> bool:
+    return len(key or b"") + len(value) > MAX_MESSAGE_BYTES
+
+
 def check_sizes(messages: list[Message]) -> None:
     """Raise MessageTooLarge, before anything is sent, when a message is over MAX_MESSAGE_BYTES."""
     for i, (key, value) in enumerate(messages):
-        size = len(key or b"") + len(value)
-        if size > MAX_MESSAGE_BYTES:
-            raise MessageTooLarge(f"message {i} is {size:,} bytes, over the bus's {MAX_MESSAGE_BYTES:,}-byte message limit")
+        if too_large(key, value):
+            raise MessageTooLarge(f"message {i} is {len(key or b'') + len(value):,} bytes, over the bus's "
+                                  f"{MAX_MESSAGE_BYTES:,}-byte message limit")
 
 
 class Bus(Protocol):
