@@ -69,15 +69,20 @@ def test_torch_eager_backend_switch_serves_the_same_version(registry_path: Path,
     assert info["backend"] == "torch"
     with running_service(registry_path, tmp_path) as server:
         onnx_predictions = httpx.post(server.url + "/predict", json={"texts": texts}, timeout=30).json()
-    assert [p["label"] for p in eager] == [p["label"] for p in onnx_predictions]
     # int8 moves each logit by at most the export's measured max |logit diff| (on validation), so the
     # log-odds of the two backends differ by at most twice that; a fixed probability tolerance would
-    # be too tight near p = 0.7 and too loose near 1.
+    # be too tight near p = 0.7 and too loose near 1. The labels must agree wherever the eager model's
+    # margin is wider than that bound; a text closer to the boundary may flip, and int8 promises no more.
     bound = 2 * Registry(registry_path).manifest(1).metrics["parity"]["max_abs_logit_diff"] + 0.1
+    decided = 0
     for e, o in zip(eager, onnx_predictions, strict=True):
         assert e["model_version"] == o["model_version"] == 1
         log_odds = [math.log(p["scores"]["positive"] / p["scores"]["negative"]) for p in (e, o)]
         assert abs(log_odds[0] - log_odds[1]) <= bound, (e, o, bound)
+        if abs(log_odds[0]) > bound:
+            decided += 1
+            assert e["label"] == o["label"], (e, o, bound)
+    assert decided >= 2, "the texts no longer test label agreement: the bootstrap model is unsure of them"
 
 
 def test_every_worker_is_ready_once_the_service_reports_ready(registry_path: Path, tmp_path: Path) -> None:
