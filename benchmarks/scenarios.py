@@ -65,12 +65,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cli.processes import free_port, running, wait_http  # noqa: E402
-from exporters.gate import accuracy  # noqa: E402
+from exporters.gate import right, wilson  # noqa: E402
 from exporters.quantize import RECIPES  # noqa: E402
 from monitoring.state import ControllerState  # noqa: E402
 from trainer import scenario as scenarios  # noqa: E402
 from trainer.data import LabelledTexts, concat, write_csv  # noqa: E402
 from tuneloop.clock import unix_seconds, utc_iso  # noqa: E402
+from tuneloop.comparison import paired  # noqa: E402
 from tuneloop.feedback_store import FeedbackStore  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
 from tuneloop.registry import Registry  # noqa: E402
@@ -343,11 +344,28 @@ def oracle(directory: Path, bootstrap: LabelledTexts, feedback: list[dict], labe
 
 # --- evaluation ------------------------------------------------------------------------------------
 
-def evaluate(registry: Path, version: int, sc: scenarios.Scenario) -> dict[str, object]:
-    """Accuracy on old and new test rows (Wilson 95 %); resolve() verifies files whatever the status."""
+def test_rows_right(registry: Path, version: int, sc: scenarios.Scenario) -> dict[str, list[bool]]:
+    """Whether `version` answers each old and new test row right; resolve() verifies files whatever the status."""
     manifest, directory = Registry(registry).resolve(version)
     classifier = OnnxTextClassifier.from_version(manifest, directory, "cpu")
-    old, new = accuracy(classifier, sc.test_old), accuracy(classifier, sc.test_new)
+    return {which: right(classifier.predict(rows.texts).probabilities, classifier.labels, rows.labels)
+            for which, rows in (("old", sc.test_old), ("new", sc.test_new))}
+
+
+def versus(reference: dict[str, list[bool]], candidate: dict[str, list[bool]], sc: scenarios.Scenario
+           ) -> dict[str, object]:
+    """The candidate against the reference on the same test rows (exact McNemar, as the gate judges): old rows,
+    new (or shifted) rows, and both together, the mix the load sends once the shift has begun."""
+    return {"old": paired(reference["old"], candidate["old"]).as_dict(),
+            new_key({"kind": sc.kind}): paired(reference["new"], candidate["new"]).as_dict(),
+            "mix": paired(reference["old"] + reference["new"], candidate["old"] + candidate["new"]).as_dict()}
+
+
+def evaluate(registry: Path, version: int, sc: scenarios.Scenario) -> dict[str, object]:
+    """Accuracy on old and new test rows (Wilson 95 %)."""
+    manifest = Registry(registry).manifest(version)
+    rights = test_rows_right(registry, version, sc)
+    old, new = (wilson(sum(rights[which]), len(rights[which])) for which in ("old", "new"))
     out: dict[str, object] = {
         "version": version, "status": manifest.status,
         "old": round(old["accuracy"], 4), "old_ci95": old["ci95"], "old_rows": old["rows"],
@@ -498,6 +516,8 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
         "bootstrap_rows": len(sc.bootstrap), "feedback_rows_sent": sent, "feedback_in_s": round(feedback_in_s, 1),
         "test_rows": {"old": len(sc.test_old), "new": len(sc.test_new)},
         "v1": v1_figures, "served": served, "no_replay": ablation, "oracle": joint,
+        "served_vs_v1": versus(test_rows_right(registry_path, v1, sc), test_rows_right(registry_path, served_version, sc), sc)
+        if served_version else None,
         "verdict": verdict, "reason": loop["reason"],
         "gate_failed": failing_checks(manifest.gate) if manifest else [],
         "run": {k: run[k] for k in RUN_FIELDS} if run else None,

@@ -95,15 +95,16 @@ class Server:
 @contextlib.contextmanager
 def running_service(
     env: dict[str, str], workdir: Path, port: int | None = None, wait_ready: bool = True, log: Path | None = None,
-    cwd: Path | None = ROOT,
+    cwd: Path | None = ROOT, launcher: tuple[str, ...] = (),
 ) -> Iterator[Server]:
     """`bentoml serve` on a loopback port (a free one by default), BentoML's home in `workdir`; stopped afterwards.
 
-    Waits for /readyz (a verified model loaded), or only for /livez without `wait_ready`."""
+    Waits for /readyz (a verified model loaded), or only for /livez without `wait_ready`. `launcher` is a
+    command the server runs under (`setpriv ...`, `taskset ...`)."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = log or workdir / f"serve-{port}.log"
-    args = [str(BIN / "bentoml"), "serve", "services.service:Classifier", "--host", "127.0.0.1", "--port", str(port)]
+    args = [*launcher, str(BIN / "bentoml"), "serve", "services.service:Classifier", "--host", "127.0.0.1", "--port", str(port)]
     with running(args, env | {"BENTOML_HOME": str(workdir / "bentoml")}, log, cwd) as process:
         server = Server(process, f"http://127.0.0.1:{port}", log)
         wait_http(server.url + ("/readyz" if wait_ready else "/livez"), process, log)

@@ -22,6 +22,7 @@ from monitoring.trigger import Decision
 from tuneloop.errors import (
     Conflict,
     Forbidden,
+    InvalidRequest,
     NotAuthenticated,
     RegistryError,
     TuneloopError,
@@ -61,6 +62,22 @@ class RollbackRequest(BaseModel):
 class RolledBack(BaseModel):
     previous: int | None = Field(description="The version served before.")
     version: int = Field(description="The version served now; every replica swaps to it within seconds.")
+
+
+NOT_JSON = "The body is not JSON"
+
+
+class Refusal(BaseModel):
+    detail: str = Field(description="Why the request was refused, and what to do next.")
+
+
+def _refusals(described: dict[type[TuneloopError], str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI answers of a protected endpoint: its own refusals and the token's (401, 403)."""
+    described = {
+        NotAuthenticated: "Missing or wrong bearer token",
+        Forbidden: "The admin endpoints are disabled: no controller.admin_token is set",
+    } | (described or {})
+    return {error.http_status: {"description": text, "model": Refusal} for error, text in described.items()}
 
 
 class Admin:
@@ -130,10 +147,9 @@ def admin_app(admin: Admin, token: str) -> FastAPI:
     @app.post(
         "/admin/trigger", status_code=202, response_model=TriggerStarted, dependencies=[Depends(authorized)],
         summary="Start a training run now",
-        responses={
-            Conflict.http_status: {"description": "A run is in progress"},
-            Unavailable.http_status: {"description": "The controller loop is not running"},
-        },
+        responses=_refusals(
+            {InvalidRequest: NOT_JSON, Conflict: "A run is in progress", Unavailable: "The controller loop is not answering"}
+        ),
     )
     def trigger(request: TriggerRequest) -> TriggerStarted:
         try:
@@ -147,9 +163,9 @@ def admin_app(admin: Admin, token: str) -> FastAPI:
     @app.post(
         "/admin/rollback", response_model=RolledBack, dependencies=[Depends(authorized)],
         summary="Serve an earlier version again",
-        responses={
-            Conflict.http_status: {"description": "No such version, rejected by the gate, or no earlier version to return to"}
-        },
+        responses=_refusals(
+            {InvalidRequest: NOT_JSON, Conflict: "No such version, rejected by the gate, or no earlier version to return to"}
+        ),
     )
     def rollback(request: RollbackRequest) -> RolledBack:
         try:
@@ -159,7 +175,7 @@ def admin_app(admin: Admin, token: str) -> FastAPI:
         return RolledBack(previous=previous, version=version)
 
     @app.get("/admin/status", response_model=ControllerStatus, dependencies=[Depends(authorized)],
-             summary="Runs and trigger decisions")
+             summary="Runs and trigger decisions", responses=_refusals())
     def status() -> ControllerStatus:
         return admin.status()
 

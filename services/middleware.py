@@ -1,4 +1,5 @@
-"""ASGI middleware: per-endpoint request metrics, a request-body size limit, the feedback token, the model-loaded check."""
+"""ASGI middleware: per-endpoint request metrics, the answering worker, a request-body size limit, JSON bodies only,
+the feedback token, the model-loaded check."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import bentoml
 from services.http_errors import send_error
 from services.metrics import service_metrics
 from services.schemas import NOT_LOADED
-from tuneloop.errors import NotAuthenticated, RequestTooLarge, Unavailable
+from tuneloop.errors import NotAuthenticated, RequestTooLarge, Unavailable, UnsupportedMediaType
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -66,6 +67,30 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+class JsonBodyMiddleware:
+    """The APIs read JSON: a body declared as anything else (a form, multipart) is a 415 naming the fix.
+
+    BentoML would try to parse it as what it claims to be, and a multipart body without its boundary
+    made it answer 500. A request without a Content-Type is read as JSON, as simple clients send it."""
+
+    APIS = frozenset({"/predict", "/feedback", "/feedback/batch"})
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.APIS:
+            declared = dict(scope["headers"]).get(b"content-type", b"application/json")
+            media_type = declared.split(b";")[0].strip().lower()
+            if media_type != b"application/json":
+                await send_error(send, UnsupportedMediaType(
+                    f"{scope['path']} reads JSON, not {media_type.decode(errors='replace')!r}: "
+                    "send 'Content-Type: application/json'"
+                ))
+                return
+        await self.app(scope, receive, send)
+
+
 class FeedbackTokenMiddleware:
     """With `serve.feedback_token` set, /feedback and /feedback/batch want `Authorization: Bearer <token>` (401).
 
@@ -112,6 +137,27 @@ class RequestMetricsMiddleware:
             metrics = service_metrics()
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+
+
+class WorkerHeaderMiddleware:
+    """Name the worker process that answered (`X-Tuneloop-Worker`, 1..serve.workers): which one misbehaves, which
+    one takes the load."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        worker = str(bentoml.server_context.worker_index or 1).encode()
+
+        async def naming_send(event: Message) -> None:
+            if event["type"] == "http.response.start":
+                event = {**event, "headers": [*event.get("headers", []), (b"x-tuneloop-worker", worker)]}
+            await send(event)
+
+        await self.app(scope, receive, naming_send)
 
 
 class ModelLoadedMiddleware:

@@ -11,7 +11,7 @@ own slice back. Every prediction names the version that served it.
 - `services.routing`: which of them answers a text (live, canary, shadow);
 - `services.feedback_intake`: feedback made durable before the 202;
 - `services.prediction_events`: a prediction event per score, off the request path;
-- `services.model_info` (`GET /model`) and `services.middleware`.
+- `services.model_info` (`GET /model`), `services.openapi` (`GET /docs.json`) and `services.middleware`.
 
 On shutdown it stops what it started and publishes the prediction events still queued.
 """
@@ -32,8 +32,16 @@ from services.follower import Candidate, ModelFollower
 from services.http_errors import error_response
 from services.live_model import LiveModel
 from services.metrics import service_metrics
-from services.middleware import BodyLimitMiddleware, FeedbackTokenMiddleware, ModelLoadedMiddleware, RequestMetricsMiddleware
+from services.middleware import (
+    BodyLimitMiddleware,
+    FeedbackTokenMiddleware,
+    JsonBodyMiddleware,
+    ModelLoadedMiddleware,
+    RequestMetricsMiddleware,
+    WorkerHeaderMiddleware,
+)
 from services.model_info import info_app
+from services.openapi import OpenApiMiddleware
 from services.prediction_events import PredictionPublisher
 from services.routing import Router
 from services.schemas import NOT_LOADED, FeedbackAccepted, FeedbackBatch, Prediction, Texts
@@ -166,9 +174,13 @@ class Classifier:
         text: str | None = None,
         feedback_id: str | None = None,
         source: str = "api",
+        timestamp: str | None = None,
     ) -> FeedbackAccepted:
         """Label a prediction (by request_id) or a text. 202 once the feedback is durable."""
-        fields = {"label": label, "request_id": request_id, "text": text, "feedback_id": feedback_id, "source": source}
+        fields = {
+            "label": label, "request_id": request_id, "text": text, "feedback_id": feedback_id, "source": source,
+            "timestamp": timestamp,
+        }
         try:
             event = FeedbackEvent(**{k: v for k, v in fields.items() if v is not None})
         except ValidationError as exc:
@@ -197,9 +209,12 @@ class Classifier:
         return accepted
 
 
-# First added is outermost: count every request, then refuse oversized bodies and feedback without its token,
-# then check a model is loaded.
+# First added is outermost: count every request and name its worker, answer /docs.json, then refuse oversized
+# bodies, bodies that are not JSON and feedback without its token, then check a model is loaded.
 Classifier.add_asgi_middleware(RequestMetricsMiddleware)
+Classifier.add_asgi_middleware(WorkerHeaderMiddleware)
+Classifier.add_asgi_middleware(OpenApiMiddleware, spec=lambda: Classifier.openapi_spec.asdict())
 Classifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+Classifier.add_asgi_middleware(JsonBodyMiddleware)
 Classifier.add_asgi_middleware(FeedbackTokenMiddleware, token=limits.feedback_token.get_secret_value())
 Classifier.add_asgi_middleware(ModelLoadedMiddleware)

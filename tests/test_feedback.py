@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.support.processes import bus_env, local_broker, running_controller, running_service, wait_for
@@ -217,29 +219,85 @@ def test_with_a_feedback_token_feedback_needs_it_and_predictions_do_not(registry
         assert client.post("/predict", json={"texts": ["no token needed"]}).status_code == 200
 
 
-def test_feedback_naming_predictions_made_while_the_broker_was_down_is_joined_when_it_returns(
-    own_broker: object, registry_path: Path, tmp_path: Path
+OUTAGE_S = 90.0  # a minute and a half of retries, reconnects and spooling, within the suite's time; leaks grow with it
+
+
+def tree_usage(pid: int) -> tuple[int, int]:
+    """Threads and open file descriptors of a process and all its descendants (a server and its workers)."""
+    processes = [psutil.Process(pid)]
+    processes += processes[0].children(recursive=True)
+    threads = fds = 0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            threads, fds = threads + process.num_threads(), fds + process.num_fds()
+    return threads, fds
+
+
+def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_joined_and_nothing_grows(
+    registry_path: Path, tmp_path: Path
 ) -> None:
-    # Prediction events were dropped while Kafka was down: feedback naming those requests got its 202, waited
-    # for a join that never came, and was dead-lettered after controller.join_timeout_s.
-    env = bus_env("kafka", tmp_path, own_broker.bootstrap_servers)
-    with running_service(registry_path, tmp_path, **env) as server, server.client() as client, running_controller(
-        registry_path, tmp_path, env
-    ):
-        assert client.post("/predict", json={"texts": ["before the outage"]}).status_code == 200
-        own_broker.kill()
-        served = []
-        for i in range(20):
-            response = client.post("/predict", json={"texts": [f"a review written during the outage, number {i}"]})
-            assert response.status_code == 200, response.text
-            served.append(response.json()[0])
-        for prediction in served:
-            response = client.post("/feedback", json={"request_id": prediction["request_id"], "label": "positive"})
-            assert response.status_code == 202 and response.json()["spooled"] == 1, response.text
-        own_broker.start()
-        wait_for(lambda: store(env).count() >= len(served), 120, "the feedback joined and stored")
-        assert metric(server.url + "/metrics", "tuneloop_prediction_events_spooled") == 0
-    rows = {r["request_id"]: r for r in store(env).feedback_rows()}
-    assert set(rows) == {p["request_id"] for p in served}
-    assert all(rows[p["request_id"]]["text"].endswith(f"number {i}") and rows[p["request_id"]]["predicted_label"] == p["label"]
-               for i, p in enumerate(served))
+    # The deployment comes up before Kafka, which stays down: predictions and feedback (by request_id and by text)
+    # are answered, their events spooled, and when the broker first starts, topics are created, the spools drain
+    # and each accepted feedback is stored once, joined to what was served. Before the fix (D2), prediction
+    # events were dropped while Kafka was down, and feedback naming those requests was dead-lettered after
+    # controller.join_timeout_s. Threads and fds must stay flat through the outage, and again once reconnected.
+    broker = local_broker.LocalKafka()  # never started yet: its topics do not exist either
+    env = bus_env("kafka", tmp_path, broker.bootstrap_servers)
+    accepted: dict[str, tuple[str, str | None]] = {}  # feedback_id -> (the text it labels, the label served)
+    failures: list[str] = []
+
+    def exchange(client: httpx.Client, i: int) -> None:
+        text = f"review {i}: the plot is thin but the cast carries it"
+        predicted = client.post("/predict", json={"texts": [text]})
+        if predicted.status_code != 200:
+            failures.append(f"predict {predicted.status_code} {predicted.text}")
+            return
+        served = predicted.json()[0]
+        feedback_id = f"outage-{i}"
+        joined = {"request_id": served["request_id"]} if i % 2 else {"text": text}
+        response = client.post("/feedback", json={**joined, "label": "positive", "feedback_id": feedback_id})
+        if response.status_code == 202:
+            accepted[feedback_id] = (text, served["label"] if i % 2 else None)
+        else:
+            failures.append(f"feedback {response.status_code} {response.text}")
+
+    def usage() -> tuple[tuple[int, int], tuple[int, int]]:
+        return tree_usage(server.process.pid), tree_usage(controller.pid)
+
+    try:
+        with running_service(registry_path, tmp_path, **env) as server, server.client() as client, running_controller(
+            registry_path, tmp_path, env
+        ) as controller:
+            started, i, seen = time.monotonic(), 0, {}
+            while (elapsed := time.monotonic() - started) < OUTAGE_S:
+                exchange(client, i)
+                i += 1
+                if "warm" not in seen and elapsed > 30:  # every retry loop has started by now
+                    seen["warm"] = usage()
+                time.sleep(0.2)
+            seen["outage end"] = usage()
+            broker.start()
+            for _ in range(20):
+                exchange(client, i)
+                i += 1
+            wait_for(lambda: store(env).count() >= len(accepted), 180, f"all {len(accepted)} accepted rows stored")
+            seen["reconnected"] = usage()
+            for _ in range(50):  # connected traffic, then a duplicate would have arrived too
+                exchange(client, i)
+                i += 1
+            wait_for(lambda: store(env).count() >= len(accepted), 60, "the connected traffic stored")
+            seen["settled"] = usage()
+            spooled = metric(server.url + "/metrics", 'tuneloop_feedback_accepted_total{via="spool"}')
+            prediction_events_waiting = metric(server.url + "/metrics", "tuneloop_prediction_events_spooled")
+    finally:
+        broker.cleanup()
+    rows = store(env).feedback_rows()
+    assert failures == []
+    assert len(accepted) > 150 and spooled >= 100 and prediction_events_waiting == 0  # the spools bridged it, then drained
+    assert sorted(r["feedback_id"] for r in rows) == sorted(accepted)  # every 202 stored, exactly once
+    for row in rows:
+        text, served_label = accepted[row["feedback_id"]]
+        assert row["text"] == text and (served_label is None or row["predicted_label"] == served_label), row
+    for before, after in (("warm", "outage end"), ("reconnected", "settled")):
+        for process, was, now in zip(("service", "controller"), seen[before], seen[after], strict=True):
+            assert now[0] <= was[0] + 2 and now[1] <= was[1] + 4, f"{process} (threads, fds) {before} {was} -> {after} {now}"

@@ -7,7 +7,9 @@ there (`tuneloop.faults`, `TUNELOOP_FAULT=<point>`): a real SIGKILL, no cleanup 
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.data import ROOT
+from tests.support.data import ROOT, imdb_parts
+from tests.support.processes import BIN, running_service, tuneloop_env, wait_for
+from tuneloop.events import FeedbackEvent
 from tuneloop.faults import ENV
+from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Registry
 
 STAGE = """
@@ -77,3 +82,43 @@ def test_killed_while_promoting_a_canary_leaves_no_finished_rollout_behind(tmp_p
     other = 1 if live == 2 else 2
     registry.promote(other, action="rollback" if other == 1 else "promote")  # the next operation works
     assert registry.live_version() == other
+
+
+FEEDBACK_PER_RUN = 60  # new labelled rows before each run, as traffic would bring them
+
+
+@pytest.mark.slow
+def test_tuneloop_train_killed_while_publishing_never_breaks_serving_and_the_next_run_succeeds(
+    registry_path: Path, tmp_path: Path
+) -> None:
+    """Whole `tuneloop train` runs beside a serving replica, killed after their version became visible and after it
+    became live (before either was logged). The other two points (before the rename, between ending a rollout and
+    moving `live`) lie on the same code paths and are killed above in a process of their own: a run costs 40 s."""
+    registry_dir = Path(shutil.copytree(registry_path, tmp_path / "registry"))
+    registry, store = Registry(registry_dir), FeedbackStore(tmp_path / "store.db")
+    env = tuneloop_env(registry_dir, TUNELOOP_CONTROLLER__STORE_PATH=str(store.path), TUNELOOP_TRAIN__MAX_EPOCHS="1")
+    traffic = imdb_parts()[1]
+    rows = iter(zip(traffic.texts, traffic.labels, strict=True))
+
+    def train(point: str | None) -> subprocess.CompletedProcess[str]:
+        store.write([], [FeedbackEvent(text=text, label=label) for text, label in itertools.islice(rows, FEEDBACK_PER_RUN)])
+        return subprocess.run([str(BIN / "tuneloop"), "train", "--no-progress"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env=env | ({ENV: point} if point else {}))
+
+    with running_service(registry_dir, tmp_path) as server, server.client() as client:
+        for point in ("publish:renamed", "promote:live-written"):
+            result = train(point)
+            assert result.returncode == -signal.SIGKILL, (point, result.stdout[-3000:], result.stderr[-3000:])
+            for version in registry.list_versions():
+                registry.verify(version)  # every visible version is whole
+            live = registry.live_version()
+            wait_for(lambda: client.get("/model").json()["version"] == live, 60, f"the replica to serve v{live} ({point})")
+            answer = client.post("/predict", json={"texts": ["A warm, funny film."]})
+            assert answer.status_code == 200 and answer.json()[0]["model_version"] == live, (point, answer.text)
+        killed_versions = registry.list_versions()
+        result = train(None)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert registry.live_version() == max(killed_versions) + 1  # the next run published and promoted
+        wait_for(lambda: client.get("/model").json()["version"] == registry.live_version(), 60, "the replica to swap")
+    promoted = [h.version for h in registry.history() if h.action == "promote"]
+    assert len(promoted) == len(set(promoted))  # nothing promoted twice

@@ -96,6 +96,9 @@ BAD_REQUESTS = [
     ("not JSON", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "json"),
     ("invalid UTF-8", {"content": b'{"texts": ["\xff\xfe bad"]}', "headers": {"content-type": "application/json"}}, 400, "invalid unicode"),
     ("oversized body", {"content": json.dumps({"texts": ["y" * 1_100_000]}).encode(), "headers": {"content-type": "application/json"}}, 413, "max_body_bytes"),
+    # schemathesis found these answered 500: BentoML parsed the body as the multipart it claimed to be.
+    ("multipart without a boundary", {"content": b'{"texts": ["ok"]}', "headers": {"content-type": "multipart/form-data"}}, 415, "content-type: application/json"),
+    ("a form", {"data": {"texts": "ok"}}, 415, "application/x-www-form-urlencoded"),
 ]
 
 
@@ -152,11 +155,3 @@ def test_metrics_count_requests_by_endpoint_and_status(service: Server) -> None:
     assert value(after, "tuneloop_model_version") == 1
     assert value(after, "tuneloop_model_loaded") == 1
     assert 'tuneloop_http_request_duration_seconds_bucket{endpoint="/predict"' in after
-
-
-def test_openapi_documents_predict_and_model(service: Server) -> None:
-    with service.client() as client:
-        spec = client.get("/docs.json").json()
-    assert "/predict" in spec["paths"] and "/model" in spec["paths"]
-    schema = json.dumps(spec["paths"]["/predict"])
-    assert "maxItems" in schema or "64" in schema

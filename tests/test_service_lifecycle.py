@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
-
+import os
 import shutil
+import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.processes import running_service
+from tests.support.processes import running_service, wait_for
 from tuneloop.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -86,8 +88,46 @@ def test_torch_eager_backend_switch_serves_the_same_version(registry_path: Path,
 
 
 def test_every_worker_is_ready_once_the_service_reports_ready(registry_path: Path, tmp_path: Path) -> None:
-    """Readiness is answered per worker; with a model present no worker may take traffic before loading it."""
+    """Readiness is answered per worker; with a model present no worker may take traffic before loading it.
+
+    The requests start the moment one worker answers /readyz, on fresh concurrent connections, until both
+    workers have answered (each names itself): a worker that took every request would leave the other untested,
+    and fails the test.
+    """
+    def fresh_predict(_: int) -> tuple[int, str]:
+        response = httpx.post(server.url + "/predict", json={"texts": ["ok"]}, timeout=30)
+        return response.status_code, response.headers["x-tuneloop-worker"]
+
     with running_service(registry_path, tmp_path, TUNELOOP_SERVE__WORKERS="2") as server:
-        # Fresh connections land on either worker; none may refuse.
-        statuses = [httpx.post(server.url + "/predict", json={"texts": ["ok"]}, timeout=30).status_code for _ in range(40)]
-    assert statuses == [200] * 40
+        answers: list[tuple[int, str]] = []
+        with ThreadPoolExecutor(8) as pool:
+            while len({worker for _, worker in answers}) < 2 and len(answers) < 400:
+                answers += pool.map(fresh_predict, range(16))
+    assert {status for status, _ in answers} == {200}, answers
+    assert {worker for _, worker in answers} == {"1", "2"}, f"one worker took all {len(answers)} requests"
+
+
+# Root, stripped of the two capabilities that let it read anyone's files, reads as any other user does.
+AS_ANOTHER_USER = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-all", "--")
+PUBLISHER_UID = 1034  # BentoML images' user: here the trainer, so that the replica is someone else
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv (util-linux)")
+def test_a_replica_under_another_uid_serves_what_the_trainer_published(registry_path: Path, tmp_path: Path) -> None:
+    """Versions were published 0700 (mkdtemp), so a replica running as another user than the trainer never got
+    ready. The copy keeps the modes the registry wrote; its files then belong to another uid than the server's."""
+    registry = tmp_path / "registry"
+    copy_registry(registry_path, registry)
+    for path in [registry, *registry.rglob("*")]:
+        os.chown(path, PUBLISHER_UID, PUBLISHER_UID)
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    os.chown(secret, PUBLISHER_UID, PUBLISHER_UID)
+    secret.chmod(0o600)
+    # The launcher does take root's reach away: it cannot read another user's private file.
+    assert subprocess.run([*AS_ANOTHER_USER, "cat", str(secret)], capture_output=True).returncode != 0
+    with running_service(registry, tmp_path, launcher=AS_ANOTHER_USER, wait_ready=False) as server:
+        wait_for(lambda: httpx.get(server.url + "/readyz", timeout=5).status_code == 200, 90,
+                 "the replica to load a version another user published")
+        answer = httpx.post(server.url + "/predict", json={"texts": ["A fine film."]}, timeout=30)
+    assert answer.status_code == 200 and answer.json()[0]["model_version"] == 1, answer.text

@@ -77,6 +77,12 @@ class RequestTooLarge(InvalidRequest):
     http_status = 413
 
 
+class UnsupportedMediaType(InvalidRequest):
+    """A request body in another format than the JSON the endpoint reads."""
+
+    http_status = 415
+
+
 class NotAuthenticated(TuneloopError):
     """A missing or wrong bearer token."""
 

@@ -50,10 +50,13 @@ def run_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.C
 
 @contextlib.contextmanager
 def running_service(
-    registry: Path, tmp_path: Path, wait_ready: bool = True, port: int | None = None, **env: str
+    registry: Path, tmp_path: Path, wait_ready: bool = True, port: int | None = None, launcher: tuple[str, ...] = (),
+    **env: str,
 ) -> Iterator[Server]:
     """Start `bentoml serve` on a loopback port (a free one by default) and stop it afterwards."""
-    with processes.running_service(tuneloop_env(registry, **env), tmp_path, port, wait_ready) as server:
+    with processes.running_service(
+        tuneloop_env(registry, **env), tmp_path, port, wait_ready, launcher=launcher
+    ) as server:
         yield server
 
 
