@@ -21,12 +21,12 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 TOKEN = "schemathesis-token"
 
 
-def schemathesis(url: str, *options: str) -> None:
-    """Run schemathesis against `url` (an OpenAPI document); fails the test with its report."""
+def schemathesis(url: str, workdir: Path, *options: str) -> None:
+    """Run schemathesis against `url` (an OpenAPI document), its cache in `workdir`; fails the test with its report."""
     result = subprocess.run(
         [str(BIN / "schemathesis"), "run", url, "--checks", CHECKS, "--max-examples", "25", "--seed", "20261129",
          "--generation-database", "none", "--no-color", "--request-timeout", "30", *options],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=workdir,
     )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     operations = sum(len(item) for item in httpx.get(url, timeout=30).json()["paths"].values())
@@ -59,8 +59,8 @@ def test_the_service_document_states_the_limits_and_answers(service: Server) -> 
     assert set(spec["paths"]["/model"]["get"]["responses"]) == {"200", "503"}
 
 
-def test_schemathesis_finds_nothing_in_the_service(service: Server) -> None:
-    schemathesis(service.url + "/docs.json")
+def test_schemathesis_finds_nothing_in_the_service(service: Server, tmp_path: Path) -> None:
+    schemathesis(service.url + "/docs.json", tmp_path)
 
 
 @pytest.mark.parametrize("token", [TOKEN, None], ids=["with-token", "without-token"])
@@ -75,6 +75,6 @@ def test_schemathesis_finds_nothing_in_the_admin_api(
     }
     with running_controller(registry, tmp_path, env):
         url = f"http://127.0.0.1:{env['TUNELOOP_CONTROLLER__PORT']}"
-        schemathesis(url + "/openapi.json", *(["--header", f"Authorization: Bearer {token}"] if token else []))
+        schemathesis(url + "/openapi.json", tmp_path, *(["--header", f"Authorization: Bearer {token}"] if token else []))
         status = httpx.get(url + "/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     assert status.status_code == 200, status.text  # the controller survived the run
