@@ -11,6 +11,7 @@ serves nothing yet).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -37,6 +38,16 @@ class Candidate:
     model: LiveModel  # the candidate version, loaded
     stage: RolloutStage
     share: float
+
+
+def refreeze() -> None:
+    """Freeze what lives now, the model just loaded included, so that full collections stop rescanning it.
+
+    What the last freeze kept is thawed and collected first: the model just replaced is among it, and a
+    frozen object in a reference cycle would never be freed. Runs on the follower's thread, off requests."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class ModelFollower:
@@ -154,11 +165,15 @@ class ModelFollower:
         self.metrics.model_loaded.set(1)
         if previous is None:
             log.info("serving model v%s (%s backend)", live.version, live.backend)
-            return
-        took = time.perf_counter() - started
-        self.metrics.model_swaps.inc()
-        self.metrics.model_swap_seconds.observe(took)
-        log.warning("swapped model v%s -> v%s in %.2f s", previous.version, live.version, took)
+        else:
+            took = time.perf_counter() - started
+            self.metrics.model_swaps.inc()
+            self.metrics.model_swap_seconds.observe(took)
+            log.warning("swapped model v%s -> v%s in %.2f s", previous.version, live.version, took)
+        # Let go of the replaced model first, or it would be frozen again (a batch still running on it keeps it
+        # until the next swap thaws it).
+        del previous, candidate
+        refreeze()
 
     def _follow_candidate(self, rollout: Rollout | None) -> None:
         held = self.candidate

@@ -18,7 +18,6 @@ On shutdown it stops what it started and publishes the prediction events still q
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -114,8 +113,6 @@ class Classifier:
         # reaches, so a worker that loaded later would refuse requests behind a "ready" replica.
         # Only a registry with nothing loadable leaves the worker up, unready, and retrying.
         self.follower.follow_once()
-        if self.live is not None:
-            gc.freeze()  # the first model's objects live for good; keep full collections from rescanning them
         self.follower.watch()
 
     @property

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import ClassVar
 from unittest.mock import MagicMock
@@ -38,6 +40,7 @@ class StandIn:
 
     def __init__(self, manifest: Manifest) -> None:
         self.labels = manifest.labels
+        self.itself = self  # a reference cycle, as real models hold: only the cyclic collector can free one
 
     @classmethod
     def load(cls, manifest: Manifest, directory: Path, settings: Settings) -> StandIn:
@@ -86,6 +89,29 @@ def test_the_current_version_is_loaded_and_a_promotion_swaps_to_the_next(tmp_pat
     follower.metrics.model_swaps.inc.assert_called_once()
     follower.follow()  # nothing changed: nothing is loaded again
     assert StandIn.built == {1: 1, 2: 1}
+
+
+def test_every_model_swapped_in_is_frozen_and_the_one_it_replaced_is_freed(tmp_path: Path) -> None:
+    # Only the first model was gc.freeze()d (by the service, at start): models swapped in were rescanned by every
+    # full collection. Freezing them without thawing first would keep each replaced model, cycles and all, forever.
+    registry = Registry(tmp_path)
+    publish(registry)
+    follower = follower_on(registry)
+    try:
+        for version in (1, 2, 3):
+            if version > 1:
+                publish(registry, f"v{version}".encode(), parent=version - 1)
+                replaced = weakref.ref(follower.live.classifier)
+            follower.follow()
+            live = follower.live.classifier
+            assert follower.live.version == version
+            assert not any(o is live for o in gc.get_objects()), f"v{version} is not frozen"
+            del live  # the test holds no model across a swap, as the service holds none
+            if version > 1:
+                gc.collect()
+                assert replaced() is None, f"v{version - 1} was never freed"
+    finally:
+        gc.unfreeze()
 
 
 def test_a_candidate_is_followed_through_its_stages_and_its_promotion_costs_no_reload(tmp_path: Path) -> None:
