@@ -668,8 +668,7 @@ def main() -> None:
                       "quick": args.quick, "machine": machine(),
                       "date": datetime.now(UTC).isoformat(timespec="seconds")}
         results.append(result)
-        append_result(args.out, result)
-        plot(results, plot_path)
+        plot(append_result(args.out, result), plot_path)  # every scenario in the file, not only this run's
         print(json.dumps({k: v for k, v in result.items() if k != "latency"}, indent=2), flush=True)
     print_table(results)
     print(f"results appended to {args.out}; plot {plot_path}")

@@ -40,14 +40,17 @@ class Candidate:
     share: float
 
 
-def refreeze() -> None:
-    """Freeze what lives now, the model just loaded included, so that full collections stop rescanning it.
+def refreeze() -> float:
+    """Freeze what lives now, the model just loaded included, so that full collections stop rescanning it;
+    returns the seconds it took (one full collection, which holds the interpreter like any other).
 
     What the last freeze kept is thawed and collected first: the model just replaced is among it, and a
-    frozen object in a reference cycle would never be freed. Runs on the follower's thread, off requests."""
+    frozen object in a reference cycle would never be freed."""
+    started = time.perf_counter()
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    return time.perf_counter() - started
 
 
 class ModelFollower:
@@ -163,17 +166,19 @@ class ModelFollower:
         self.live = live
         self.metrics.model_version.set(live.version)
         self.metrics.model_loaded.set(1)
-        if previous is None:
-            log.info("serving model v%s (%s backend)", live.version, live.backend)
-        else:
-            took = time.perf_counter() - started
-            self.metrics.model_swaps.inc()
-            self.metrics.model_swap_seconds.observe(took)
-            log.warning("swapped model v%s -> v%s in %.2f s", previous.version, live.version, took)
+        took = time.perf_counter() - started
+        replaced = None if previous is None else previous.version
         # Let go of the replaced model first, or it would be frozen again (a batch still running on it keeps it
         # until the next swap thaws it).
         del previous, candidate
-        refreeze()
+        collected_ms = refreeze() * 1000
+        if replaced is None:
+            log.info("serving model v%s (%s backend)", live.version, live.backend)
+            return
+        self.metrics.model_swaps.inc()
+        self.metrics.model_swap_seconds.observe(took)
+        log.warning("swapped model v%s -> v%s in %.2f s (then a full collection of %.0f ms)",
+                    replaced, live.version, took, collected_ms)
 
     def _follow_candidate(self, rollout: Rollout | None) -> None:
         held = self.candidate
