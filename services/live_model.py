@@ -15,7 +15,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Protocol
 
-from tuneloop.config import Settings
+from tuneloop.config import BACKEND_ENTRY_POINTS, Settings
 from tuneloop.inference import OnnxTextClassifier, Scores
 from tuneloop.registry import Manifest, Registry
 
@@ -41,9 +41,6 @@ def _onnx(manifest: Manifest, directory: Path, settings: Settings) -> TextClassi
     return OnnxTextClassifier.from_version(manifest, directory, serve.execution_provider, serve.intra_op_threads)
 
 
-ENTRY_POINT_GROUP = "tuneloop.backends"
-
-
 @dataclass(frozen=True)
 class Plugin:
     """A backend another package registers as an entry point (a class with `from_version`), loaded when first chosen."""
@@ -61,12 +58,7 @@ class Plugin:
         return backend.from_version(manifest, directory, settings)
 
 
-BACKENDS: dict[str, Loader] = {"onnx": _onnx} | {ep.name: Plugin(ep) for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def register_backend(name: str, loader: Loader) -> None:
-    """Add (or replace) a backend that `serve.backend` can name."""
-    BACKENDS[name] = loader
+BACKENDS: dict[str, Loader] = {"onnx": _onnx} | {ep.name: Plugin(ep) for ep in entry_points(group=BACKEND_ENTRY_POINTS)}
 
 
 def load_live_model(registry: Registry, settings: Settings, version: int | None = None) -> LiveModel:

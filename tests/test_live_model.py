@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from services import live_model
-from services.live_model import BACKENDS, ENTRY_POINT_GROUP, Plugin, load_live_model, register_backend
-from tuneloop.config import Settings
+from services.live_model import BACKENDS, Plugin, load_live_model
+from tuneloop.config import BACKEND_ENTRY_POINTS, Settings
 from tuneloop.inference import Scores
 from tuneloop.registry import Manifest, Registry
 
@@ -46,8 +46,7 @@ def test_the_chosen_backend_is_built_from_the_verified_version_and_warmed_up(
         built.append((manifest.version, directory))
         return classifier
 
-    monkeypatch.setitem(BACKENDS, "onnx", BACKENDS["onnx"])  # restored after the test
-    register_backend("onnx", loader)
+    monkeypatch.setitem(BACKENDS, "onnx", loader)  # restored after the test
     live = load_live_model(registry, Settings())
     assert (live.version, live.backend, live.manifest.labels) == (1, "onnx", ["neg", "pos"])
     assert built == [(1, registry.version_dir(1))]
@@ -60,7 +59,7 @@ def test_an_unknown_backend_and_a_missing_extra_are_named(registry: Registry, mo
     settings.serve.backend = "torch"
     with pytest.raises(RuntimeError, match=r"serve.backend=torch is not one of \['onnx'\]"):
         load_live_model(registry, settings)
-    missing = EntryPoint("torch", "no_such_module_anywhere:Backend", ENTRY_POINT_GROUP)
+    missing = EntryPoint("torch", "no_such_module_anywhere:Backend", BACKEND_ENTRY_POINTS)
     monkeypatch.setitem(BACKENDS, "torch", Plugin(missing))
     with pytest.raises(RuntimeError, match=r"serve.backend=torch cannot be imported \(No module named .*tuneloop\[train\]"):
         load_live_model(registry, settings)
@@ -68,7 +67,7 @@ def test_an_unknown_backend_and_a_missing_extra_are_named(registry: Registry, mo
 
 def test_the_trainer_registers_the_eager_backend_as_an_entry_point_not_imported_until_chosen() -> None:
     plugin = live_model.BACKENDS["torch"]  # from the installed package's metadata (pyproject.toml)
-    assert isinstance(plugin, Plugin) and plugin.entry_point.group == ENTRY_POINT_GROUP
+    assert isinstance(plugin, Plugin) and plugin.entry_point.group == BACKEND_ENTRY_POINTS
     spec = importlib.util.find_spec(plugin.entry_point.module)
     assert spec is not None and spec.origin is not None
     classes = {node.name: node for node in ast.walk(ast.parse(Path(spec.origin).read_text())) if isinstance(node, ast.ClassDef)}

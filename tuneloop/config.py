@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Literal
 
@@ -122,11 +123,20 @@ class ExportConfig(Section):
     )
 
 
+BACKEND_ENTRY_POINTS = "tuneloop.backends"  # the entry-point group other packages add serving backends under
+
+
+def backend_names() -> list[str]:
+    """`serve.backend`'s choices: ONNX Runtime and every backend an installed package registers."""
+    return ["onnx", *sorted(ep.name for ep in entry_points(group=BACKEND_ENTRY_POINTS))]
+
+
 class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Address `tuneloop serve` and `make up` listen on.")
     port: int = Field(3000, ge=1, le=65535, description="Port `tuneloop serve` and `make up` listen on.")
-    backend: Literal["onnx", "torch"] = Field(
-        "onnx", description="'torch' runs the same version as PyTorch eager (benchmarks; needs the train extra)."
+    backend: str = Field(
+        "onnx", description="'onnx' (ONNX Runtime), or a backend a package registers under the `tuneloop.backends` "
+        "entry-point group: the trainer's 'torch' runs the same version as PyTorch eager (benchmarks; the train extra).",
     )
     execution_provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="'auto' uses CUDA when onnxruntime-gpu and a GPU are present; 'cpu'; 'cuda' (an error if "
@@ -155,6 +165,13 @@ class ServeConfig(Section):
     watch_interval_s: float = Field(
         1.0, gt=0, description="How often each replica checks the registry's live version (hot swap)."
     )
+
+    @field_validator("backend")
+    @classmethod
+    def installed_backend(cls, backend: str) -> str:
+        if backend not in backend_names():
+            raise ValueError(f"no serving backend {backend!r}; installed: {backend_names()}")
+        return backend
 
 
 class RolloutConfig(Section):
