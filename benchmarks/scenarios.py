@@ -361,10 +361,11 @@ def versus(reference: dict[str, list[bool]], candidate: dict[str, list[bool]], s
             "mix": paired(reference["old"] + reference["new"], candidate["old"] + candidate["new"]).as_dict()}
 
 
-def evaluate(registry: Path, version: int, sc: scenarios.Scenario) -> dict[str, object]:
-    """Accuracy on old and new test rows (Wilson 95 %)."""
+def evaluate(registry: Path, version: int, sc: scenarios.Scenario, rights: dict[str, list[bool]] | None = None
+             ) -> dict[str, object]:
+    """Accuracy on old and new test rows (Wilson 95 %), from `rights` when the rows were already scored."""
     manifest = Registry(registry).manifest(version)
-    rights = test_rows_right(registry, version, sc)
+    rights = rights or test_rows_right(registry, version, sc)
     old, new = (wilson(sum(rights[which]), len(rights[which])) for which in ("old", "new"))
     out: dict[str, object] = {
         "version": version, "status": manifest.status,
@@ -498,8 +499,10 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
 
     # 8. accuracy
     say("evaluating v1, served, no-replay, oracle on the test rows")
-    v1_figures = evaluate(registry_path, v1, sc)
-    served = (evaluate(registry_path, served_version, sc) if served_version
+    v1_rights = test_rows_right(registry_path, v1, sc)
+    served_rights = test_rows_right(registry_path, served_version, sc) if served_version else None
+    v1_figures = evaluate(registry_path, v1, sc, v1_rights)
+    served = (evaluate(registry_path, served_version, sc, served_rights) if served_version
               else v1_figures | {"note": "no new version: v1 serves"})
     ablation = evaluate(ablation_dir / "registry", ablation_version, sc) if ablation_version else {
         "error": f"published nothing; see {ablation_dir / 'train.log'}",
@@ -516,8 +519,7 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
         "bootstrap_rows": len(sc.bootstrap), "feedback_rows_sent": sent, "feedback_in_s": round(feedback_in_s, 1),
         "test_rows": {"old": len(sc.test_old), "new": len(sc.test_new)},
         "v1": v1_figures, "served": served, "no_replay": ablation, "oracle": joint,
-        "served_vs_v1": versus(test_rows_right(registry_path, v1, sc), test_rows_right(registry_path, served_version, sc), sc)
-        if served_version else None,
+        "served_vs_v1": versus(v1_rights, served_rights, sc) if served_rights else None,
         "verdict": verdict, "reason": loop["reason"],
         "gate_failed": failing_checks(manifest.gate) if manifest else [],
         "run": {k: run[k] for k in RUN_FIELDS} if run else None,

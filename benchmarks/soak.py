@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.drift import IMDB, ensure_registry  # noqa: E402
-from cli.processes import bus_env, running_controller, running_service, tuneloop_env  # noqa: E402
+from cli.processes import bus_env, running_controller, running_service, tree_usage, tuneloop_env  # noqa: E402
 from trainer.data import load_csv, split, write_csv  # noqa: E402
 from tuneloop.feedback_store import FeedbackStore  # noqa: E402
 from tuneloop.registry import MANIFEST, Registry  # noqa: E402
@@ -59,23 +59,6 @@ def publish_copy(registry: Registry) -> int:
             staged, base_model=manifest.base_model, labels=manifest.labels, parent_version=manifest.version,
             metrics=manifest.metrics, export=manifest.export, reason="soak: a swap",
         ).version
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
-
-
-def measure(pid: int) -> dict[str, float]:
-    rss = threads = fds = 0
-    for process in tree(pid):
-        try:
-            rss += process.memory_info().rss
-            threads += process.num_threads()
-            fds += process.num_fds()
-        except psutil.NoSuchProcess:
-            continue
-    return {"rss_mb": round(rss / 2**20, 1), "threads": threads, "fds": fds}
 
 
 def file_mb(*paths: Path) -> float:
@@ -176,8 +159,8 @@ def main() -> None:
                 print(f"{now - started:6.0f} s: swap to v{version}", flush=True)
                 next_swap += args.swap_every
             if now >= next_sample:
-                sample = {"t_s": round(now - started), "service": measure(server.process.pid),
-                          "controller": measure(controller.pid), "store_mb": file_mb(store_path),
+                sample = {"t_s": round(now - started), "service": tree_usage(server.process.pid),
+                          "controller": tree_usage(controller.pid), "store_mb": file_mb(store_path),
                           "events_mb": file_mb(events_path), "predictions": len(latencies),
                           "feedback_accepted": len(accepted), "failed": len(failures)}
                 samples.append(sample)

@@ -17,9 +17,24 @@ from pathlib import Path
 from types import ModuleType
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the environment's console scripts: tuneloop, bentoml
+
+
+def tree_usage(pid: int) -> dict[str, float]:
+    """Memory, threads and open file descriptors of a process and all its descendants (a server and its workers)."""
+    root = psutil.Process(pid)
+    rss = threads = fds = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            rss += process.memory_info().rss
+            threads += process.num_threads()
+            fds += process.num_fds()
+        except psutil.NoSuchProcess:  # it exited meanwhile
+            continue
+    return {"rss_mb": round(rss / 2**20, 1), "threads": threads, "fds": fds}
 
 
 def free_port() -> int:
@@ -104,7 +119,8 @@ def running_service(
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = log or workdir / f"serve-{port}.log"
-    args = [*launcher, str(BIN / "bentoml"), "serve", "services.service:Classifier", "--host", "127.0.0.1", "--port", str(port)]
+    args = [*launcher, str(BIN / "bentoml"), "serve", "services.service:Classifier",
+            "--host", "127.0.0.1", "--port", str(port)]
     with running(args, env | {"BENTOML_HOME": str(workdir / "bentoml")}, log, cwd) as process:
         server = Server(process, f"http://127.0.0.1:{port}", log)
         wait_http(server.url + ("/readyz" if wait_ready else "/livez"), process, log)

@@ -145,16 +145,19 @@ class WorkerHeaderMiddleware:
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.header: tuple[bytes, bytes] | None = None  # read at the first request, in the worker process
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        worker = str(bentoml.server_context.worker_index or 1).encode()
+        if self.header is None:
+            self.header = (b"x-tuneloop-worker", str(bentoml.server_context.worker_index or 1).encode())
+        header = self.header
 
         async def naming_send(event: Message) -> None:
             if event["type"] == "http.response.start":
-                event = {**event, "headers": [*event.get("headers", []), (b"x-tuneloop-worker", worker)]}
+                event = {**event, "headers": [*event.get("headers", []), header]}
             await send(event)
 
         await self.app(scope, receive, naming_send)

@@ -3,9 +3,8 @@
 BentoML documents every API as 200, 400, 404 and 500 with its own error body, and the /feedback
 body as the handler's plain arguments. The service answers more than that: 202 once feedback is
 durable, 401 without the feedback token, 413 for a body over the limit, 415 for a body that is not
-JSON, 503 while no model is
-loaded or Kafka and the spool cannot take feedback; its error body is `{"error", "detail"}` where
-the detail may be a list of validation errors. Clients generated from the document, and the
+JSON, 503 while no model is loaded or Kafka and the spool cannot take feedback; its error body is
+`{"error", "detail"}` where the detail may be a list of validation errors. Clients generated from the document, and the
 schemathesis run in the tests, see what the service does.
 """
 
@@ -46,7 +45,8 @@ ACCEPTED = ("/feedback", "/feedback/batch")
 
 
 def _error_response(status: int) -> dict[str, Any]:
-    return {"description": ERRORS[status], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    schema = {"$ref": "#/components/schemas/Error"}
+    return {"description": ERRORS[status], "content": {"application/json": {"schema": schema}}}
 
 
 def complete(spec: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import threading
@@ -11,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from tests.support.processes import bus_env, local_broker, running_controller, running_service, wait_for
+from tests.support.processes import bus_env, local_broker, running_controller, running_service, tree_usage, wait_for
 from tuneloop.bus import EmbeddedBus, KafkaBus
 from tuneloop.feedback_store import FeedbackStore
 
@@ -222,17 +220,6 @@ def test_with_a_feedback_token_feedback_needs_it_and_predictions_do_not(registry
 OUTAGE_S = 90.0  # a minute and a half of retries, reconnects and spooling, within the suite's time; leaks grow with it
 
 
-def tree_usage(pid: int) -> tuple[int, int]:
-    """Threads and open file descriptors of a process and all its descendants (a server and its workers)."""
-    processes = [psutil.Process(pid)]
-    processes += processes[0].children(recursive=True)
-    threads = fds = 0
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            threads, fds = threads + process.num_threads(), fds + process.num_fds()
-    return threads, fds
-
-
 def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_joined_and_nothing_grows(
     registry_path: Path, tmp_path: Path
 ) -> None:
@@ -262,7 +249,7 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
             failures.append(f"feedback {response.status_code} {response.text}")
 
     def usage() -> tuple[tuple[int, int], tuple[int, int]]:
-        return tree_usage(server.process.pid), tree_usage(controller.pid)
+        return tuple((u["threads"], u["fds"]) for u in (tree_usage(server.process.pid), tree_usage(controller.pid)))
 
     try:
         with running_service(registry_path, tmp_path, **env) as server, server.client() as client, running_controller(

@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 
 from cli import processes
-from cli.processes import BIN, ROOT, Server, bus_env, free_port, stop_process_group, wait_http
+from cli.processes import BIN, ROOT, Server, bus_env, free_port, stop_process_group, tree_usage, wait_http
 from tests.support.data import TEST_EPOCHS
 
 __all__ = [
     "BIN", "ROOT", "Prometheus", "Server", "bus_env", "free_port", "local_broker", "run_cli", "running_controller",
-    "running_prometheus", "running_service", "stop_process_group", "tuneloop_env", "wait_for", "wait_http",
+    "running_prometheus", "running_service", "stop_process_group", "tree_usage", "tuneloop_env", "wait_for", "wait_http",
 ]
 
 local_broker = processes.local_broker()
