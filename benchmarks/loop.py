@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +37,12 @@ from cli.demo import plot, run_demo, summary_rows  # noqa: E402
 from exporters.gate import accuracy  # noqa: E402
 from trainer import scenario  # noqa: E402
 from trainer.data import concat, write_csv  # noqa: E402
+from tuneloop.clock import unix_seconds  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
 from tuneloop.registry import Registry  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def ts(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
 
 
 def p(values: list[float], q: float) -> float | None:
@@ -141,8 +137,8 @@ def main() -> None:
     }
     loop = {
         "feedback_rows": len(feedback),
-        "trigger_to_promoted_s": round(ts(promoted["time"]) - ts(run["started_at"]), 1),
-        "trigger_to_all_replicas_s": round(min(t for t in first_v2 if t > last_v1) - ts(run["started_at"]), 1)
+        "trigger_to_promoted_s": round(unix_seconds(promoted["time"]) - unix_seconds(run["started_at"]), 1),
+        "trigger_to_all_replicas_s": round(min(t for t in first_v2 if t > last_v1) - unix_seconds(run["started_at"]), 1)
         if any(t > last_v1 for t in first_v2) else None,
         "train_samples_per_second": manifest.training_data.get("train_samples_per_second"),
         "train_rows": manifest.training_data.get("new_train_rows", 0) + manifest.training_data.get("replayed_rows", 0),
@@ -152,7 +148,7 @@ def main() -> None:
         "replica_swap_s": swaps,
         "probe_requests": len(probes),
         "probe_failures": sum(1 for pr in probes if pr["status"] != 200),
-        "latency": latency_phases(probes, shift_at, ts(run["started_at"]), ts(promoted["time"]), last_v1),
+        "latency": latency_phases(probes, shift_at, unix_seconds(run["started_at"]), unix_seconds(promoted["time"]), last_v1),
     }
     steady, swap = (loop["latency"][k]["p99_ms"] for k in (
         "steady (old domains, before the shift)", "swap (promotion -1 s to every replica on it +5 s)"))

@@ -55,7 +55,6 @@ import sys
 import threading
 import time
 import traceback
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -70,7 +69,7 @@ from exporters.quantize import RECIPES  # noqa: E402
 from monitoring.state import ControllerState  # noqa: E402
 from trainer import scenario as scenarios  # noqa: E402
 from trainer.data import LabelledTexts, concat, write_csv  # noqa: E402
-from tuneloop.clock import unix_seconds, utc_iso  # noqa: E402
+from tuneloop.clock import unix_seconds, utc_iso, utc_now  # noqa: E402
 from tuneloop.comparison import paired  # noqa: E402
 from tuneloop.feedback_store import FeedbackStore  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
@@ -88,9 +87,6 @@ LABEL_BATCH = 1000  # what /feedback/batch accepts at once
 LIVE_CONFIRMATIONS = 30  # 2 workers share a port: this many load answers in a row on the new version
 AFTER_SWAP_S = 10.0
 RUN_FIELDS = ("id", "source", "reason", "started_at", "finished_at", "status", "exit_code", "new_rows")
-
-
-ts = unix_seconds
 
 
 def ms(values: list[float], q: float) -> float | None:
@@ -316,7 +312,7 @@ def trained_feedback(store: Path, v1_created_at: str, rows: int | None, before: 
     stored = [r for r in FeedbackStore(store).feedback_rows() if r["stored_at"] > since]
     if rows is not None:
         return stored[:rows]
-    return [r for r in stored if before is None or ts(r["stored_at"]) < before]
+    return [r for r in stored if before is None or unix_seconds(r["stored_at"]) < before]
 
 
 def no_replay(directory: Path, v1_registry: Path, store: Path, keep_ids: set[str], quick: bool) -> int | None:
@@ -475,8 +471,8 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
     store = directory / "feedback.db"
     feedback = trained_feedback(store, v1_manifest.created_at, trained_rows, run["started_unix"] if run else None)
     run_start = run["started_unix"] if run else None
-    run_end = ts(run["finished_at"]) if run and run["finished_at"] else None
-    promoted = next((ts(e.time) for e in registry.history() if e.action == "promote" and e.version == served_version),
+    run_end = unix_seconds(run["finished_at"]) if run and run["finished_at"] else None
+    promoted = next((unix_seconds(e.time) for e in registry.history() if e.action == "promote" and e.version == served_version),
                     None) if verdict == "promoted" else None
 
     # Every replica on the new version: the first answer with it after the last answer with another one.
@@ -547,7 +543,7 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
         "load_p50_ms_training": phases.get("training", {}).get("p50_ms"),
         "load_p99_ms_training": phases.get("training", {}).get("p99_ms"),
         "quick": quick, "settings_overridden": {"TUNELOOP_TRAIN__MAX_EPOCHS": str(QUICK_EPOCHS)} if quick else {},
-        "machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(), "date": utc_now(),
         "took_s": round(time.time() - started), "workdir": str(directory),
     }
 
@@ -668,7 +664,7 @@ def main() -> None:
             traceback.print_exc()
             result = {"scenario": name, "seed": seed, "error": f"{type(exc).__name__}: {exc}"[-3000:],
                       "quick": args.quick, "machine": machine(),
-                      "date": datetime.now(UTC).isoformat(timespec="seconds")}
+                      "date": utc_now()}
         results.append(result)
         plot(append_result(args.out, result), plot_path)  # every scenario in the file, not only this run's
         print(json.dumps({k: v for k, v in result.items() if k != "latency"}, indent=2), flush=True)

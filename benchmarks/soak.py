@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.drift import IMDB, ensure_registry  # noqa: E402
 from cli.processes import bus_env, running_controller, running_service, tree_usage, tuneloop_env  # noqa: E402
 from trainer.data import load_csv, split, write_csv  # noqa: E402
+from tuneloop.clock import utc_now  # noqa: E402
 from tuneloop.feedback_store import FeedbackStore  # noqa: E402
 from tuneloop.registry import MANIFEST, Registry  # noqa: E402
 
@@ -178,7 +179,7 @@ def main() -> None:
     first, last = samples[min(1, len(samples) - 1)], samples[-1]  # start: after a minute of load
     result = {
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
+        "date": utc_now(),
         "duration_s": round(args.minutes * 60),
         "rate_per_s": args.rate,
         "predictions": len(latencies),

@@ -17,7 +17,6 @@ from pathlib import Path
 from types import ModuleType
 
 import httpx
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the environment's console scripts: tuneloop, bentoml
@@ -25,6 +24,8 @@ BIN = Path(sys.executable).parent  # the environment's console scripts: tuneloop
 
 def tree_usage(pid: int) -> dict[str, float]:
     """Memory, threads and open file descriptors of a process and all its descendants (a server and its workers)."""
+    import psutil  # the benchmarks' and tests' (the `dev` extra): the demo runs without it
+
     root = psutil.Process(pid)
     rss = threads = fds = 0
     for process in [root, *root.children(recursive=True)]:

@@ -28,7 +28,7 @@ What this recipe does about it:
 - The head (classifier, sketch projection; named by the caller) stays fp32.
 
 Measured (`benchmarks/quantization.py`, 2 busy cores): on that candidate 98.7-99.5 % agreement
-over five 200-text calibration samples (mean 99.1 %; 3 of 5 pass the 99 % gate) where dynamic
+over five 200-text calibration samples (mean 99.1 %; 3 of 5 pass the 99 % parity bar) where dynamic
 int8 got 97.0 % and the only dynamic recipe to pass kept everything but the attention
 projections in fp32 (99.2 % at 2.2x the latency); on a second CLINC candidate (450 rows)
 99.6-100 % (dynamic 98.9 %); on imdb v1 99.3 %, 100 % (140 rows) and 99.5 % (200 rows). 24.4 MB
@@ -472,17 +472,17 @@ def quantize_word_embedding(model: onnx.ModelProto) -> None:
 def build(source: Path, target: Path, calibration: Calibration, keep_fp32: Collection[str] = ()) -> dict[str, float]:
     """Quantize the optimized fp32 graph `source` into `target`, leaving the nodes named in `keep_fp32` in fp32.
 
-    Returns the seconds each stage took.
+    Returns the seconds each step took.
     """
     if not calibration.texts:
         raise ValueError("the calibrated recipe needs at least one calibration text")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
-    def lap(stage: str) -> None:
+    def lap(step: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        seconds[stage] = round(now - clock, 2)
+        seconds[step] = round(now - clock, 2)
         clock = now
 
     model = onnx.load(str(source))

@@ -9,12 +9,12 @@ keys turn the redelivery into counted duplicates, so nothing is stored twice or 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from monitoring.metrics import IngestMetrics
+from tuneloop import faults
 from tuneloop.bus import Bus, Consumer, Record
 from tuneloop.config import ControllerConfig, TopicsConfig
 from tuneloop.events import DeadLetter, FeedbackEvent, PredictionEvent
@@ -24,8 +24,6 @@ log = logging.getLogger("tuneloop.controller")
 
 # Fault injection for tests only: exit right after the store write, before the offset commit.
 # A real SIGKILL cannot be aimed at that instant reliably, so the tests simulate the crash there.
-FAULT_ENV = "TUNELOOP_CONTROLLER_FAULT"
-FAULT_EXIT_CODE = 17
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,6 @@ class Ingest:
         self.store = store
         self.metrics = metrics
         self.dead_letters = DeadLetters(bus, topics.dead_letter, metrics)
-        self.fault = os.environ.get(FAULT_ENV, "")
 
     def step(self, consumer: Consumer) -> Ingested:
         """Poll one batch; store it, dead-letter what cannot be stored, then commit the offsets."""
@@ -102,8 +99,8 @@ class Ingest:
             self.metrics.consumed.labels(record.topic).inc()
         parsed = parse(records, self.topics.predictions)
         result = self.store.write(parsed.predictions, parsed.feedback)
-        if self.fault == "exit-after-write" and records:
-            os._exit(FAULT_EXIT_CODE)
+        if records:
+            faults.point("ingest:stored")  # stored, offsets not yet committed: the redelivery must be recognised
         self.metrics.stored.inc(result.stored)
         self.metrics.duplicates.inc(result.duplicates)
         self.dead_letters.send([DeadLetter.of(bad.record.topic, bad.record.value, bad.reason) for bad in parsed.malformed],

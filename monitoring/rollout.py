@@ -17,6 +17,7 @@ from scipy import stats
 
 from tuneloop.comparison import paired
 from tuneloop.config import RolloutConfig
+from tuneloop.rollout_stage import RolloutStage
 
 Action = Literal["wait", "advance", "promote", "withdraw"]
 
@@ -71,7 +72,7 @@ def compare_unpaired(candidate: list[tuple[str, str]], live: list[tuple[str, str
     )
 
 
-def judge(config: RolloutConfig, stage: str, elapsed_s: float, comparison: Comparison) -> Verdict:
+def judge(config: RolloutConfig, stage: RolloutStage, elapsed_s: float, comparison: Comparison) -> Verdict:
     """What to do with a stage that has run `elapsed_s` seconds."""
     last = stage == config.stages[-1] if stage in config.stages else True
     enough = min(comparison.candidate_rows, comparison.live_rows) >= config.min_feedback_rows

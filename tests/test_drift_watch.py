@@ -15,6 +15,7 @@ from monitoring.drift_watch import DriftWatch
 from monitoring.metrics import ControllerMetrics
 from monitoring.state import ControllerState
 from monitoring.windows import WindowReport
+from tests.support.processes import wait_for
 from tuneloop.config import Settings
 from tuneloop.events import PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
@@ -65,11 +66,12 @@ def test_sustained_drift_starts_a_run_that_is_collected_when_it_ends(tmp_path: P
     assert s.sample("tuneloop_trigger_decisions_total", source="drift", outcome="fired", reason="drift_sustained") == 1
     assert s.sample("tuneloop_training_runs_total", outcome="started") == 1
     assert s.sample("tuneloop_training_last_run_start_time_seconds") == pytest.approx(time.time(), abs=60)
-    deadline = time.monotonic() + 20
-    while s.state.runs()[0]["status"] == "running":
-        assert time.monotonic() < deadline
+
+    def collected() -> bool:
         s.watch.collect_finished_runs()
-        time.sleep(0.05)
+        return s.state.runs()[0]["status"] != "running"
+
+    wait_for(collected, 20, "the run to be collected", interval=0.05)
     assert s.state.runs()[0]["status"] == "succeeded"
     assert s.sample("tuneloop_training_runs_total", outcome="succeeded") == 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from tests.support.processes import bus_env, local_broker, running_controller, running_service, tree_usage, wait_for
+from tuneloop import faults
 from tuneloop.bus import EmbeddedBus, KafkaBus
 from tuneloop.feedback_store import FeedbackStore
 
@@ -141,9 +143,9 @@ def test_controller_crash_between_write_and_commit_stores_nothing_twice(
     with running_service(registry_path, tmp_path, **setup) as server, server.client() as client:
         items = [{"text": f"review {i}", "label": "positive", "feedback_id": f"crash-{i}"} for i in range(20)]
         assert client.post("/feedback/batch", json={"items": items}).status_code == 202
-        crashing = setup | {"TUNELOOP_CONTROLLER_FAULT": "exit-after-write"}
+        crashing = setup | {faults.ENV: "ingest:stored"}
         with running_controller(registry_path, tmp_path, crashing, wait=False) as doomed:
-            assert doomed.wait(timeout=60) == 17  # wrote the batch, died before committing offsets
+            assert doomed.wait(timeout=60) == -signal.SIGKILL  # wrote the batch, killed before committing offsets
         assert store(setup).count() == 20
         with running_controller(registry_path, tmp_path, setup):
             metrics = f"http://127.0.0.1:{setup['TUNELOOP_CONTROLLER__PORT']}/metrics"

@@ -9,10 +9,10 @@ from pathlib import Path
 from tests.support.data import LINE_BREAKING
 from trainer.data import LabelledTexts, concat, load_csv, write_csv
 from trainer.finetune import balanced_sample, build_dataset
+from tuneloop.clock import utc_now
 from tuneloop.config import Settings
 from tuneloop.events import FeedbackEvent
 from tuneloop.feedback_store import FeedbackStore
-from tuneloop.clock import utc_now
 from tuneloop.registry import Manifest
 
 POOL = LabelledTexts([f"t{i}" for i in range(130)], ["common"] * 100 + ["middle"] * 25 + ["rare"] * 5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.data import ROOT
+from tests.support.imports import imports_of, module_name
 
 # Every directory of Python code, bottom to top; each may import its own package and those listed for it, no other.
 LAYERS: dict[str, set[str]] = {
@@ -17,9 +17,7 @@ LAYERS: dict[str, set[str]] = {
     "services": {"tuneloop"},  # serving learns of models through the registry, never the trainer's code
     "trainer": {"tuneloop"},
     "exporters": {"tuneloop", "trainer"},  # merges and exports what the trainer built
-    # After part A of issue 11 moves the trigger policy to monitoring/, "trainer" leaves this set
-    # (test_controller_takes_only_the_trigger_policy_from_the_trainer pins what it may take meanwhile).
-    "monitoring": {"tuneloop"},
+    "monitoring": {"tuneloop"},  # starts training as a process; the trigger policy is its own
     "pipeline": {"tuneloop", "trainer", "exporters"},  # a training run: train, export, gate, publish
     "cli": {"tuneloop", "services", "trainer", "exporters", "monitoring", "pipeline"},  # the top: anything but tests
     "benchmarks": {"tuneloop", "services", "trainer", "exporters", "monitoring", "pipeline", "cli"},
@@ -41,12 +39,7 @@ def imported_modules(package: str, full: bool = False) -> dict[str, set[str]]:
     """Per file, the modules it imports: top-level package names, or full dotted names."""
     found: dict[str, set[str]] = {}
     for path in (ROOT / package).rglob("*.py"):
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module)
+        names = imports_of(path)
         found[str(path.relative_to(ROOT))] = names if full else {name.split(".")[0] for name in names}
     return found
 
@@ -66,6 +59,31 @@ def test_package_imports_only_the_layers_below_it(package: str) -> None:
         if (bad := (names & project) - allowed | (names & forbidden))
     }
     assert offenders == {}
+
+
+def test_no_import_cycles() -> None:
+    """No module reaches itself through the project's imports (a cycle makes import order matter)."""
+    modules = {module_name(path): path for package in LAYERS for path in (ROOT / package).rglob("*.py")}
+    graph = {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+    for name, path in modules.items():  # a package's __init__ is imported with each of its modules
+        if path.name != "__init__.py" and (parent := name.rpartition(".")[0]) in modules and parent != name:
+            graph[name].add(parent)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles: list[list[str]] = []
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                cycles.append(trail[trail.index(target):] + [target])
+            elif target not in state:
+                visit(target, [*trail, target])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []
 
 
 def test_test_files_share_helpers_through_conftest_and_support_only() -> None:

@@ -12,6 +12,7 @@ import numpy as np
 from services.prediction_events import PredictionPublisher
 from services.schemas import Prediction
 from services.spool import Spool, SpooledSink
+from tests.support.processes import wait_for
 from tuneloop.bus import Bus, BusUnavailable, EmbeddedBus, Message
 from tuneloop.events import PredictionEvent
 
@@ -102,14 +103,9 @@ def test_predictions_made_while_kafka_is_away_are_spooled_and_replayed_in_order(
     events = publisher(bus, 100, metrics, Spool(tmp_path / "predictions.db"))  # type: ignore[arg-type]
     for i in range(20):
         events.offer(prediction(f"r{i}"), "text", INPUTS)
-    deadline = time.monotonic() + 10
-    while len(events.sink.spool) < 20:
-        assert time.monotonic() < deadline, "the events were not spooled"
-        time.sleep(0.05)
+    wait_for(lambda: len(events.sink.spool) >= 20, 10, "the events to be spooled", interval=0.05)
     assert metrics.prediction_events_dropped.inc.call_count == 0
     bus.back.set()
-    while len(bus.published) < 20:
-        assert time.monotonic() < deadline + 10, "the spool was not replayed"
-        time.sleep(0.05)
+    wait_for(lambda: len(bus.published) >= 20, 10, "the spool to be replayed", interval=0.05)
     assert bus.published == [f"r{i}".encode() for i in range(20)]
     events.close(timeout_s=5)

@@ -10,6 +10,7 @@ from pathlib import Path
 from monitoring.runs import RunLauncher
 from monitoring.state import ControllerState
 from monitoring.trigger import Decision
+from tests.support.processes import wait_for
 from tuneloop.config import TriggerConfig
 
 
@@ -20,13 +21,9 @@ def launcher(tmp_path: Path, code: str) -> tuple[RunLauncher, ControllerState]:
 
 
 def wait_finished(runner: RunLauncher) -> list:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        finished = runner.poll()
-        if finished:
-            return finished
-        time.sleep(0.1)
-    raise AssertionError("run did not finish")
+    finished: list = []
+    wait_for(lambda: bool(finished.extend(runner.poll()) or finished), 30, "the run to finish", interval=0.1)
+    return finished
 
 
 def test_a_run_is_a_process_whose_exit_code_decides_its_status(tmp_path: Path) -> None:

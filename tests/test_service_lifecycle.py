@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,10 +38,7 @@ def test_empty_registry_is_live_not_ready_then_ready_once_a_version_appears(
         assert "tuneloop_model_loaded 0.0" in client.get("/metrics").text
 
         copy_registry(registry_path, empty)
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, server.log_text()
-            time.sleep(0.5)
+        wait_for(lambda: client.get("/readyz").status_code == 200, 60, lambda: f"readiness:\n{server.log_text()}", 0.5)
         assert client.post("/predict", json={"texts": ["hello"]}).json()[0]["model_version"] == 1
 
 
@@ -54,10 +50,8 @@ def test_a_tampered_model_is_never_served(registry_path: Path, tmp_path: Path) -
     data[len(data) // 2] ^= 0xFF  # one flipped bit's worth of corruption in the weights
     model.write_bytes(bytes(data))
     with running_service(tampered, tmp_path, wait_ready=False) as server, server.client() as client:
-        deadline = time.monotonic() + 30
-        while "model.onnx has sha256" not in server.log_text():
-            assert time.monotonic() < deadline, server.log_text()
-            time.sleep(0.5)
+        wait_for(lambda: "model.onnx has sha256" in server.log_text(), 30,
+                 lambda: f"the sha256 refusal in the log:\n{server.log_text()}", 0.5)
         assert client.get("/readyz").status_code == 503
         assert client.post("/predict", json={"texts": ["hello"]}).status_code == 503
 

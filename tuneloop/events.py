@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import datetime
 import warnings
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator

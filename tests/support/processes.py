@@ -31,11 +31,13 @@ def tuneloop_env(registry: Path, **extra: str) -> dict[str, str]:
     return processes.tuneloop_env(registry, **({"TUNELOOP_TRAIN__MAX_EPOCHS": TEST_EPOCHS} | extra))
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
-    """Until `condition()` holds; fails the test naming `what` after `timeout` seconds."""
+def wait_for(condition: Callable[[], bool], timeout: float, what: str | Callable[[], str], interval: float = 0.2) -> None:
+    """Until `condition()` holds; fails the test naming `what` after `timeout` seconds (a callable `what` is asked
+    then: a log's tail, the state that did not come)."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 
