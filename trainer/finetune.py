@@ -124,4 +124,4 @@ def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneD
     config = settings.train.model_copy(update={"learning_rate": settings.train.finetune_learning_rate})
     return fit(model, load_tokenizer(base), data.train, data.val, live.labels, config,
                settings.model.max_seq_length, progress, head_learning_rate=settings.train.learning_rate,
-               frozen_layers=settings.train.finetune_frozen_layers)
+               frozen_layers=settings.train.finetune_frozen_layers, time_budget_s=settings.train.finetune_time_budget_s)

@@ -133,6 +133,8 @@ def train_on_feedback(settings: Settings, registry: Registry, run_id: int | None
         "warm_start": settings.train.warm_start, "learning_rate": settings.train.finetune_learning_rate,
         "split_seed": settings.train.seed, "device": result.device, "epochs_run": len(result.epochs),
         "best_epoch": result.best_epoch, "train_samples_per_second": round(result.train_samples_per_second, 1),
+        "planned_epochs": result.planned_epochs, "time_budget_s": settings.train.finetune_time_budget_s,
+        "train_seconds": round(result.seconds, 1),
     }
     base = resolve_base(settings.model)
     # Parity on every row at hand; the drift reference on the rows training never saw, which grow down
