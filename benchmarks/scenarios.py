@@ -103,6 +103,18 @@ def machine() -> dict[str, object]:
             "gpu": shutil.which("nvidia-smi") is not None}
 
 
+def commit() -> str | None:
+    """The checkout's commit, "+" when it has uncommitted changes: which defaults a result was measured with."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
 def parse_scenarios(text: str) -> list[tuple[str, int | None]]:
     """NAME:SEED items; `clinc:ref` is the reference CLINC150 draw (the tests' and the demo's)."""
     chosen: list[tuple[str, int | None]] = []
@@ -525,6 +537,8 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
         "replica_swap_s": swaps,
         "train_samples_per_s": training.get("train_samples_per_second"),
         "epochs_run": training.get("epochs_run"),
+        "planned_epochs": training.get("planned_epochs"),  # fewer than train.max_epochs when the time budget bound
+        "train_seconds": training.get("train_seconds"),
         "feedback_rows_at_trigger": run["new_rows"] if run else None,
         "feedback_rows_trained": trained_rows if manifest else None,
         "feedback_rows_ablation_oracle": len(feedback),
@@ -543,7 +557,7 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
         "load_p50_ms_training": phases.get("training", {}).get("p50_ms"),
         "load_p99_ms_training": phases.get("training", {}).get("p99_ms"),
         "quick": quick, "settings_overridden": {"TUNELOOP_TRAIN__MAX_EPOCHS": str(QUICK_EPOCHS)} if quick else {},
-        "machine": machine(), "date": utc_now(),
+        "machine": machine(), "date": utc_now(), "commit": commit(),
         "took_s": round(time.time() - started), "workdir": str(directory),
     }
 
