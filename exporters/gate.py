@@ -6,8 +6,8 @@ so a few unlucky rows of a small set cannot reject a good candidate, and a large
 always caught. The rows grow with the data: every version hands its evaluation rows (the original
 holdout plus each run's new holdout rows) down to its children.
 
-Forgetting is judged on rows of the labels the live model was trained on, with both models'
-predictions restricted to those labels. A model that learns new labels must trade some of the
+Forgetting is judged on the lineage's rows (not the new feedback's) of the labels the live model was trained
+on, with both models' predictions restricted to those labels. A model that learns new labels must trade some of the
 old ones' accuracy for them (an old text may now rightly look like a new class; a retrain from
 scratch on all the data pays the same), and the live model can never confuse an old text with a
 label it never predicts. What the restriction keeps is the real loss: the encoder and head no
@@ -99,7 +99,9 @@ def run_gate(
     new = wilson(sum(right(scores[:n_new], labels, rows.new_rows.labels)), n_new)
     checks["new_data_accuracy"] = new | {"floor": config.min_new_accuracy,
                                          "passed": new["accuracy"] >= config.min_new_accuracy}
-    known = [i for i, label in enumerate(everything.labels) if label in set(rows.known_labels)]
+    # Forgetting is about the data the live version was built on: the lineage's rows, not the new feedback's
+    # (where every label may be known too, and where gains would hide a loss on the old data).
+    known = [i for i in range(n_new, len(everything)) if everything.labels[i] in set(rows.known_labels)]
 
     def compare(name: str, indices: list[int], tolerance: float, allowed: list[str] | None = None) -> None:
         truth = [everything.labels[i] for i in indices]

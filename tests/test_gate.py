@@ -119,3 +119,17 @@ def test_without_a_live_model_the_comparisons_pass_on_the_candidates_own_figures
     verdict = run_gate(candidate, None, GATE_ROWS, GOOD_PARITY, 0.99, GateConfig())
     assert verdict["passed"]
     assert verdict["checks"]["new_data_accuracy"]["accuracy"] == 0.8
+
+
+def test_gains_on_the_new_rows_do_not_hide_forgetting_of_the_old_data() -> None:
+    # No new labels, only new inputs: the forgetting check counted the new domain's rows too (every label is
+    # known), so a candidate 4 points worse on the old data passed on the strength of its gains on the new one
+    # (CI's sentiment scenario: imdb 0.923 -> 0.890 promoted while amazon rose).
+    old = rows("imdb", ["a", "b"], 100)
+    shifted = rows("amazon", ["a", "b"], 50)
+    live = Answers(truthful(old) | truthful(shifted, wrong=20))
+    candidate = Answers(truthful(old, wrong=4) | truthful(shifted))
+    checks = run_gate(candidate, live, GateRows(shifted, old, ["a", "b"]), GOOD_PARITY, 0.99, GateConfig())["checks"]
+    assert checks["forgetting_on_known_labels"]["rows"] == len(old)
+    assert checks["forgetting_on_known_labels"]["drop"] == 0.04 and not checks["forgetting_on_known_labels"]["passed"]
+    assert checks["overall_vs_live"]["passed"]  # what users gain overall is its own check
