@@ -33,6 +33,7 @@ fallback was needed), failed requests and p50/p99 latency steady, while training
     .venv/bin/python benchmarks/scenarios.py                      # the full suite (hours on 2 cores)
     .venv/bin/python benchmarks/scenarios.py --scenarios clinc:1,sentiment:1
     .venv/bin/python benchmarks/scenarios.py --scenarios sentiment:1 --quick --out /tmp/s.json
+    .venv/bin/python benchmarks/scenarios.py --markdown           # the README's tables from the results
 
 Each scenario's object is appended to --out (default benchmarks/results/scenarios.json) as soon as
 it is done, and the table and the plot (beside --out, .png) are redrawn. `--quick` (CI) lowers only
@@ -615,6 +616,60 @@ def print_table(results: list[dict]) -> None:
           "(v1, served, no-replay, oracle)")
 
 
+def markdown(results: list[dict]) -> str:
+    """The README's two tables from a results file: accuracy per model, then the loop's figures against the goals
+    (the latest result of each scenario:seed, full runs only)."""
+    latest = {f"{r['scenario']}:{r['seed']}": r for r in results if "error" not in r and not r.get("quick")}
+
+    def acc(figures: dict, key: str) -> str:
+        value, ci = figures.get(key), figures.get(f"{key}_ci95")
+        return "" if value is None else f"{value:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
+
+    lines = ["| scenario | model | old labels | new labels / shifted domain | gate |", "|---|---|---|---|---|"]
+    for key, r in latest.items():
+        new, ablation = new_key(r), r["no_replay"]
+        refused = ", ".join(f"`{check}`" for check in ablation.get("gate_failed", []))
+        lines += [
+            f"| `{key}` {r['name']} ({r['feedback_rows_sent']} feedback rows) | v1 | {acc(r['v1'], 'old')} | "
+            f"{acc(r['v1'], new)} |  |",
+            f"|  | served | {acc(r['served'], 'old')} | {acc(r['served'], new)} | {r['verdict']} |",
+            f"|  | no replay | {acc(ablation, 'old')} | {acc(ablation, new)} | {ablation.get('status')}"
+            f"{': ' + refused if refused else ''} |",
+            f"|  | joint oracle | {acc(r['oracle'], 'old')} | {acc(r['oracle'], new)} |  |",
+        ]
+    keys = list(latest)
+    lines += ["", "| loop figure | " + " | ".join(f"`{k}`" for k in keys) + " | goal |", "|---|" + "---|" * (len(keys) + 1)]
+
+    def row(name: str, cell, goal: str = "") -> None:
+        lines.append(f"| {name} | " + " | ".join(cell(latest[k]) for k in keys) + f" | {goal} |")
+
+    def gap(r: dict) -> str:
+        new = new_key(r)
+        return (f"{100 * (r['served']['old'] - r['oracle']['old']):+.1f} / "
+                f"{100 * (r['served'][new] - r['oracle'][new]):+.1f}")
+
+    def p99(r: dict) -> str:
+        steady, training = r["load_p99_ms_steady"], r["load_p99_ms_training"]
+        return f"{steady} / {training} ms ({training / steady:.2f}×)" if steady and training else "-"
+
+    def recipe(r: dict) -> str:
+        q = r["quantization"]
+        return f"`{q['recipe']}`, {100 * q['agreement']:.1f} %, {q['latency_ratio']:.2f}×" if q["recipe"] else "-"
+
+    row("served - oracle, old / new (points)", gap, "within 2")
+    row("feedback rows trained on / sent", lambda r: f"{r['feedback_rows_trained']} / {r['feedback_rows_sent']}")
+    row("trigger → every replica live", lambda r: f"{r['trigger_to_live_s']:.0f} s" if r["trigger_to_live_s"] else "-",
+        "≤ 180 s")
+    row("training: seconds, epochs (planned), samples/s",
+        lambda r: f"{r.get('train_seconds') or '-'} s, {r['epochs_run']} ({r.get('planned_epochs') or '-'}), "
+                  f"{r['train_samples_per_s']}")
+    row("load p99 steady / while training", p99, "≤ 2×")
+    row("failed requests", lambda r: f"{r['failed_requests']} of {r['requests']}", "0")
+    row("quantization: recipe, agreement, latency vs v1", recipe, "full int8, ≥ 99 %, ≤ 1.15×")
+    row("commit measured", lambda r: f"`{r.get('commit') or '-'}`")
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -664,7 +719,11 @@ def main() -> None:
                         help="seconds after the run starts for every replica to serve its version")
     parser.add_argument("--v1-registry", type=Path, default=None,
                         help="a registry whose v1 was bootstrapped on the (single) scenario's rows: copied, not rebuilt")
+    parser.add_argument("--markdown", action="store_true", help="print the README's tables from --out and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     chosen = parse_scenarios(args.scenarios)
     if args.v1_registry is not None and len(chosen) != 1:
         raise SystemExit("--v1-registry serves one scenario; name exactly one in --scenarios")
