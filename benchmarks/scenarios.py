@@ -30,7 +30,7 @@ Reported per scenario: verdict and failing gate checks, trigger -> every replica
 samples/s, rows trained on, quantization recipe / parity / latency ratio (and whether an fp32
 fallback was needed), failed requests and p50/p99 latency steady, while training and after the swap.
 
-    .venv/bin/python benchmarks/scenarios.py                      # the full suite (hours on 2 cores)
+    .venv/bin/python benchmarks/scenarios.py                      # the full suite (about 75 min on 2 cores)
     .venv/bin/python benchmarks/scenarios.py --scenarios clinc:1,sentiment:1
     .venv/bin/python benchmarks/scenarios.py --scenarios sentiment:1 --quick --out /tmp/s.json
     .venv/bin/python benchmarks/scenarios.py --markdown           # the README's tables from the results
@@ -109,8 +109,9 @@ def commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results"],  # the results being written are no change of defaults
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+" if dirty else "")
