@@ -101,7 +101,8 @@ def run_gate(
                                          "passed": new["accuracy"] >= config.min_new_accuracy}
     # Forgetting is about the data the live version was built on: the lineage's rows, not the new feedback's
     # (where every label may be known too, and where gains would hide a loss on the old data).
-    known = [i for i in range(n_new, len(everything)) if everything.labels[i] in set(rows.known_labels)]
+    known_labels = set(rows.known_labels)
+    known = [i for i in range(n_new, len(everything)) if everything.labels[i] in known_labels]
 
     def compare(name: str, indices: list[int], tolerance: float, allowed: list[str] | None = None) -> None:
         truth = [everything.labels[i] for i in indices]

@@ -135,7 +135,7 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]
 
 class LinearSchedule:
     """Warm up over the first 6 % of the steps, then decay linearly to zero at `total_steps`, which may be
-    shortened once the first epoch shows how many fit a time budget (the rate then decays from where it is)."""
+    shortened once the epochs run show how many fit a time budget (the rate then decays from where it is)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         self.total_steps = total_steps
@@ -186,8 +186,8 @@ def fit(
     """Train until validation loss stops improving; return the model holding its best weights.
 
     With `frozen_layers`, the encoder's lower layers stay fixed and their output is computed once
-    (trainer/frozen_prefix.py); only the layers above and the head train. With `time_budget_s`, the first
-    epoch's duration decides how many epochs fit the budget, and the learning rate runs down over those
+    (trainer/frozen_prefix.py); only the layers above and the head train. With `time_budget_s`, each epoch's
+    duration decides how many epochs still fit the budget (never more than planned), and the learning rate runs down over those
     (a run on a slow or busy host trains fewer epochs, each to a finished schedule, rather than overrunning).
     """
     torch.manual_seed(config.seed)

@@ -88,7 +88,7 @@ class TrainConfig(Section):
     )
     finetune_time_budget_s: float = Field(
         120, ge=0, description="`tuneloop train`: seconds the training itself may take (export and the gate take about "
-        "40 s more on 2 cores). The first epoch's duration decides how many epochs fit, and the learning rate runs down "
+        "40 s more on 2 cores). After each epoch, its duration decides how many epochs fit, and the learning rate runs down "
         "over those; at least one epoch always runs (0: no budget, max_epochs).",
     )
     niceness: int = Field(
