@@ -21,6 +21,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from trainer.data import LabelledTexts, concat, load_csv, split, split3
+from trainer.imprint import imprint_new_labels
 from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
 from trainer.train import TrainResult, fit
 from tuneloop.clock import utc_iso
@@ -42,6 +43,11 @@ class FinetuneData:
     replayed: int
     holdout: LabelledTexts  # evaluation rows handed down the lineage: the original holdout plus earlier runs' new rows
     known_labels: list[str]  # the labels the live version was trained on: the gate's forgetting check
+
+    @property
+    def new_labels(self) -> list[str]:
+        """Labels with rows to train on that the live version was never trained on."""
+        return sorted(set(self.train.labels) - set(self.known_labels))
 
 
 def balanced_sample(pool: LabelledTexts, wanted: int, seed: int) -> list[int]:
@@ -114,14 +120,19 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
 def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneData, progress: bool = True
              ) -> TrainResult:
     """Train a candidate from the live version (its adapter, or a fresh one): the adapter at the fine-tuning
-    learning rate, the head at bootstrap's (it must learn intents it has never seen)."""
+    learning rate, the head at bootstrap's (it must learn intents it has never seen), the head rows of labels
+    new to the lineage imprinted from their rows first (`train.imprint_new_labels`)."""
     base = resolve_base(settings.model)
+    tokenizer = load_tokenizer(base)
     model = build_classifier(base, len(live.labels), settings.model)
     if settings.train.warm_start:
         model = PeftModel.from_pretrained(model, live_dir / "adapter", is_trainable=True)
+        if settings.train.imprint_new_labels:
+            imprint_new_labels(model, tokenizer, data.train, live.labels, data.new_labels,
+                               settings.model.max_seq_length)
     else:
         model = add_lora(model, settings.train)
     config = settings.train.model_copy(update={"learning_rate": settings.train.finetune_learning_rate})
-    return fit(model, load_tokenizer(base), data.train, data.val, live.labels, config,
+    return fit(model, tokenizer, data.train, data.val, live.labels, config,
                settings.model.max_seq_length, progress, head_learning_rate=settings.train.learning_rate,
                frozen_layers=settings.train.finetune_frozen_layers, time_budget_s=settings.train.finetune_time_budget_s)

@@ -69,10 +69,14 @@ class SentenceClassifier(nn.Module):
         projection = torch.randn(hidden, sketch_dim, generator=generator) / sketch_dim**0.5
         self.register_buffer("sketch_projection", projection, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The mean-pooled sentence embedding: what the head reads."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.embed(input_ids, attention_mask)
         logits = self.classifier(self.dropout(pooled))
         sketch = F.normalize(pooled, dim=-1) @ self.sketch_projection
         return logits, sketch
