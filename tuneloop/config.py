@@ -87,8 +87,8 @@ class TrainConfig(Section):
         "119 s, 0 frozen 0.934 in 168 s; joint retrain 0.926).",
     )
     finetune_time_budget_s: float = Field(
-        120, ge=0, description="`tuneloop train`: seconds the training itself may take (export and the gate take about "
-        "40 s more on 2 cores). After each epoch, its duration decides how many epochs fit, and the learning rate runs down "
+        135, ge=0, description="`tuneloop train`: seconds the training itself may take: the loop's 180 s less the 45 s "
+        "that export, the gate and the swap took at most in the scenario suite (2 busy cores). After each epoch, its duration decides how many epochs fit, and the learning rate runs down "
         "over those; at least one epoch always runs (0: no budget, max_epochs).",
     )
     niceness: int = Field(
