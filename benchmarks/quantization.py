@@ -1,12 +1,15 @@
-"""Quantization benchmark: argmax parity, build time, size and single-text latency of each int8 recipe.
+"""Quantization benchmark: argmax parity, accuracy against fp32, build time, size and single-text latency of
+each int8 recipe, for one version or for the served version of every scenario of a suite run.
 
 Rebuilds the version's fp32 ONNX graph from its stored adapter (merge -> export -> optimize), scores
-its validation rows (`data/holdout.csv`, plus `data/new_val.csv` for a fine-tuned version) with
-PyTorch, then quantizes with every recipe of `exporters.quantize` (the calibrated one on a sample of
-the version's training rows, `data/train.csv`, as the exporter does) and reports agreement with
-PyTorch and the median single-text latency of a fresh ONNX Runtime session (one thread).
+the gate's rows (`data/val.csv` and `data/holdout.csv`) with PyTorch, then quantizes with every recipe
+of `exporters.quantize` (the calibrated one on a sample of the version's training rows, `data/train.csv`,
+as the exporter does) and reports agreement with PyTorch, accuracy on those labelled rows paired with
+PyTorch's (exact McNemar: is int8 less accurate?) and the median single-text latency of a fresh ONNX
+Runtime session (one thread).
 
     .venv/bin/python benchmarks/quantization.py --registry var/bench-loop/registry --version 2
+    .venv/bin/python benchmarks/quantization.py --suite var/scenarios   # every <scenario>/registry's live version
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from exporters.calibrated_int8 import Calibration, calibration_sample  # noqa: E
 from exporters.quantize import RECIPES, parity, quantize  # noqa: E402
 from trainer.data import concat, load_csv  # noqa: E402
 from trainer.model import load_adapted, load_tokenizer, predict, resolve_base  # noqa: E402
+from tuneloop.clock import utc_now  # noqa: E402
+from tuneloop.comparison import paired  # noqa: E402
 from tuneloop.config import Settings  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
 from tuneloop.registry import Registry  # noqa: E402
@@ -46,23 +51,30 @@ def median_latency_ms(classifier: OnnxTextClassifier, texts: list[str], repeats:
     return round(statistics.median(timings) * 1000, 2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--registry", type=Path, required=True)
-    parser.add_argument("--version", type=int, required=True)
-    parser.add_argument("--out", type=Path, default=RESULTS / "quantization.json")
-    args = parser.parse_args()
-
+def measure(registry: Path, version: int | None) -> dict[str, object]:
+    """Every recipe on one version (None: the live one)."""
     settings = Settings()
-    manifest, directory = Registry(args.registry).resolve(args.version)
-    data = [load_csv(directory / "data" / name) for name in ("holdout.csv", "new_val.csv")
-            if (directory / "data" / name).is_file()]
-    rows = concat(data)
+    manifest, directory = Registry(registry).resolve(version)
+    rows = concat([load_csv(directory / "data" / name) for name in ("val.csv", "holdout.csv")
+                   if (directory / "data" / name).is_file()])
     base = resolve_base(settings.model)
     tokenizer = load_tokenizer(base)
     model = load_adapted(base, directory / "adapter", len(manifest.labels), settings.model).eval()
     max_length = int(manifest.export["max_seq_length"])
     reference, _ = predict(model, tokenizer, rows.texts, max_length)
+    truth = [manifest.labels.index(label) for label in rows.labels]
+    reference_right = [int(i) == t for i, t in zip(reference.argmax(axis=1), truth, strict=True)]
+
+    def figures(classifier: OnnxTextClassifier) -> dict[str, object]:
+        logits = classifier.predict(rows.texts).logits
+        right = [int(i) == t for i, t in zip(logits.argmax(axis=1), truth, strict=True)]
+        versus = paired(reference_right, right)
+        return {"rows": len(rows), "argmax_agreement": round(parity(reference, logits).argmax_agreement, 4),
+                "max_abs_logit_diff": round(parity(reference, logits).max_abs_logit_diff, 3),
+                "accuracy": round(versus.candidate_accuracy, 4), "fp32_accuracy": round(versus.reference_accuracy, 4),
+                "p_less_accurate": float(f"{versus.p_worse:.4g}"),
+                "median_single_text_ms": median_latency_ms(classifier, rows.texts)}
+
     config = model.get_base_model().encoder.config
     results = []
     with tempfile.TemporaryDirectory() as work:
@@ -84,24 +96,36 @@ def main() -> None:
             classifier = OnnxTextClassifier(target, directory / "tokenizer.json", manifest.labels, max_length,
                                             manifest.export["pad_token"], intra_op_threads=1,
                                             max_rows_per_run=recipe.max_rows_per_run)
-            agreement = parity(reference, classifier.predict(rows.texts).logits)
-            results.append({"recipe": recipe.name, "rows": agreement.rows, "build_seconds": build_seconds,
-                            "argmax_agreement": round(agreement.argmax_agreement, 4),
-                            "max_abs_logit_diff": round(agreement.max_abs_logit_diff, 3),
-                            "median_single_text_ms": median_latency_ms(classifier, rows.texts),
+            results.append({"recipe": recipe.name, "build_seconds": build_seconds, **figures(classifier),
                             "bytes": target.stat().st_size})
             print(json.dumps(results[-1]), flush=True)
         fp32_classifier = OnnxTextClassifier(optimized, directory / "tokenizer.json", manifest.labels, max_length,
                                              manifest.export["pad_token"], intra_op_threads=1)
-        results.append({"recipe": "fp32 (optimized, not quantized)", "rows": len(rows),
-                        "argmax_agreement": round(parity(reference, fp32_classifier.predict(rows.texts).logits)
-                                                  .argmax_agreement, 4),
-                        "median_single_text_ms": median_latency_ms(fp32_classifier, rows.texts),
+        results.append({"recipe": "fp32 (optimized, not quantized)", **figures(fp32_classifier),
                         "bytes": optimized.stat().st_size})
         print(json.dumps(results[-1]), flush=True)
+    return {"registry_version": manifest.version, "labels": len(manifest.labels),
+            "published_recipe": manifest.export.get("quantization"), "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--registry", type=Path, help="one registry (with --version)")
+    target.add_argument("--suite", type=Path, help="a scenario suite's --workdir: the live version of each scenario")
+    parser.add_argument("--version", type=int, help="with --registry; default the live version")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quantization.json")
+    args = parser.parse_args()
+    if args.registry is not None:
+        report: dict[str, object] = measure(args.registry, args.version)
+    else:
+        scenarios = []
+        for workdir in sorted(p for p in args.suite.iterdir() if (p / "registry" / "live").is_file()):
+            print(f"{workdir.name}:", flush=True)
+            scenarios.append({"scenario": workdir.name, **measure(workdir / "registry", None)})
+        report = {"suite": str(args.suite), "measured": utc_now(), "scenarios": scenarios}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"registry_version": args.version, "labels": len(manifest.labels),
-                                    "results": results}, indent=2) + "\n")
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -85,9 +85,10 @@ def label_set() -> list[str]:
     return domain_labels(OLD_DOMAINS + NEW_DOMAINS)
 
 
-def sample(domains: tuple[str, ...], split_name: str, per_label: int | None, seed: int) -> LabelledTexts:
-    """Up to per_label rows of each intent of CLINC150 domains from one original split (None: all), shuffled."""
-    return _pick(CLINC150, None, split_name, per_label, seed, domains=domains)
+def sample(domains: tuple[str, ...], split_name: str, per_label: int | None, seed: int, skip: int = 0) -> LabelledTexts:
+    """Up to per_label rows of each intent of CLINC150 domains from one original split (None: all), shuffled;
+    `skip` leaves out the rows a sample of that many per intent with the same seed took."""
+    return _pick(CLINC150, None, split_name, per_label, seed, skip, domains=domains)
 
 
 def clinc(seed: int | None = None, bootstrap_per_intent: int = 30, feedback_per_intent: int = 20) -> Scenario:
