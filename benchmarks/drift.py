@@ -212,10 +212,10 @@ def main() -> None:
         clinc_delays.setdefault("trigger fired", []).append(trigger_delay)
         clinc_delays.setdefault("runs started", []).append(len(state.runs()))
         stream = [unseen_events[i] for i in traffic_order(len(unseen_events), args.events, seed)]
-        _, state = run_controller(clinc_registry, stream, 0, metrics, work / f"clinc-unseen-{seed}")
-        unseen_windows += len(state.windows())
-        unseen_alarms += sum(bool(w["drifted"]) for w in state.windows())
-        unseen_alarm_signals.update(name for w in state.windows() for name in w["drifted"])
+        _, unseen_state = run_controller(clinc_registry, stream, 0, metrics, work / f"clinc-unseen-{seed}")
+        unseen_windows += len(unseen_state.windows())
+        unseen_alarms += sum(bool(w["drifted"]) for w in unseen_state.windows())
+        unseen_alarm_signals.update(name for w in unseen_state.windows() for name in w["drifted"])
         if seed == 0:
             RESULTS.mkdir(parents=True, exist_ok=True)
             plot(state, len(before), RESULTS / "drift_clinc.png")
@@ -227,12 +227,12 @@ def main() -> None:
         "trigger": {"consecutive_windows": 2, "min_new_rows": 100},
         "controller_cpu_seconds_per_1000_events": summary([round(v, 3) for v in cpu_per_1000]),
         "imdb_false_alarms": {"windows": imdb_windows, "any_signal": imdb_alarms, "trigger_signals": imdb_trigger_alarms,
-                              "rate_any": round(imdb_alarms / imdb_windows, 4)},
+                              "rate_any": round(imdb_alarms / max(imdb_windows, 1), 4)},
         "imdb_alarm_signals": dict(imdb_alarm_signals),
         "clinc_old_domain_windows": {"windows": clinc_windows, "alarm_signals": dict(clinc_alarm_signals),
                                      "false_triggers": clinc_false_triggers},
         "clinc_unseen_train_false_alarms": {"windows": unseen_windows, "any_signal": unseen_alarms,
-                                            "rate_any": round(unseen_alarms / unseen_windows, 4),
+                                            "rate_any": round(unseen_alarms / max(unseen_windows, 1), 4),
                                             "alarm_signals": dict(unseen_alarm_signals)},
         "imdb_to_amazon_delay_events": {k: summary(v) for k, v in sentiment_delays.items()},
         "clinc_old_to_new_delay_events": {k: summary(v) for k, v in clinc_delays.items() if k != "runs started"},

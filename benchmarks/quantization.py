@@ -2,11 +2,13 @@
 each int8 recipe, for one version or for the served version of every scenario of a suite run.
 
 Rebuilds the version's fp32 ONNX graph from its stored adapter (merge -> export -> optimize), scores
-the gate's rows (`data/val.csv` and `data/holdout.csv`) with PyTorch, then quantizes with every recipe
-of `exporters.quantize` (the calibrated one on a sample of the version's training rows, `data/train.csv`,
-as the exporter does) and reports agreement with PyTorch, accuracy on those labelled rows paired with
-PyTorch's (exact McNemar: is int8 less accurate?) and the median single-text latency of a fresh ONNX
-Runtime session (one thread).
+the export's parity rows (`data/val.csv` and `data/holdout.csv`: every labelled row the version keeps
+that it was not trained on) with PyTorch, then quantizes with every recipe of `exporters.quantize` (the
+calibrated one on a sample of the version's training rows, `data/train.csv`, as the exporter does) and
+reports agreement with PyTorch, accuracy on those rows paired with PyTorch's (exact McNemar: is int8
+less accurate?) and the median single-text latency of a fresh ONNX Runtime session (one thread). A
+recipe that cannot be built is recorded with its error; with --suite the results file is rewritten
+after each scenario.
 
     .venv/bin/python benchmarks/quantization.py --registry var/bench-loop/registry --version 2
     .venv/bin/python benchmarks/quantization.py --suite var/scenarios   # every <scenario>/registry's live version
@@ -68,9 +70,9 @@ def measure(registry: Path, version: int | None) -> dict[str, object]:
     def figures(classifier: OnnxTextClassifier) -> dict[str, object]:
         logits = classifier.predict(rows.texts).logits
         right = [int(i) == t for i, t in zip(logits.argmax(axis=1), truth, strict=True)]
-        versus = paired(reference_right, right)
-        return {"rows": len(rows), "argmax_agreement": round(parity(reference, logits).argmax_agreement, 4),
-                "max_abs_logit_diff": round(parity(reference, logits).max_abs_logit_diff, 3),
+        versus, agreement = paired(reference_right, right), parity(reference, logits)
+        return {"rows": len(rows), "argmax_agreement": round(agreement.argmax_agreement, 4),
+                "max_abs_logit_diff": round(agreement.max_abs_logit_diff, 3),
                 "accuracy": round(versus.candidate_accuracy, 4), "fp32_accuracy": round(versus.reference_accuracy, 4),
                 "p_less_accurate": float(f"{versus.p_worse:.4g}"),
                 "median_single_text_ms": median_latency_ms(classifier, rows.texts)}
@@ -91,7 +93,12 @@ def measure(registry: Path, version: int | None) -> dict[str, object]:
         for recipe in RECIPES:
             target = work_dir / f"{recipe.name}.onnx"
             started = time.perf_counter()
-            quantize(optimized, target, recipe, graph, calibration)
+            try:
+                quantize(optimized, target, recipe, graph, calibration)
+            except Exception as exc:  # as the exporter does: record why, try the next recipe
+                results.append({"recipe": recipe.name, "error": f"{type(exc).__name__}: {exc}"})
+                print(json.dumps(results[-1]), flush=True)
+                continue
             build_seconds = round(time.perf_counter() - started, 2)
             classifier = OnnxTextClassifier(target, directory / "tokenizer.json", manifest.labels, max_length,
                                             manifest.export["pad_token"], intra_op_threads=1,
@@ -116,16 +123,18 @@ def main() -> None:
     parser.add_argument("--version", type=int, help="with --registry; default the live version")
     parser.add_argument("--out", type=Path, default=RESULTS / "quantization.json")
     args = parser.parse_args()
-    if args.registry is not None:
-        report: dict[str, object] = measure(args.registry, args.version)
-    else:
-        scenarios = []
-        for workdir in sorted(p for p in args.suite.iterdir() if (p / "registry" / "live").is_file()):
-            print(f"{workdir.name}:", flush=True)
-            scenarios.append({"scenario": workdir.name, **measure(workdir / "registry", None)})
-        report = {"suite": str(args.suite), "measured": utc_now(), "scenarios": scenarios}
+    if args.suite is not None and args.version is not None:
+        parser.error("--version goes with --registry; --suite measures each scenario's live version")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.registry is not None:
+        args.out.write_text(json.dumps(measure(args.registry, args.version), indent=2) + "\n")
+        return
+    scenarios: list[dict[str, object]] = []
+    for workdir in sorted(p for p in args.suite.iterdir() if (p / "registry" / "live").is_file()):
+        print(f"{workdir.name}:", flush=True)
+        scenarios.append({"scenario": workdir.name, **measure(workdir / "registry", None)})
+        report = {"suite": str(args.suite), "measured": utc_now(), "scenarios": scenarios}
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from peft import PeftModel
 from trainer.data import LabelledTexts, concat, load_csv, split, split3
 from trainer.imprint import imprint_new_labels
 from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
-from trainer.train import TrainResult, fit
+from trainer.train import TrainResult, fit, pick_device
 from tuneloop.clock import utc_iso
 from tuneloop.config import Settings
 from tuneloop.errors import NothingToTrain
@@ -128,7 +128,8 @@ def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneD
     if settings.train.warm_start:
         model = PeftModel.from_pretrained(model, live_dir / "adapter", is_trainable=True)
         if settings.train.imprint_new_labels:
-            imprint_new_labels(model, tokenizer, data.train, live.labels, data.new_labels,
+            model.to(pick_device(settings.train.device))  # where fit will train: the pass runs there too
+            imprint_new_labels(model, tokenizer, data.train, live.labels, data.new_labels, data.known_labels,
                                settings.model.max_seq_length)
     else:
         model = add_lora(model, settings.train)

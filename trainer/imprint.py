@@ -32,13 +32,16 @@ def trainable_head(model: nn.Module) -> nn.Linear:
 
 @torch.no_grad()
 def imprint_new_labels(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train: LabelledTexts,
-                       labels: list[str], new_labels: list[str], max_length: int) -> None:
-    """Set the head rows of `new_labels` (labels with training rows the model has not learned) from their rows."""
-    if not new_labels:
+                       labels: list[str], new_labels: list[str], known_labels: list[str], max_length: int) -> None:
+    """Set the head rows of `new_labels` (labels with training rows the model has not learned) from their rows,
+    at the mean norm and bias of the `known_labels`' rows (those it learned; a declared label it has seen no
+    text of yet is neither)."""
+    index = {label: i for i, label in enumerate(labels)}
+    known = [index[label] for label in known_labels if label not in new_labels]
+    if not new_labels or not known:  # nothing to imprint, or nothing learned to scale it to
         return
     head = trainable_head(model)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    index = {label: i for i, label in enumerate(labels)}
     rows: list[tuple[str, int]] = []
     for label in new_labels:
         texts = [t for t, lab in zip(train.texts, train.labels, strict=True) if lab == label][:ROWS_PER_LABEL]
@@ -60,10 +63,6 @@ def imprint_new_labels(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tra
     finally:
         inner.train(was_training)
     new = counts > 0
-    known = torch.ones_like(new)
-    known[[index[label] for label in new_labels]] = False
-    if not known.any():  # nothing learned to scale from: a fresh head's rows are as good a start
-        return
     prototypes = sums[new] / counts[new].unsqueeze(1)
     scale = head.weight[known].norm(dim=1).mean()
     head.weight[new] = prototypes / prototypes.norm(dim=1, keepdim=True).clamp(min=1e-9) * scale
