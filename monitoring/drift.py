@@ -14,6 +14,10 @@ from scipy.spatial.distance import jensenshannon
 
 # The PSI convention: below 0.1 no shift, 0.1-0.25 moderate, above 0.25 significant.
 PSI_MODERATE, PSI_SIGNIFICANT = 0.1, 0.25
+# Reference rows per PSI bin, at least: the reference's own sampling error is frozen into every window it is
+# compared with. A 140-row reference in 10 bins (14 a bin) flagged up to 28 % of windows from its own
+# distribution (tests/test_drift.py); at 30 a bin, none. References of 300 rows and more keep 10 bins.
+PSI_REFERENCE_ROWS_PER_BIN = 30
 _EPS = 1e-6
 
 
@@ -35,8 +39,10 @@ class Signal:
         return self.value < self.threshold if self.lower_is_drift else self.value > self.threshold
 
 
-def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
-    """Population stability index over the reference's quantile bins."""
+def psi(reference: np.ndarray, current: np.ndarray, bins: int | None = None) -> float:
+    """Population stability index over the reference's quantile bins: 10, or fewer for a small reference."""
+    if bins is None:
+        bins = min(10, max(2, len(reference) // PSI_REFERENCE_ROWS_PER_BIN))
     edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)))
     edges[0], edges[-1] = -np.inf, np.inf
     expected = np.histogram(reference, edges)[0] / len(reference) + _EPS
