@@ -117,14 +117,20 @@ def measure(registry: Path, version: int | None) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    target = parser.add_mutually_exclusive_group(required=True)
+    target = parser.add_mutually_exclusive_group()
     target.add_argument("--registry", type=Path, help="one registry (with --version)")
     target.add_argument("--suite", type=Path, help="a scenario suite's --workdir: the live version of each scenario")
     parser.add_argument("--version", type=int, help="with --registry; default the live version")
     parser.add_argument("--out", type=Path, default=RESULTS / "quantization.json")
+    parser.add_argument("--markdown", action="store_true", help="print the README's table from a --suite --out and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     if args.suite is not None and args.version is not None:
         parser.error("--version goes with --registry; --suite measures each scenario's live version")
+    if args.registry is None and args.suite is None:
+        parser.error("one of --registry, --suite or --markdown is needed")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.registry is not None:
         args.out.write_text(json.dumps(measure(args.registry, args.version), indent=2) + "\n")
@@ -135,6 +141,27 @@ def main() -> None:
         scenarios.append({"scenario": workdir.name, **measure(workdir / "registry", None)})
         report = {"suite": str(args.suite), "measured": utc_now(), "scenarios": scenarios}
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def markdown(report: dict) -> str:
+    """Recipes down, scenarios across: agreement with PyTorch, accuracy change against fp32, single-text ms."""
+    scenarios = report["scenarios"]
+    lines = ["| recipe | " + " | ".join(f"`{s['scenario']}`" for s in scenarios) + " |",
+             "|---|" + "---|" * len(scenarios)]
+    for name in [r["recipe"] for r in scenarios[0]["results"]]:
+        cells = []
+        for scenario in scenarios:
+            row = next(r for r in scenario["results"] if r["recipe"] == name)
+            if "error" in row:
+                cells.append("not built")
+                continue
+            change = 100 * (row["accuracy"] - row["fp32_accuracy"])
+            cells.append(f"{100 * row['argmax_agreement']:.1f} %, {change:+.1f} pt, {row['median_single_text_ms']:.2f} ms, "
+                         f"{row['bytes'] / 1e6:.0f} MB")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines.append("| parity rows; published | " + " | ".join(
+        f"{s['results'][0].get('rows', '-')}; `{s['published_recipe']}`" for s in scenarios) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
