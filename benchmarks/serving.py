@@ -1,10 +1,16 @@
-"""Serving benchmark: single-text requests at several concurrencies against a real `bentoml serve`.
+"""Serving benchmark: single-text requests at several concurrencies against a real `bentoml serve`, beside
+what a user would run instead.
 
-Compares the int8 ONNX backend with the same version run as PyTorch eager (serve.backend=torch,
-same batching settings), and with the raw ONNX Runtime ceiling on the same cores. Load comes from
-wrk (C, one thread), so the load generator takes little of the CPU it measures.
+Three servers, all started at once and measured in turn, interleaved (each repeat of a point runs each
+server once, so a drift of the machine hits them alike):
+- `onnx`: tuneloop as shipped (int8 ONNX, adaptive batching, prediction events);
+- `torch`: the same version run as PyTorch eager (serve.backend=torch, same batching settings);
+- `bare`: the anchor, `benchmarks/bare_server.py`: Starlette + uvicorn with as many workers as tuneloop,
+  ONNX Runtime with the same model file and threads, `tokenizers`, one text per run, nothing else.
+Then the raw ONNX Runtime ceiling on the same cores. Load comes from wrk (C, one thread), so the load
+generator takes little of the CPU it measures.
 
-    python benchmarks/serving.py [--duration 15] [--repeat 3] [--concurrency 1 8 32] [--registry var/registry]
+    python benchmarks/serving.py [--duration 15] [--repeat 3] [--concurrency 1 8 32 128] [--registry var/registry]
 
 Each point is measured --repeat times with fresh connections and the median run is reported with
 the range: BentoML's HTTP workers share one listening socket, so how a handful of keep-alive
@@ -16,6 +22,7 @@ Writes benchmarks/results/serving.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -26,12 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.processes import running_service, tuneloop_env  # noqa: E402  (the launcher the demo and the tests use)
+from cli.processes import BIN, free_port, running, running_service, tuneloop_env, wait_http  # noqa: E402
+from tuneloop.config import Settings  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
 from tuneloop.registry import Registry  # noqa: E402
 
@@ -120,13 +129,46 @@ def preflight(registry: Path) -> Path:
     return registry
 
 
+@contextlib.contextmanager
+def bare_server(registry: Path, workers: int, threads: int, workdir: Path) -> Iterator[str]:
+    """`benchmarks/bare_server.py` under uvicorn on the registry's live version; its base URL."""
+    _, directory = Registry(registry).resolve()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELOOP_")} | {
+        "BARE_MODEL_DIR": str(directory), "BARE_THREADS": str(threads)}
+    args = [str(BIN / "uvicorn"), "benchmarks.bare_server:app", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    log = workdir / "bare.log"
+    with running(args, env, log, ROOT) as process:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", process, log)
+        yield url
+
+
+@contextlib.contextmanager
+def server(backend: str, registry: Path, workdir: Path) -> Iterator[str]:
+    """One server on the registry's live version, on the CPU (the anchor has no GPU path); its base URL."""
+    if backend == "bare":
+        serve = Settings().serve  # tuneloop's defaults: as many workers, as many threads each
+        workers = len(os.sched_getaffinity(0)) if serve.workers == "cpu_count" else int(serve.workers)
+        with bare_server(registry, workers, serve.intra_op_threads, workdir) as url:
+            yield url
+    else:
+        own = workdir / backend  # each service its own event log and spool, never the repository's var/
+        env = tuneloop_env(registry, TUNELOOP_SERVE__BACKEND=backend, TUNELOOP_SERVE__EXECUTION_PROVIDER="cpu",
+                           TUNELOOP_EVENTS__EMBEDDED_PATH=str(own / "events.db"),
+                           TUNELOOP_EVENTS__SPOOL_DIR=str(own / "spool"))
+        with running_service(env, own) as service:
+            yield service.url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", type=Path, default=default_registry())
     parser.add_argument("--duration", type=int, default=15, help="seconds per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="measurements per point; the median is reported")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--backends", nargs="+", default=["onnx", "torch"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--backends", nargs="+", default=["onnx", "bare", "torch"])
     args = parser.parse_args()
     registry = preflight(args.registry)
 
@@ -135,31 +177,36 @@ def main() -> None:
         "model_version": Registry(registry).live_version(),
         "duration_s": args.duration,
     }
-    with tempfile.TemporaryDirectory() as work:
+    runs: dict[str, dict[int, list[dict]]] = {b: {c: [] for c in args.concurrency} for b in args.backends}
+    with tempfile.TemporaryDirectory() as work, contextlib.ExitStack() as stack:
         script = wrk_script(Path(work))
-        for backend in args.backends:
-            rows = []
-            with running_service(tuneloop_env(registry, TUNELOOP_SERVE__BACKEND=backend), Path(work)) as server:
-                run_wrk(server.url + "/predict", script, 8, 3)  # warm-up
-                for concurrency in args.concurrency:
-                    runs = sorted(
-                        (run_wrk(server.url + "/predict", script, concurrency, args.duration) for _ in range(args.repeat)),
-                        key=lambda r: r["requests_per_second"],
-                    )
-                    row = runs[len(runs) // 2] | {
-                        "min_requests_per_second": runs[0]["requests_per_second"],
-                        "max_requests_per_second": runs[-1]["requests_per_second"],
-                        "failed": sum(r["failed"] for r in runs),
-                    }
-                    rows.append(row)
-                    print(f"{backend:5s} c={concurrency:<3d} {row['requests_per_second']:7.1f} req/s "
-                          f"({row['min_requests_per_second']:.0f}-{row['max_requests_per_second']:.0f})  "
-                          f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}")
-            results[backend] = rows
+        urls = {b: stack.enter_context(server(b, registry, Path(work))) + "/predict" for b in args.backends}
+        for url in urls.values():
+            run_wrk(url, script, 8, 3)  # warm-up
+        for concurrency in args.concurrency:
+            for repeat in range(args.repeat):
+                order = list(urls)[repeat % len(urls):] + list(urls)[: repeat % len(urls)]  # each goes first in turn
+                for backend, url in ((b, urls[b]) for b in order):
+                    runs[backend][concurrency].append(run_wrk(url, script, concurrency, args.duration))
+                    last = runs[backend][concurrency][-1]
+                    print(f"{backend:5s} c={concurrency:<3d} {last['requests_per_second']:7.1f} req/s  "
+                          f"p50 {last['p50_ms']:7.1f} ms  p99 {last['p99_ms']:7.1f} ms  failed {last['failed']}", flush=True)
+    for backend in args.backends:
+        results[backend] = [median_row(runs[backend][c]) for c in args.concurrency]
     results["raw_onnx_ceiling"] = raw_ceiling(registry)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
+
+
+def median_row(measured: list[dict]) -> dict:
+    """The median run by req/s, with the range and every failure."""
+    ordered = sorted(measured, key=lambda r: r["requests_per_second"])
+    return ordered[len(ordered) // 2] | {
+        "min_requests_per_second": ordered[0]["requests_per_second"],
+        "max_requests_per_second": ordered[-1]["requests_per_second"],
+        "failed": sum(r["failed"] for r in ordered),
+    }
 
 
 def range_of(row: dict) -> str:
@@ -169,17 +216,22 @@ def range_of(row: dict) -> str:
 def markdown(results: dict) -> str:
     ceiling = results["raw_onnx_ceiling"]["texts_per_second"]
     lines = [
-        "| concurrency | int8 ONNX req/s (range) | p50 ms | p99 ms | PyTorch eager req/s (range) | p50 ms | p99 ms | ONNX / eager | ONNX / raw ceiling |",
+        ("| concurrency | tuneloop int8 ONNX req/s (range) | p50 / p99 ms | hand-rolled server req/s (range) | "
+         "p50 / p99 ms | tuneloop / hand-rolled | PyTorch eager req/s (range) | p50 / p99 ms | tuneloop / raw ceiling |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for onnx_row, eager_row in zip(results.get("onnx", []), results.get("torch", []), strict=False):
-        lines.append(
-            f"| {onnx_row['concurrency']} | {onnx_row['requests_per_second']:.0f} ({range_of(onnx_row)}) | "
-            f"{onnx_row['p50_ms']:.1f} | {onnx_row['p99_ms']:.1f} | "
-            f"{eager_row['requests_per_second']:.0f} ({range_of(eager_row)}) | {eager_row['p50_ms']:.1f} | "
-            f"{eager_row['p99_ms']:.1f} | {onnx_row['requests_per_second'] / eager_row['requests_per_second']:.1f}x | "
-            f"{onnx_row['requests_per_second'] / ceiling:.0%} |"
-        )
+    for i, onnx_row in enumerate(results.get("onnx", [])):
+        bare = results.get("bare", [None] * (i + 1))[i]
+        eager = results.get("torch", [None] * (i + 1))[i]
+
+        def cells(row: dict | None) -> str:
+            if row is None:
+                return "- | -"
+            return f"{row['requests_per_second']:.0f} ({range_of(row)}) | {row['p50_ms']:.1f} / {row['p99_ms']:.1f}"
+
+        ratio = f"{onnx_row['requests_per_second'] / bare['requests_per_second']:.2f}x" if bare else "-"
+        lines.append(f"| {onnx_row['concurrency']} | {cells(onnx_row)} | {cells(bare)} | {ratio} | {cells(eager)} | "
+                     f"{onnx_row['requests_per_second'] / ceiling:.0%} |")
     lines.append(f"\nRaw ONNX Runtime ceiling: {ceiling:.0f} texts/s (batch {results['raw_onnx_ceiling']['batch']}).")
     return "\n".join(lines)
 
