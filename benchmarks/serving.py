@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.processes import BIN, free_port, running, running_service, tuneloop_env, wait_http  # noqa: E402
+from cli.processes import free_port, running, running_service, tuneloop_env, wait_http  # noqa: E402
 from tuneloop.config import Settings  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
 from tuneloop.registry import Registry  # noqa: E402
@@ -77,9 +77,9 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: int) -> dict[str
         check=True,
     ).stdout
 
-    def latency(percentile: str) -> float:
-        value, unit = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)$", out, re.M).groups()
-        return float(value) * UNITS[unit]
+    def latency(percentile: str) -> float | None:
+        found = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)$", out, re.M)
+        return float(found.group(1)) * UNITS[found.group(2)] if found else None  # None: no request completed
 
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -131,13 +131,12 @@ def preflight(registry: Path) -> Path:
 
 @contextlib.contextmanager
 def bare_server(registry: Path, workers: int, threads: int, workdir: Path) -> Iterator[str]:
-    """`benchmarks/bare_server.py` under uvicorn on the registry's live version; its base URL."""
+    """`benchmarks/bare_server.py` (uvicorn, `workers` processes) on the registry's live version; its base URL."""
     _, directory = Registry(registry).resolve()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELOOP_")} | {
         "BARE_MODEL_DIR": str(directory), "BARE_THREADS": str(threads)}
-    args = [str(BIN / "uvicorn"), "benchmarks.bare_server:app", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    args = [sys.executable, str(ROOT / "benchmarks" / "bare_server.py"), str(port), str(workers)]
     log = workdir / "bare.log"
     with running(args, env, log, ROOT) as process:
         url = f"http://127.0.0.1:{port}"
@@ -227,7 +226,8 @@ def markdown(results: dict) -> str:
         def cells(row: dict | None) -> str:
             if row is None:
                 return "- | -"
-            return f"{row['requests_per_second']:.0f} ({range_of(row)}) | {row['p50_ms']:.1f} / {row['p99_ms']:.1f}"
+            p50, p99 = (f"{row[k]:.1f}" if row[k] is not None else "-" for k in ("p50_ms", "p99_ms"))
+            return f"{row['requests_per_second']:.0f} ({range_of(row)}) | {p50} / {p99}"
 
         ratio = f"{onnx_row['requests_per_second'] / bare['requests_per_second']:.2f}x" if bare else "-"
         lines.append(f"| {onnx_row['concurrency']} | {cells(onnx_row)} | {cells(bare)} | {ratio} | {cells(eager)} | "
