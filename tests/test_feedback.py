@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.support.processes import bus_env, local_broker, running_controller, running_service, tree_usage, wait_for
@@ -235,12 +236,13 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
     accepted: dict[str, tuple[str, str | None]] = {}  # feedback_id -> (the text it labels, the label served)
     failures: list[str] = []
 
-    def exchange(client: httpx.Client, i: int) -> None:
+    def exchange(client: httpx.Client, i: int) -> str | None:
+        """A prediction, then feedback on it; the worker that took the feedback."""
         text = f"review {i}: the plot is thin but the cast carries it"
         predicted = client.post("/predict", json={"texts": [text]})
         if predicted.status_code != 200:
             failures.append(f"predict {predicted.status_code} {predicted.text}")
-            return
+            return None
         served = predicted.json()[0]
         feedback_id = f"outage-{i}"
         joined = {"request_id": served["request_id"]} if i % 2 else {"text": text}
@@ -249,6 +251,23 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
             accepted[feedback_id] = (text, served["label"] if i % 2 else None)
         else:
             failures.append(f"feedback {response.status_code} {response.text}")
+        return response.headers.get("x-tuneloop-worker")
+
+    def every_worker_exchanges(first: int, each: int) -> int:
+        """Exchanges on fresh connections until every worker has taken `each` feedback: a worker's Kafka clients
+        connect at its first use, so a worker the keep-alive connection never reached would connect later and
+        read as growth. Returns the next index."""
+        taken: dict[str, int] = {}
+        workers = len(psutil.Process(server.process.pid).children())  # bentoml's arbiter and its worker processes
+        i = first
+        while len(taken) < workers or min(taken.values()) < each:
+            assert i - first < 40 * each, f"the workers' share stayed {taken}"
+            with server.client() as fresh:
+                worker = exchange(fresh, i)
+            i += 1
+            if worker is not None:
+                taken[worker] = taken.get(worker, 0) + 1
+        return i
 
     def usage() -> tuple[tuple[int, int], tuple[int, int]]:
         return tuple((u["threads"], u["fds"]) for u in (tree_usage(server.process.pid), tree_usage(controller.pid)))
@@ -266,14 +285,10 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
                 time.sleep(0.2)
             seen["outage end"] = usage()
             broker.start()
-            for _ in range(20):
-                exchange(client, i)
-                i += 1
+            i = every_worker_exchanges(i, 10)
             wait_for(lambda: store(env).count() >= len(accepted), 180, f"all {len(accepted)} accepted rows stored")
             seen["reconnected"] = usage()
-            for _ in range(50):  # connected traffic, then a duplicate would have arrived too
-                exchange(client, i)
-                i += 1
+            i = every_worker_exchanges(i, 25)  # connected traffic, then a duplicate would have arrived too
             wait_for(lambda: store(env).count() >= len(accepted), 60, "the connected traffic stored")
             seen["settled"] = usage()
             spooled = metric(server.url + "/metrics", 'tuneloop_feedback_accepted_total{via="spool"}')
