@@ -28,7 +28,8 @@ def test_imprinted_rows_recognise_their_labels_and_leave_the_known_rows_alone() 
 
     feedback = scenario.sample(NEW, "train", per_label=8, seed=1)
     model.train()
-    imprint_new_labels(model, tokenizer, feedback, labels, new_labels, known_labels, max_length=64)
+    imprinted = imprint_new_labels(model, tokenizer, feedback, labels, new_labels, known_labels, max_length=64)
+    assert sorted(imprinted) == sorted(new_labels)  # every new label had rows
     assert model.get_base_model().dropout.training  # embeddings taken in eval mode (no dropout); training mode back
 
     assert torch.equal(head.weight[untouched], before[0][untouched])  # known rows, and the declared-but-unseen
@@ -52,5 +53,5 @@ def test_nothing_new_changes_nothing() -> None:
     head = trainable_head(model)
     before = head.weight.detach().clone()
     model.train()
-    imprint_new_labels(model, load_tokenizer(base), scenario.sample(NEW, "train", 2, 1), ["a", "b", "c"], [], ["a"], 64)
-    assert torch.equal(head.weight, before) and model.training
+    imprinted = imprint_new_labels(model, load_tokenizer(base), scenario.sample(NEW, "train", 2, 1), ["a", "b", "c"], [], ["a"], 64)
+    assert imprinted == [] and torch.equal(head.weight, before) and model.training

@@ -15,7 +15,7 @@ published until the whole candidate is staged, so a crash or kill at any point p
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from peft import PeftModel
@@ -125,15 +125,17 @@ def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneD
     base = resolve_base(settings.model)
     tokenizer = load_tokenizer(base)
     model = build_classifier(base, len(live.labels), settings.model)
+    imprinted: list[str] = []
     if settings.train.warm_start:
         model = PeftModel.from_pretrained(model, live_dir / "adapter", is_trainable=True)
         if settings.train.imprint_new_labels:
             model.to(pick_device(settings.train.device))  # where fit will train: the pass runs there too
-            imprint_new_labels(model, tokenizer, data.train, live.labels, data.new_labels, data.known_labels,
+            imprinted = imprint_new_labels(model, tokenizer, data.train, live.labels, data.new_labels, data.known_labels,
                                settings.model.max_seq_length)
     else:
         model = add_lora(model, settings.train)
     config = settings.train.model_copy(update={"learning_rate": settings.train.finetune_learning_rate})
-    return fit(model, tokenizer, data.train, data.val, live.labels, config,
-               settings.model.max_seq_length, progress, head_learning_rate=settings.train.learning_rate,
-               frozen_layers=settings.train.finetune_frozen_layers, time_budget_s=settings.train.finetune_time_budget_s)
+    result = fit(model, tokenizer, data.train, data.val, live.labels, config,
+                 settings.model.max_seq_length, progress, head_learning_rate=settings.train.learning_rate,
+                 frozen_layers=settings.train.finetune_frozen_layers, time_budget_s=settings.train.finetune_time_budget_s)
+    return replace(result, imprinted_labels=imprinted)

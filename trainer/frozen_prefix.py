@@ -17,11 +17,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from trainer.model import unwrapped
+
 
 def encoder_of(model: nn.Module) -> nn.Module:
     """The Hugging Face encoder inside a (peft-wrapped) SentenceClassifier."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.encoder
+    return unwrapped(model).encoder
 
 
 class FrozenPrefix:

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from trainer.data import LabelledTexts
+from trainer.model import unwrapped
 
 ROWS_PER_LABEL = 64  # a prototype's mean settles long before; bounds the pass on large feedback sets
 BATCH_SIZE = 64
@@ -23,8 +24,7 @@ BATCH_SIZE = 64
 
 def trainable_head(model: nn.Module) -> nn.Linear:
     """The head that trains: the classifier's Linear whose weights take gradients (peft keeps a frozen original)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    heads = [m for m in inner.classifier.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+    heads = [m for m in unwrapped(model).classifier.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
     if len(heads) != 1:
         raise ValueError(f"expected one trainable head, found {len(heads)}")
     return heads[0]
@@ -32,16 +32,16 @@ def trainable_head(model: nn.Module) -> nn.Linear:
 
 @torch.no_grad()
 def imprint_new_labels(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train: LabelledTexts,
-                       labels: list[str], new_labels: list[str], known_labels: list[str], max_length: int) -> None:
+                       labels: list[str], new_labels: list[str], known_labels: list[str], max_length: int) -> list[str]:
     """Set the head rows of `new_labels` (labels with training rows the model has not learned) from their rows,
     at the mean norm and bias of the `known_labels`' rows (those it learned; a declared label it has seen no
-    text of yet is neither)."""
+    text of yet is neither). Returns the labels imprinted."""
     index = {label: i for i, label in enumerate(labels)}
     known = [index[label] for label in known_labels if label not in new_labels]
     if not new_labels or not known:  # nothing to imprint, or nothing learned to scale it to
-        return
+        return []
     head = trainable_head(model)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrapped(model)
     rows: list[tuple[str, int]] = []
     for label in new_labels:
         texts = [t for t, lab in zip(train.texts, train.labels, strict=True) if lab == label][:ROWS_PER_LABEL]
@@ -67,3 +67,4 @@ def imprint_new_labels(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tra
     scale = head.weight[known].norm(dim=1).mean()
     head.weight[new] = prototypes / prototypes.norm(dim=1, keepdim=True).clamp(min=1e-9) * scale
     head.bias[new] = head.bias[known].mean()
+    return [labels[i] for i in new.nonzero().flatten().tolist()]

@@ -82,6 +82,11 @@ class SentenceClassifier(nn.Module):
         return logits, sketch
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The SentenceClassifier inside a peft wrapper, or the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def load_tokenizer(base: BaseEncoder) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(base.path, use_fast=True)
 

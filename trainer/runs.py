@@ -131,7 +131,7 @@ def train_on_feedback(settings: Settings, registry: Registry, run_id: int | None
         "new_train_rows": data.new_train,
         "new_holdout_rows": len(data.new_holdout), "replayed_rows": data.replayed, "replay_ratio": ratio,
         "warm_start": settings.train.warm_start,
-        "imprinted_labels": data.new_labels if settings.train.warm_start and settings.train.imprint_new_labels else [],
+        "imprinted_labels": result.imprinted_labels,
         "learning_rate": settings.train.finetune_learning_rate,
         "split_seed": settings.train.seed, "device": result.device, "epochs_run": len(result.epochs),
         "best_epoch": result.best_epoch, "train_samples_per_second": round(result.train_samples_per_second, 1),

@@ -37,6 +37,7 @@ class TrainResult:
     train_samples_per_second: float = 0.0
     planned_epochs: int = 0  # what the learning-rate schedule ran down over: max_epochs, or fewer to fit a time budget
     seconds: float = 0.0  # the whole fit: frozen-layer pass, epochs and their validation
+    imprinted_labels: list[str] = field(default_factory=list)  # head rows set from their texts before training
 
     @property
     def best(self) -> EpochStats:
