@@ -58,7 +58,7 @@ def service_metrics() -> ServiceMetrics:
             buckets=LATENCY_BUCKETS,
         ),
         batch_texts=prom.Histogram(
-            "tuneloop_inference_batch_texts", "Texts per inference batch after adaptive batching.", buckets=BATCH_BUCKETS
+            "tuneloop_inference_batch_texts", "Texts per inference batch (requests that queued while the model was busy run together).", buckets=BATCH_BUCKETS
         ),
         inference_seconds=prom.Histogram(
             "tuneloop_inference_duration_seconds", "Model time per inference batch.", buckets=LATENCY_BUCKETS
