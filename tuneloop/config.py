@@ -172,9 +172,9 @@ class ServeConfig(Section):
         SecretStr(""), description="Bearer token /feedback requires (401 without it); empty: open, as in `make up`. "
         "Set it in production: feedback decides what the model is retrained on."
     )
-    max_batch_size: int = Field(32, ge=1, description="Adaptive batching: most texts in one inference batch.")
+    max_batch_size: int = Field(32, ge=1, description="Most texts in one inference batch, made of the requests that queued while the model was busy.")
     max_latency_ms: int = Field(
-        2000, ge=1, description="Adaptive batching: a request predicted to wait longer is refused with 503 (load shedding)."
+        2000, ge=1, description="A request predicted to wait longer (texts queued ahead x measured cost of a text) is refused with 503 (load shedding)."
     )
     watch_interval_s: float = Field(
         1.0, gt=0, description="How often each replica checks the registry's live version (hot swap)."
