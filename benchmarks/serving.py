@@ -3,7 +3,7 @@ what a user would run instead.
 
 Three servers, all started at once and measured in turn, interleaved (each repeat of a point runs each
 server once, so a drift of the machine hits them alike):
-- `onnx`: tuneloop as shipped (int8 ONNX, adaptive batching, prediction events);
+- `onnx`: tuneloop as shipped (int8 ONNX, its batcher, prediction events);
 - `torch`: the same version run as PyTorch eager (serve.backend=torch, same batching settings);
 - `bare`: the anchor, `benchmarks/bare_server.py`: Starlette + uvicorn with as many workers as tuneloop,
   ONNX Runtime with the same model file and threads, `tokenizers`, one text per run, nothing else.
@@ -161,6 +161,9 @@ def server(backend: str, registry: Path, workdir: Path) -> Iterator[str]:
             yield service.url
 
 
+SINGLE_CLIENT_S = 5
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", type=Path, default=default_registry())
@@ -168,6 +171,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="measurements per point; the median is reported")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--backends", nargs="+", default=["onnx", "bare", "torch"])
+    parser.add_argument("--single-client-runs", type=int, default=10,
+                        help="then this many 5 s runs of one sequential client per server, every one reported")
     args = parser.parse_args()
     registry = preflight(args.registry)
 
@@ -188,10 +193,17 @@ def main() -> None:
                 for backend, url in ((b, urls[b]) for b in order):
                     runs[backend][concurrency].append(run_wrk(url, script, concurrency, args.duration))
                     last = runs[backend][concurrency][-1]
+                    p50, p99 = (f"{last[k]:7.1f}" if last[k] is not None else "    n/a" for k in ("p50_ms", "p99_ms"))
                     print(f"{backend:5s} c={concurrency:<3d} {last['requests_per_second']:7.1f} req/s  "
-                          f"p50 {last['p50_ms']:7.1f} ms  p99 {last['p99_ms']:7.1f} ms  failed {last['failed']}", flush=True)
+                          f"p50 {p50} ms  p99 {p99} ms  failed {last['failed']}  requests {last['requests']}", flush=True)
+        single: dict[str, list[dict]] = {b: [] for b in args.backends}
+        for repeat in range(args.single_client_runs):  # one client's latency varies by run: each run is reported
+            for backend in args.backends[repeat % len(args.backends):] + args.backends[: repeat % len(args.backends)]:
+                single[backend].append(run_wrk(urls[backend], script, 1, SINGLE_CLIENT_S))
     for backend in args.backends:
         results[backend] = [median_row(runs[backend][c]) for c in args.concurrency]
+    if args.single_client_runs:
+        results["single_client"] = {"duration_s": SINGLE_CLIENT_S, **single}
     results["raw_onnx_ceiling"] = raw_ceiling(registry)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -233,6 +245,13 @@ def markdown(results: dict) -> str:
         lines.append(f"| {onnx_row['concurrency']} | {cells(onnx_row)} | {cells(bare)} | {ratio} | {cells(eager)} | "
                      f"{onnx_row['requests_per_second'] / ceiling:.0%} |")
     lines.append(f"\nRaw ONNX Runtime ceiling: {ceiling:.0f} texts/s (batch {results['raw_onnx_ceiling']['batch']}).")
+    single = results.get("single_client")
+    if single:
+        runs_each = len(next(v for k, v in single.items() if k != "duration_s"))
+        lines.append(f"\nOne sequential client, {runs_each} runs of {single['duration_s']} s each, p50 / p99 ms per run:")
+        for backend, runs in single.items():
+            if backend != "duration_s":
+                lines.append(f"- {backend}: " + ", ".join(f"{r['p50_ms']} / {r['p99_ms']}" for r in runs))
     return "\n".join(lines)
 
 
