@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import re
 import signal
 import threading
@@ -220,6 +222,20 @@ def test_with_a_feedback_token_feedback_needs_it_and_predictions_do_not(registry
         assert client.post("/predict", json={"texts": ["no token needed"]}).status_code == 200
 
 
+def open_descriptors(pid: int) -> collections.Counter[str]:
+    """What a process and its children hold open: sockets, pipes and event fds by kind, files by name."""
+    held: collections.Counter[str] = collections.Counter()
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        fd_dir = Path(f"/proc/{process.pid}/fd")
+        for fd in fd_dir.iterdir() if fd_dir.is_dir() else []:
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            held[target.split(":[")[0] if ":[" in target else Path(target).name] += 1
+    return held
+
+
 OUTAGE_S = 90.0  # a minute and a half of retries, reconnects and spooling, within the suite's time; leaks grow with it
 
 
@@ -234,6 +250,7 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
     broker = local_broker.LocalKafka()  # never started yet: its topics do not exist either
     env = bus_env("kafka", tmp_path, broker.bootstrap_servers)
     accepted: dict[str, tuple[str, str | None]] = {}  # feedback_id -> (the text it labels, the label served)
+    descriptors: dict[int, collections.Counter[str]] = {}  # the service's open descriptors at each snapshot
     failures: list[str] = []
 
     def exchange(client: httpx.Client, i: int) -> str | None:
@@ -253,36 +270,39 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
             failures.append(f"feedback {response.status_code} {response.text}")
         return response.headers.get("x-tuneloop-worker")
 
+    def fresh_exchange(i: int) -> str | None:
+        # A worker opens its spools and Kafka clients at its first use: on a fresh connection every exchange may
+        # reach any worker, so none is first used between two snapshots and read as growth (CI failed twice so).
+        with server.client() as fresh:
+            return exchange(fresh, i)
+
     def every_worker_exchanges(first: int, each: int) -> int:
-        """Exchanges on fresh connections until every worker has taken `each` feedback: a worker's Kafka clients
-        connect at its first use, so a worker the keep-alive connection never reached would connect later and
-        read as growth. Returns the next index."""
-        taken: dict[str, int] = {}
-        workers = len(psutil.Process(server.process.pid).children())  # bentoml's arbiter and its worker processes
+        """Exchanges until every worker has taken `each` feedback; the next index."""
+        taken: collections.Counter[str | None] = collections.Counter()
         i = first
-        while len(taken) < workers or min(taken.values()) < each:
+        while min(taken[w] for w in workers) < each:
             assert i - first < 40 * each, f"the workers' share stayed {taken}"
-            with server.client() as fresh:
-                worker = exchange(fresh, i)
+            taken[fresh_exchange(i)] += 1
             i += 1
-            if worker is not None:
-                taken[worker] = taken.get(worker, 0) + 1
         return i
 
     def usage() -> tuple[tuple[int, int], tuple[int, int]]:
+        descriptors[len(descriptors)] = open_descriptors(server.process.pid)  # what grew, should an assert fail
         return tuple((u["threads"], u["fds"]) for u in (tree_usage(server.process.pid), tree_usage(controller.pid)))
 
     try:
-        with running_service(registry_path, tmp_path, **env) as server, server.client() as client, running_controller(
+        with running_service(registry_path, tmp_path, **env) as server, running_controller(
             registry_path, tmp_path, env
         ) as controller:
-            started, i, seen = time.monotonic(), 0, {}
+            workers = [str(n) for n in range(1, len(psutil.Process(server.process.pid).children()) + 1)]
+            started, i, seen, taken = time.monotonic(), 0, {}, collections.Counter()
             while (elapsed := time.monotonic() - started) < OUTAGE_S:
-                exchange(client, i)
+                taken[fresh_exchange(i)] += 1
                 i += 1
-                if "warm" not in seen and elapsed > 30:  # every retry loop has started by now
-                    seen["warm"] = usage()
+                if "warm" not in seen and elapsed > 30 and all(taken[w] >= 5 for w in workers):
+                    seen["warm"] = usage()  # every retry loop has started by now, in every worker
                 time.sleep(0.2)
+            assert "warm" in seen, f"the outage's traffic reached the workers {dict(taken)}"
             seen["outage end"] = usage()
             broker.start()
             i = every_worker_exchanges(i, 10)
@@ -302,6 +322,9 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
     for row in rows:
         text, served_label = accepted[row["feedback_id"]]
         assert row["text"] == text and (served_label is None or row["predicted_label"] == served_label), row
+    names = list(seen)  # in the order taken, as `descriptors` is
     for before, after in (("warm", "outage end"), ("reconnected", "settled")):
         for process, was, now in zip(("service", "controller"), seen[before], seen[after], strict=True):
-            assert now[0] <= was[0] + 2 and now[1] <= was[1] + 4, f"{process} (threads, fds) {before} {was} -> {after} {now}"
+            grown = descriptors[names.index(after)] - descriptors[names.index(before)]
+            assert now[0] <= was[0] + 2 and now[1] <= was[1] + 4, (
+                f"{process} (threads, fds) {before} {was} -> {after} {now}; the service's new descriptors: {dict(grown)}")
