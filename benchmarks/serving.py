@@ -76,9 +76,14 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: int) -> dict[str
         text=True,
         check=True,
     ).stdout
+    return parse_wrk(out, concurrency)
+
+
+def parse_wrk(out: str, concurrency: int) -> dict[str, float]:
+    """One wrk run's figures from its --latency report; latencies in ms, None where it printed none."""
 
     def latency(percentile: str) -> float | None:
-        found = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)$", out, re.M)
+        found = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)  # wrk pads seconds: "6.95s "
         return float(found.group(1)) * UNITS[found.group(2)] if found else None  # None: no request completed
 
     requests = int(re.search(r"(\d+) requests in", out).group(1))
