@@ -61,12 +61,13 @@ class Batcher(Generic[T]):
                 f"overloaded: this request would wait about {wait_s * 1000:.0f} ms, over serve.max_latency_ms="
                 f"{self.max_wait_s * 1000:.0f}; retry with backoff, or add replicas"
             )
-        request: _Request[T] = _Request(texts, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        request: _Request[T] = _Request(texts, loop.create_future())
         self._queue.append(request)
         self._queued_texts += len(texts)
         if not self._running:
             self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
+            loop.create_task(self._drain())
         return await request.answer
 
     def close(self) -> None:

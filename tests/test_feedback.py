@@ -250,7 +250,8 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
     broker = local_broker.LocalKafka()  # never started yet: its topics do not exist either
     env = bus_env("kafka", tmp_path, broker.bootstrap_servers)
     accepted: dict[str, tuple[str, str | None]] = {}  # feedback_id -> (the text it labels, the label served)
-    descriptors: dict[int, collections.Counter[str]] = {}  # the service's open descriptors at each snapshot
+    seen: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # snapshot -> (threads, fds) of service, controller
+    descriptors: dict[str, collections.Counter[str]] = {}  # snapshot -> the service's open descriptors
     failures: list[str] = []
 
     def exchange(client: httpx.Client, i: int) -> str | None:
@@ -271,7 +272,7 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
         return response.headers.get("x-tuneloop-worker")
 
     def fresh_exchange(i: int) -> str | None:
-        # A worker opens its spools and Kafka clients at its first use: on a fresh connection every exchange may
+        # A worker opens its Kafka clients and metric files at its first use: on a fresh connection every exchange may
         # reach any worker, so none is first used between two snapshots and read as growth (CI failed twice so).
         with server.client() as fresh:
             return exchange(fresh, i)
@@ -286,31 +287,31 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
             i += 1
         return i
 
-    def usage() -> tuple[tuple[int, int], tuple[int, int]]:
-        descriptors[len(descriptors)] = open_descriptors(server.process.pid)  # what grew, should an assert fail
-        return tuple((u["threads"], u["fds"]) for u in (tree_usage(server.process.pid), tree_usage(controller.pid)))
+    def snapshot(name: str) -> None:
+        seen[name] = tuple((u["threads"], u["fds"]) for u in (tree_usage(server.process.pid), tree_usage(controller.pid)))
+        descriptors[name] = open_descriptors(server.process.pid)  # what grew, should an assert fail
 
     try:
         with running_service(registry_path, tmp_path, **env) as server, running_controller(
             registry_path, tmp_path, env
         ) as controller:
             workers = [str(n) for n in range(1, len(psutil.Process(server.process.pid).children()) + 1)]
-            started, i, seen, taken = time.monotonic(), 0, {}, collections.Counter()
+            started, i, taken = time.monotonic(), 0, collections.Counter()
             while (elapsed := time.monotonic() - started) < OUTAGE_S:
                 taken[fresh_exchange(i)] += 1
                 i += 1
                 if "warm" not in seen and elapsed > 30 and all(taken[w] >= 5 for w in workers):
-                    seen["warm"] = usage()  # every retry loop has started by now, in every worker
+                    snapshot("warm")  # every retry loop has started by now, in every worker
                 time.sleep(0.2)
             assert "warm" in seen, f"the outage's traffic reached the workers {dict(taken)}"
-            seen["outage end"] = usage()
+            snapshot("outage end")
             broker.start()
             i = every_worker_exchanges(i, 10)
             wait_for(lambda: store(env).count() >= len(accepted), 180, f"all {len(accepted)} accepted rows stored")
-            seen["reconnected"] = usage()
+            snapshot("reconnected")
             i = every_worker_exchanges(i, 25)  # connected traffic, then a duplicate would have arrived too
             wait_for(lambda: store(env).count() >= len(accepted), 60, "the connected traffic stored")
-            seen["settled"] = usage()
+            snapshot("settled")
             spooled = metric(server.url + "/metrics", 'tuneloop_feedback_accepted_total{via="spool"}')
             prediction_events_waiting = metric(server.url + "/metrics", "tuneloop_prediction_events_spooled")
     finally:
@@ -322,9 +323,8 @@ def test_started_before_its_broker_the_loop_stores_every_accepted_feedback_once_
     for row in rows:
         text, served_label = accepted[row["feedback_id"]]
         assert row["text"] == text and (served_label is None or row["predicted_label"] == served_label), row
-    names = list(seen)  # in the order taken, as `descriptors` is
     for before, after in (("warm", "outage end"), ("reconnected", "settled")):
         for process, was, now in zip(("service", "controller"), seen[before], seen[after], strict=True):
-            grown = descriptors[names.index(after)] - descriptors[names.index(before)]
+            grown = descriptors[after] - descriptors[before]
             assert now[0] <= was[0] + 2 and now[1] <= was[1] + 4, (
                 f"{process} (threads, fds) {before} {was} -> {after} {now}; the service's new descriptors: {dict(grown)}")

@@ -130,8 +130,8 @@ def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneD
         model = PeftModel.from_pretrained(model, live_dir / "adapter", is_trainable=True)
         if settings.train.imprint_new_labels:
             model.to(pick_device(settings.train.device))  # where fit will train: the pass runs there too
-            imprinted = imprint_new_labels(model, tokenizer, data.train, live.labels, data.new_labels, data.known_labels,
-                               settings.model.max_seq_length)
+            imprinted = imprint_new_labels(model, tokenizer, data.train, live.labels, data.new_labels,
+                                           data.known_labels, settings.model.max_seq_length)
     else:
         model = add_lora(model, settings.train)
     config = settings.train.model_copy(update={"learning_rate": settings.train.finetune_learning_rate})
