@@ -540,6 +540,7 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
         "train_samples_per_s": training.get("train_samples_per_second"),
         "epochs_run": training.get("epochs_run"),
         "planned_epochs": training.get("planned_epochs"),  # fewer than train.max_epochs when the time budget bound
+        "steps": training.get("steps"), "planned_steps": training.get("planned_steps"),
         "train_seconds": training.get("train_seconds"),
         "feedback_rows_at_trigger": run["new_rows"] if run else None,
         "feedback_rows_trained": trained_rows if manifest else None,
@@ -661,9 +662,12 @@ def markdown(results: list[dict]) -> str:
     row("feedback rows trained on / sent", lambda r: f"{r['feedback_rows_trained']} / {r['feedback_rows_sent']}")
     row("trigger → every replica live", lambda r: f"{r['trigger_to_live_s']:.0f} s" if r["trigger_to_live_s"] else "-",
         "≤ 180 s")
-    row("training: seconds, epochs (planned), samples/s",
-        lambda r: f"{r.get('train_seconds') or '-'} s, {r['epochs_run']} ({r.get('planned_epochs') or '-'}), "
-                  f"{r['train_samples_per_s']}")
+    def training(r: dict) -> str:
+        steps = f", steps {r['steps']} of {r['planned_steps']}" if r.get("planned_steps") else ""
+        return (f"{r.get('train_seconds') or '-'} s, {r['epochs_run']} ({r.get('planned_epochs') or '-'}){steps}, "
+                f"{r['train_samples_per_s']}")
+
+    row("training: seconds, epochs (planned), samples/s", training)
     row("load p99 steady / while training", p99, "≤ 2×")
     row("failed requests", lambda r: f"{r['failed_requests']} of {r['requests']}", "0")
     row("quantization: recipe, agreement, latency vs v1", recipe, "full int8, ≥ 99 %, ≤ 1.15×")

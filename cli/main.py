@@ -106,7 +106,8 @@ def train(
         figures = {k: v for k, v in check.items() if k != "passed"}
         table.add_row(name, "yes" if check["passed"] else "[red]no[/red]", json.dumps(figures)[:160])
     console.print(table)
-    console.print(f"epochs {len(result.epochs)} of {result.planned_epochs} planned (best {result.best_epoch}) on "
+    console.print(f"epochs {len(result.epochs)} of {result.planned_epochs} planned, {result.steps} of "
+                  f"{result.planned_steps} steps (best epoch {result.best_epoch}) on "
                   f"{result.device}, {result.train_samples_per_second:.0f} samples/s; training {result.seconds:.0f} s, "
                   f"took {time.perf_counter() - started:.0f} s")
     if not built.accepted:

@@ -135,7 +135,8 @@ def train_on_feedback(settings: Settings, registry: Registry, run_id: int | None
         "learning_rate": settings.train.finetune_learning_rate,
         "split_seed": settings.train.seed, "device": result.device, "epochs_run": len(result.epochs),
         "best_epoch": result.best_epoch, "train_samples_per_second": round(result.train_samples_per_second, 1),
-        "planned_epochs": result.planned_epochs, "time_budget_s": settings.train.finetune_time_budget_s,
+        "planned_epochs": result.planned_epochs, "steps": result.steps, "planned_steps": result.planned_steps,
+        "time_budget_s": settings.train.finetune_time_budget_s,
         "train_seconds": round(result.seconds, 1),
     }
     base = resolve_base(settings.model)

@@ -35,7 +35,9 @@ class TrainResult:
     epochs: list[EpochStats] = field(default_factory=list)
     best_epoch: int = 0
     train_samples_per_second: float = 0.0
-    planned_epochs: int = 0  # what the learning-rate schedule ran down over: max_epochs, or fewer to fit a time budget
+    planned_epochs: int = 0  # the epochs the planned steps reach into (the last may be a part-epoch)
+    planned_steps: int = 0  # what the learning-rate schedule ran down over: max_epochs' steps, or fewer to fit a budget
+    steps: int = 0  # optimizer steps taken (fewer than planned when early stopping ended the run)
     seconds: float = 0.0  # the whole fit: frozen-layer pass, epochs and their validation
     imprinted_labels: list[str] = field(default_factory=list)  # head rows set from their texts before training
 
@@ -136,12 +138,19 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]
 
 class LinearSchedule:
     """Warm up over the first 6 % of the steps, then decay linearly to zero at `total_steps`, which may be
-    shortened once the epochs run show how many fit a time budget (the rate then decays from where it is)."""
+    re-planned once the steps run show how many fit a time budget (the rate then decays from where it is)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         self.total_steps = total_steps
-        self.warmup = math.ceil(0.06 * total_steps)
         self.lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
+
+    @property
+    def total_steps(self) -> int:
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, steps: int) -> None:
+        self._total_steps, self.warmup = steps, math.ceil(0.06 * steps)
 
     def factor(self, step: int) -> float:
         if step < self.warmup:  # as transformers' get_linear_schedule_with_warmup
@@ -152,9 +161,23 @@ class LinearSchedule:
         self.lambda_lr.step()
 
 
-def epochs_within(budget_s: float, elapsed_s: float, epoch_s: float, done: int, most: int) -> int:
-    """How many epochs a run can have in all, `done` of them taking `elapsed_s`, the next about `epoch_s`."""
-    return max(done, min(most, done + int(max(0.0, budget_s - elapsed_s) // max(epoch_s, 1e-9))))
+PROBE_STEPS = 20  # steps that measure a host's speed before a budgeted run plans its length
+
+
+def steps_within(budget_s: float, elapsed_s: float, step_s: float, validate_s: float, done: int,
+                 steps_per_epoch: int, most: int) -> int:
+    """How many steps a run can have in all, `done` of them (and what came before) taking `elapsed_s`, each next
+    step about `step_s`, a validation about `validate_s` at every epoch's end and at the run's end; at most
+    `most`, at least `done`."""
+    left = budget_s - elapsed_s - validate_s  # the run's own last validation
+    total, spent = done, 0.0
+    while total < most:
+        # going on past an epoch's end (other than the one just validated) costs that epoch's validation
+        cost = step_s + (validate_s if total > done and total % steps_per_epoch == 0 else 0.0)
+        if spent + cost > left:
+            break
+        spent, total = spent + cost, total + 1
+    return total
 
 
 @torch.no_grad()
@@ -187,9 +210,10 @@ def fit(
     """Train until validation loss stops improving; return the model holding its best weights.
 
     With `frozen_layers`, the encoder's lower layers stay fixed and their output is computed once
-    (trainer/frozen_prefix.py); only the layers above and the head train. With `time_budget_s`, each epoch's
-    duration decides how many epochs still fit the budget (never more than planned), and the learning rate runs down over those
-    (a run on a slow or busy host trains fewer epochs, each to a finished schedule, rather than overrunning).
+    (trainer/frozen_prefix.py); only the layers above and the head train. With `time_budget_s`, the speed of the
+    first steps, then of each epoch, decides how many steps fit the budget (at most max_epochs' worth), and the learning
+    rate runs down over those: a slow or busy host, or a large batch of feedback, trains fewer steps to a finished
+    schedule, ending inside an epoch if need be, rather than overrunning the loop.
     """
     torch.manual_seed(config.seed)
     fit_started = time.perf_counter()
@@ -211,13 +235,28 @@ def fit(
     # encoder's adapter moves slowly, keeping what it knew.
     groups = [{"params": adapter}, {"params": head, "lr": head_learning_rate or config.learning_rate}]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = LinearSchedule(optimizer, config.max_epochs * steps_per_epoch)
-
-    result = TrainResult(model=model, device=str(device), planned_epochs=config.max_epochs)
+    most = config.max_epochs * steps_per_epoch
+    scheduler = LinearSchedule(optimizer, most)
+    result = TrainResult(model=model, device=str(device), planned_epochs=config.max_epochs, planned_steps=most)
     best_loss, best_state, stale = math.inf, None, 0
-    samples, train_seconds = 0, prefix_seconds
+    samples, train_seconds, validate_s = 0, prefix_seconds, 0.0
+    stepping_s = 0.0  # time in optimizer steps alone (no validation, no frozen-layer pass): what a step costs
+
+    def replan(stepped_s: float) -> None:
+        """Fit the rest of the run into the budget at the speed measured so far (longer or shorter than planned)."""
+        step_s = stepped_s / result.steps
+        validating = validate_s or step_s * len(val_set) / config.batch_size / 3  # before one ran: forward only
+        elapsed = time.perf_counter() - fit_started
+        planned = steps_within(time_budget_s, elapsed, step_s, validating, result.steps, steps_per_epoch, most)
+        if planned != result.planned_steps:
+            result.planned_steps = scheduler.total_steps = planned
+            result.planned_epochs = math.ceil(planned / steps_per_epoch)
+            if progress:
+                tqdm.write(f"time budget {time_budget_s:.0f} s: {planned} steps, {planned / steps_per_epoch:.1f} epochs "
+                           f"in all ({elapsed:.0f} s so far, {step_s:.2f} s a step)")
+
     epoch = 0
-    while epoch < result.planned_epochs:
+    while result.steps < result.planned_steps:
         epoch += 1
         model.train()
         started = time.perf_counter()
@@ -235,22 +274,24 @@ def fit(
             scheduler.step()
             losses.append(loss.item())
             samples += len(batch["labels"])
+            result.steps += 1
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            if time_budget_s and result.steps == PROBE_STEPS < steps_per_epoch:  # a first plan, inside epoch 1
+                replan(time.perf_counter() - started)
+            if result.steps >= result.planned_steps:  # the budget may end the run inside an epoch
+                break
+        bar.close()
+        stepping_s += time.perf_counter() - started
         train_seconds += time.perf_counter() - started
+        validating = time.perf_counter()
         val_loss, val_accuracy = evaluate(model, val_set, pad_id, device, prefix)
+        validate_s = time.perf_counter() - validating
         stats = EpochStats(epoch, float(np.mean(losses)), val_loss, val_accuracy, time.perf_counter() - started)
         result.epochs.append(stats)
         if progress:
             tqdm.write(f"epoch {epoch}: train loss {stats.train_loss:.4f}  val loss {val_loss:.4f}  val acc {val_accuracy:.3f}")
-        if time_budget_s:
-            elapsed = time.perf_counter() - fit_started
-            planned = epochs_within(time_budget_s, elapsed, stats.seconds, epoch, result.planned_epochs)
-            if planned < result.planned_epochs:
-                result.planned_epochs = planned
-                scheduler.total_steps = planned * steps_per_epoch
-                if progress:
-                    tqdm.write(f"time budget {time_budget_s:.0f} s: {planned} epoch(s) in all "
-                               f"({elapsed:.0f} s so far, {stats.seconds:.0f} s an epoch)")
+        if time_budget_s and result.steps < result.planned_steps:
+            replan(stepping_s)
         if val_loss < best_loss - 1e-4:
             best_loss, stale, result.best_epoch = val_loss, 0, epoch
             best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
