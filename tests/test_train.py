@@ -2,22 +2,54 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.support.data import IMDB
 from trainer.data import load_csv
 from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
-from trainer.train import PROBE_STEPS, LinearSchedule, TrainResult, fit, steps_within
+from trainer.train import REPLAN_EVERY, LinearSchedule, TrainResult, fit, steps_within
 from tuneloop.config import ModelConfig, TrainConfig
 
 
-def test_the_schedule_warms_up_decays_to_zero_and_can_be_shortened() -> None:
-    schedule = LinearSchedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=100)
-    assert schedule.warmup == 6
-    assert schedule.factor(0) == 0 and schedule.factor(6) == 1 and schedule.factor(100) == 0
-    assert 0.45 < schedule.factor(53) < 0.55
-    schedule.total_steps = 50  # the budget allows half the run: it ends at step 50, decaying from where it is
-    assert schedule.factor(25) > schedule.factor(40) > schedule.factor(50) == 0
+def schedule(total_steps: int) -> LinearSchedule:
+    return LinearSchedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps)
+
+
+def advance(plan: LinearSchedule, steps: int) -> None:
+    for _ in range(steps):
+        plan.lambda_lr.optimizer.step()
+        plan.step()
+
+
+def test_the_schedule_warms_up_and_decays_to_zero() -> None:
+    plan = schedule(100)
+    assert plan.warmup == 6
+    assert plan.factor(0) == 0 and plan.factor(6) == 1 and plan.factor(100) == 0
+    assert 0.45 < plan.factor(53) < 0.55
+
+
+def test_a_replanned_schedule_goes_on_from_its_rate_to_zero_at_the_new_end() -> None:
+    plan = schedule(100)
+    advance(plan, 30)
+    rate = plan.factor(30)
+    plan.replan(50)  # the budget allows half the run
+    assert plan.factor(30) == pytest.approx(rate)  # no jump
+    assert plan.factor(40) == pytest.approx(rate / 2) and plan.factor(50) == 0
+    plan.replan(90)  # a faster host: longer again, still from where it is
+    assert plan.factor(30) == pytest.approx(rate) and plan.factor(60) == pytest.approx(rate / 2)
+
+
+def test_a_schedule_replanned_during_its_warmup_still_reaches_the_full_rate() -> None:
+    plan = schedule(1000)  # warm-up to step 60
+    advance(plan, 20)
+    rate = plan.factor(20)
+    plan.replan(200)  # 6 % of 200 is 12, already past: the warm-up ends at the next step instead
+    assert plan.factor(20) == pytest.approx(rate) and plan.factor(21) == 1 and plan.factor(200) == 0
+    plan = schedule(1000)
+    advance(plan, 20)
+    plan.replan(500)
+    assert (plan.warmup, plan.factor(20), plan.factor(30), plan.factor(500)) == (30, pytest.approx(rate), 1, 0)
 
 
 def test_steps_within_a_budget() -> None:
@@ -43,9 +75,9 @@ def test_a_fit_ends_within_its_budget_even_inside_an_epoch() -> None:
 
     roomy = run(budget_s=3600)
     assert (roomy.planned_epochs, len(roomy.epochs), roomy.steps, roomy.planned_steps) == (4, 4, 96, 96)
-    # Spent by the time the first steps have measured the speed: the run ends there, inside epoch 1, its
-    # learning rate run down to zero over the steps it had, and that part-epoch is validated and kept.
+    # Spent by the time the first steps have measured the speed: the run ends there, inside epoch 1, and that
+    # part-epoch is validated and kept.
     tight = run(budget_s=1e-3)
-    assert PROBE_STEPS < 24
-    assert (tight.steps, tight.planned_steps, tight.planned_epochs) == (PROBE_STEPS, PROBE_STEPS, 1)
+    assert REPLAN_EVERY < 24
+    assert (tight.steps, tight.planned_steps, tight.planned_epochs) == (REPLAN_EVERY, REPLAN_EVERY, 1)
     assert (len(tight.epochs), tight.best_epoch) == (1, 1)

@@ -137,31 +137,32 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]
 
 
 class LinearSchedule:
-    """Warm up over the first 6 % of the steps, then decay linearly to zero at `total_steps`, which may be
-    re-planned once the steps run show how many fit a time budget (the rate then decays from where it is)."""
+    """Warm up over the first 6 % of the steps, then decay linearly to zero at the last (as transformers'
+    get_linear_schedule_with_warmup). A budgeted run re-plans its length as its steps show how many fit
+    (`replan`): the rate goes on from where it is, without a jump, to zero at the new last step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
-        self.total_steps = total_steps
+        self.warmup = math.ceil(0.06 * total_steps)
+        self.knots = ([0, self.warmup, total_steps], [0.0, 1.0, 0.0])  # (step, factor) points, linear between
         self.lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
 
-    @property
-    def total_steps(self) -> int:
-        return self._total_steps
-
-    @total_steps.setter
-    def total_steps(self, steps: int) -> None:
-        self._total_steps, self.warmup = steps, math.ceil(0.06 * steps)
-
     def factor(self, step: int) -> float:
-        if step < self.warmup:  # as transformers' get_linear_schedule_with_warmup
-            return step / max(1, self.warmup)
-        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup))
+        return float(np.interp(step, *self.knots))
+
+    def replan(self, total_steps: int) -> None:
+        now = self.lambda_lr.last_epoch  # steps taken; the next one runs at factor(now)
+        rate = self.factor(now)
+        warmup = max(math.ceil(0.06 * total_steps), now + 1)  # a warm-up under way still reaches the full rate
+        if now < self.warmup and warmup < total_steps:
+            self.warmup, self.knots = warmup, ([now, warmup, total_steps], [rate, 1.0, 0.0])
+        else:
+            self.knots = ([now, total_steps], [rate, 0.0])
 
     def step(self) -> None:
         self.lambda_lr.step()
 
 
-PROBE_STEPS = 20  # steps that measure a host's speed before a budgeted run plans its length
+REPLAN_EVERY = 20  # steps between a budgeted run's plans of its length
 
 
 def steps_within(budget_s: float, elapsed_s: float, step_s: float, validate_s: float, done: int,
@@ -170,13 +171,18 @@ def steps_within(budget_s: float, elapsed_s: float, step_s: float, validate_s: f
     step about `step_s`, a validation about `validate_s` at every epoch's end and at the run's end; at most
     `most`, at least `done`."""
     left = budget_s - elapsed_s - validate_s  # the run's own last validation
-    total, spent = done, 0.0
+    step_s = max(step_s, 1e-9)
+    total = done
     while total < most:
-        # going on past an epoch's end (other than the one just validated) costs that epoch's validation
-        cost = step_s + (validate_s if total > done and total % steps_per_epoch == 0 else 0.0)
-        if spent + cost > left:
+        epoch_end = min(most, (total // steps_per_epoch + 1) * steps_per_epoch)
+        affordable = math.floor(left / step_s)
+        if affordable < epoch_end - total:
+            return total + max(0, affordable)  # the run ends inside this epoch
+        left -= (epoch_end - total) * step_s
+        total = epoch_end
+        if total < most and left < validate_s + step_s:  # going on past an epoch's end costs its validation
             break
-        spent, total = spent + cost, total + 1
+        left -= validate_s
     return total
 
 
@@ -210,8 +216,8 @@ def fit(
     """Train until validation loss stops improving; return the model holding its best weights.
 
     With `frozen_layers`, the encoder's lower layers stay fixed and their output is computed once
-    (trainer/frozen_prefix.py); only the layers above and the head train. With `time_budget_s`, the speed of the
-    first steps, then of each epoch, decides how many steps fit the budget (at most max_epochs' worth), and the learning
+    (trainer/frozen_prefix.py); only the layers above and the head train. With `time_budget_s`, the speed measured
+    every 20 steps and at each validation decides how many steps fit the budget (at most max_epochs' worth), and the learning
     rate runs down over those: a slow or busy host, or a large batch of feedback, trains fewer steps to a finished
     schedule, ending inside an epoch if need be, rather than overrunning the loop.
     """
@@ -225,7 +231,7 @@ def fit(
     started = time.perf_counter()
     if prefix is not None:
         train_set, val_set = (with_prefix(part, prefix, pad_id, device) for part in (train_set, val_set))
-    prefix_seconds = time.perf_counter() - started  # counted in samples/s: it is part of training
+    prefix_seconds = time.perf_counter() - started
     shuffling = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -239,18 +245,18 @@ def fit(
     scheduler = LinearSchedule(optimizer, most)
     result = TrainResult(model=model, device=str(device), planned_epochs=config.max_epochs, planned_steps=most)
     best_loss, best_state, stale = math.inf, None, 0
-    samples, train_seconds, validate_s = 0, prefix_seconds, 0.0
+    samples, validate_s = 0, 0.0
     stepping_s = 0.0  # time in optimizer steps alone (no validation, no frozen-layer pass): what a step costs
 
     def replan(stepped_s: float) -> None:
         """Fit the rest of the run into the budget at the speed measured so far (longer or shorter than planned)."""
         step_s = stepped_s / result.steps
-        validating = validate_s or step_s * len(val_set) / config.batch_size / 3  # before one ran: forward only
+        validating_s = validate_s or step_s * len(val_set) / config.batch_size / 3  # before one ran: forward only
         elapsed = time.perf_counter() - fit_started
-        planned = steps_within(time_budget_s, elapsed, step_s, validating, result.steps, steps_per_epoch, most)
+        planned = steps_within(time_budget_s, elapsed, step_s, validating_s, result.steps, steps_per_epoch, most)
         if planned != result.planned_steps:
-            result.planned_steps = scheduler.total_steps = planned
-            result.planned_epochs = math.ceil(planned / steps_per_epoch)
+            scheduler.replan(planned)
+            result.planned_steps, result.planned_epochs = planned, math.ceil(planned / steps_per_epoch)
             if progress:
                 tqdm.write(f"time budget {time_budget_s:.0f} s: {planned} steps, {planned / steps_per_epoch:.1f} epochs "
                            f"in all ({elapsed:.0f} s so far, {step_s:.2f} s a step)")
@@ -276,16 +282,15 @@ def fit(
             samples += len(batch["labels"])
             result.steps += 1
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-            if time_budget_s and result.steps == PROBE_STEPS < steps_per_epoch:  # a first plan, inside epoch 1
-                replan(time.perf_counter() - started)
+            if time_budget_s and result.steps % REPLAN_EVERY == 0:  # the host's load may change within an epoch
+                replan(stepping_s + time.perf_counter() - started)
             if result.steps >= result.planned_steps:  # the budget may end the run inside an epoch
                 break
         bar.close()
         stepping_s += time.perf_counter() - started
-        train_seconds += time.perf_counter() - started
-        validating = time.perf_counter()
+        validation_started = time.perf_counter()
         val_loss, val_accuracy = evaluate(model, val_set, pad_id, device, prefix)
-        validate_s = time.perf_counter() - validating
+        validate_s = time.perf_counter() - validation_started
         stats = EpochStats(epoch, float(np.mean(losses)), val_loss, val_accuracy, time.perf_counter() - started)
         result.epochs.append(stats)
         if progress:
@@ -304,6 +309,7 @@ def fit(
     assert best_state is not None
     model.load_state_dict(best_state, strict=False)
     model.eval()
+    train_seconds = prefix_seconds + stepping_s  # the frozen-layer pass is part of training
     result.train_samples_per_second = samples / train_seconds if train_seconds else 0.0
     result.seconds = time.perf_counter() - fit_started
     return result
