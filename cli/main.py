@@ -91,7 +91,8 @@ def train(
     from pipeline.versions import build_candidate
 
     try:
-        built = build_candidate(settings, Registry(settings.registry.path), run_id, replay_ratio, progress, console.print)
+        built = build_candidate(settings, Registry(settings.registry.path), run_id, replay_ratio, progress, console.print,
+                                started)
     except NothingToTrain as exc:
         console.print(f"[yellow]nothing to train:[/yellow] {exc}")
         raise typer.Exit(exc.exit_code) from None

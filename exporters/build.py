@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from tuneloop.inference import OnnxTextClassifier
 from tuneloop.reference import REFERENCE_FILE, Reference
 from tuneloop.registry import Manifest, Registry
 
-STEPS = ("reference logits", "save adapter", "merge + export ONNX", "optimize graph", "quantize + parity + gate", "publish")
+STEPS = ("reference logits", "save adapter", "merge + export ONNX", "optimize graph", "quantize + parity",
+         "drift reference + gate", "publish")
 
 # Judges a candidate (a fresh ONNX Runtime session on the staged files) and its int8 parity: {"passed", "checks"}.
 Gate = Callable[[OnnxTextClassifier, Parity], dict[str, Any]]
@@ -64,8 +66,14 @@ def build_and_publish(
     max_length = settings.model.max_seq_length
     encoder_config = model.get_base_model().encoder.config
     steps = tqdm(total=len(STEPS), desc="export", unit="step", disable=None if progress else True)
+    seconds: dict[str, float] = {}  # per step, in the manifest: where the loop's time outside training goes
+    mark = time.perf_counter()
 
     def step(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        seconds[name] = round(now - mark, 2)
+        mark = now
         steps.set_postfix_str(name)
         steps.update(1)
 
@@ -117,18 +125,20 @@ def build_and_publish(
             optimized_path, staged / "model.onnx", torch_logits, int8_logits, settings.export.min_argmax_agreement,
             keep_best=gate is not None, calibration=calibration,
         )
+        step(STEPS[4])
         onnx_model = int8_classifier(staged / "model.onnx", recipe)  # a fresh session on the staged files
         onnx_logits = onnx_model.predict(val.texts).logits
         reference = candidate.reference_rows
         Reference.from_scores(onnx_model.predict(reference.texts), reference.labels, labels).save(staged / REFERENCE_FILE)
         verdict = gate(onnx_model, parity) if gate is not None else None
-        step(STEPS[4])
+        step(STEPS[5])
 
         export_info |= {
             "quantization": recipe.name,
             "fp32_patterns": list(recipe.fp32_patterns),
             "max_rows_per_run": recipe.max_rows_per_run,
             "quantization_attempts": attempts_as_dicts(attempts),
+            "seconds": seconds,  # the publish step is not in it: it is what writes the manifest
         }
         metrics = {
             "val_rows": len(val),
@@ -151,6 +161,6 @@ def build_and_publish(
             gate=verdict,
             promote=release.promote,
         )
-        step(STEPS[5])
+        step(STEPS[6])
     steps.close()
     return manifest

@@ -47,10 +47,12 @@ def build_v1(settings: Settings, registry: Registry, data: Path, labels: list[st
 
 
 def build_candidate(settings: Settings, registry: Registry, run_id: int | None = None,
-                    replay_ratio: float | None = None, progress: bool = True, say: Say = quiet) -> CandidateBuilt:
+                    replay_ratio: float | None = None, progress: bool = True, say: Say = quiet,
+                    started: float | None = None) -> CandidateBuilt:
     """Fine-tune the live version on new feedback plus replay; export and gate; promote (or start the rollout)
-    if it passes. Raises NothingToTrain when there is nothing to do."""
-    run = train_on_feedback(settings, registry, run_id, replay_ratio, progress, say)
+    if it passes. The time budget counts from `started` (`time.perf_counter()` at the run's start). Raises
+    NothingToTrain when there is nothing to do."""
+    run = train_on_feedback(settings, registry, run_id, replay_ratio, progress, say, started)
     live = run.live
     live_classifier = OnnxTextClassifier.from_version(live, run.live_dir, "cpu")
 

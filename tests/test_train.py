@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -68,10 +70,10 @@ def test_a_fit_ends_within_its_budget_even_inside_an_epoch() -> None:
     base = resolve_base(model_config)
     labels = sorted(set(rows.labels))
 
-    def run(budget_s: float) -> TrainResult:
+    def run(budget_s: float, budget_from: float | None = None) -> TrainResult:
         model = add_lora(build_classifier(base, 2, model_config), config)
         return fit(model, load_tokenizer(base), train, val, labels, config, 32, progress=False, frozen_layers=4,
-                   time_budget_s=budget_s)
+                   time_budget_s=budget_s, budget_from=budget_from)
 
     roomy = run(budget_s=3600)
     assert (roomy.planned_epochs, len(roomy.epochs), roomy.steps, roomy.planned_steps) == (4, 4, 96, 96)
@@ -81,3 +83,7 @@ def test_a_fit_ends_within_its_budget_even_inside_an_epoch() -> None:
     assert REPLAN_EVERY < 24
     assert (tight.steps, tight.planned_steps, tight.planned_epochs) == (REPLAN_EVERY, REPLAN_EVERY, 1)
     assert (len(tight.epochs), tight.best_epoch) == (1, 1)
+    # The budget counts from the run's start: an hour's budget that the run's start-up already spent leaves only the
+    # steps that measure the speed.
+    late = run(budget_s=3600, budget_from=time.perf_counter() - 3600)
+    assert (late.steps, late.planned_steps, len(late.epochs)) == (REPLAN_EVERY, REPLAN_EVERY, 1)

@@ -117,11 +117,12 @@ def build_dataset(store: FeedbackStore, live: Manifest, live_dir: Path, settings
     )
 
 
-def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneData, progress: bool = True
-             ) -> TrainResult:
+def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneData, progress: bool = True,
+             started: float | None = None) -> TrainResult:
     """Train a candidate from the live version (its adapter, or a fresh one): the adapter at the fine-tuning
     learning rate, the head at bootstrap's (it must learn intents it has never seen), the head rows of labels
-    new to the lineage imprinted from their rows first (`train.imprint_new_labels`)."""
+    new to the lineage imprinted from their rows first (`train.imprint_new_labels`). The time budget counts from
+    `started` (a `time.perf_counter()` value: the run's start, so that start-up and imprinting are inside it)."""
     base = resolve_base(settings.model)
     tokenizer = load_tokenizer(base)
     model = build_classifier(base, len(live.labels), settings.model)
@@ -137,5 +138,6 @@ def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneD
     config = settings.train.model_copy(update={"learning_rate": settings.train.finetune_learning_rate})
     result = fit(model, tokenizer, data.train, data.val, live.labels, config,
                  settings.model.max_seq_length, progress, head_learning_rate=settings.train.learning_rate,
-                 frozen_layers=settings.train.finetune_frozen_layers, time_budget_s=settings.train.finetune_time_budget_s)
+                 frozen_layers=settings.train.finetune_frozen_layers, time_budget_s=settings.train.finetune_time_budget_s,
+                 budget_from=started)
     return replace(result, imprinted_labels=imprinted)

@@ -109,8 +109,10 @@ def bootstrap(settings: Settings, data: Path, labels: list[str] | None = None, p
 
 
 def train_on_feedback(settings: Settings, registry: Registry, run_id: int | None = None,
-                      replay_ratio: float | None = None, progress: bool = True, say: Say = quiet) -> FeedbackRun:
-    """Fine-tune the live version on the feedback stored since it was published, plus a replay of its training rows.
+                      replay_ratio: float | None = None, progress: bool = True, say: Say = quiet,
+                      started: float | None = None) -> FeedbackRun:
+    """Fine-tune the live version on the feedback stored since it was published, plus a replay of its training rows;
+    the time budget counts from `started` (`time.perf_counter()` at the run's start; default: training's start).
 
     Raises NothingToTrain when a rollout is in progress or too little new labelled data arrived."""
     live, live_dir = registry.resolve()
@@ -122,7 +124,7 @@ def train_on_feedback(settings: Settings, registry: Registry, run_id: int | None
         f"train: from v{live.version}; {data.new_train} new + {len(data.train) - data.new_train} replayed rows "
         f"to train, {len(data.val)} to validate, holdout {len(data.holdout)}"
     )
-    result = finetune(settings, live, live_dir, data, progress)
+    result = finetune(settings, live, live_dir, data, progress, started)
     ratio = settings.train.replay_ratio if replay_ratio is None else replay_ratio
     evaluation = concat([data.holdout, data.new_holdout])
     training = {

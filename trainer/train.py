@@ -212,17 +212,20 @@ def fit(
     head_learning_rate: float | None = None,
     frozen_layers: int = 0,
     time_budget_s: float = 0.0,
+    budget_from: float | None = None,
 ) -> TrainResult:
     """Train until validation loss stops improving; return the model holding its best weights.
 
     With `frozen_layers`, the encoder's lower layers stay fixed and their output is computed once
-    (trainer/frozen_prefix.py); only the layers above and the head train. With `time_budget_s`, the speed measured
-    every 20 steps and at each validation decides how many steps fit the budget (at most max_epochs' worth), and the learning
-    rate runs down over those: a slow or busy host, or a large batch of feedback, trains fewer steps to a finished
+    (trainer/frozen_prefix.py); only the layers above and the head train. With `time_budget_s`, counted from
+    `budget_from` (a `time.perf_counter()` value, the run's start; default: now), the speed measured every 20 steps
+    and at each validation decides how many steps fit the budget (at most max_epochs' worth), and the learning rate
+    runs down over those: a slow or busy host, or a large batch of feedback, trains fewer steps to a finished
     schedule, ending inside an epoch if need be, rather than overrunning the loop.
     """
     torch.manual_seed(config.seed)
     fit_started = time.perf_counter()
+    budget_from = fit_started if budget_from is None else budget_from
     device = pick_device(config.device)
     model.to(device)
     pad_id = tokenizer.pad_token_id
@@ -252,7 +255,7 @@ def fit(
         """Fit the rest of the run into the budget at the speed measured so far (longer or shorter than planned)."""
         step_s = stepped_s / result.steps
         validating_s = validate_s or step_s * len(val_set) / config.batch_size / 3  # before one ran: forward only
-        elapsed = time.perf_counter() - fit_started
+        elapsed = time.perf_counter() - budget_from
         planned = steps_within(time_budget_s, elapsed, step_s, validating_s, result.steps, steps_per_epoch, most)
         if planned != result.planned_steps:
             scheduler.replan(planned)

@@ -87,12 +87,14 @@ class TrainConfig(Section):
         "119 s, 0 frozen 0.934 in 168 s; joint retrain 0.926).",
     )
     finetune_time_budget_s: float = Field(
-        130, ge=0, description="`tuneloop train`: seconds the training itself may take: the loop's 180 s less the 45 s "
-        "that start-up, export, the gate and the swap took at most in the scenario suite (2 busy cores), less 5 s of "
-        "margin, since a run now fills its budget to the step. The speed measured every 20 steps and at each "
-        "validation decides how many steps fit (at most max_epochs' worth), and the learning rate goes on from where "
-        "it is to zero at the last of them, ending inside an epoch if need be: long texts or much feedback train a "
-        "part-epoch to a finished schedule instead of overrunning the loop (0: no budget, max_epochs).",
+        145, ge=0, description="`tuneloop train`: seconds from the run's start to the end of its training, start-up "
+        "(imports, data, imprinting) included: the loop's 180 s less the 26-30 s that export, the gate and the swap "
+        "took after training in the scenario suite (2 busy cores), less a margin. Counted from the start, a slow "
+        "start-up (more feedback to read and imprint, a busier host) takes its time from training, not from the loop. "
+        "The speed measured every 20 steps and at each validation decides how many steps fit (at most max_epochs' "
+        "worth), and the learning rate goes on from where it is to zero at the last of them, ending inside an epoch if "
+        "need be: long texts or much feedback train a part-epoch to a finished schedule instead of overrunning the "
+        "loop (0: no budget, max_epochs).",
     )
     niceness: int = Field(
         10, ge=0, le=19, description="`tuneloop train` lowers its CPU priority by this much (nice), so that serving on "
