@@ -58,6 +58,12 @@ class Manifest(BaseModel):
     gate: dict[str, Any] = Field(default_factory=dict, description="Every validation check with its figures.")
     files: dict[str, FileEntry]
 
+    @property
+    def temperature(self) -> float:
+        """What the scores' logits are divided by before the softmax (tuneloop/confidence.py); 1 for a version
+        published before calibration."""
+        return float(self.export.get("confidence", {}).get("temperature", 1.0))
+
 
 class HistoryEntry(BaseModel):
     time: str
