@@ -134,11 +134,12 @@ def build_and_publish(
         reference_scores = onnx_model.predict(reference.texts)
         index = {name: i for i, name in enumerate(labels)}
         confidence = fit_and_check(reference_scores.logits, np.array([index[label] for label in reference.labels]),
-                                   settings.train.seed)
+                                   settings.train.seed, settings.export.abstain_accuracy_cost)
         onnx_model.temperature = confidence["temperature"]  # the drift reference sees the scores served
         reference_scores = replace(reference_scores,
                                    probabilities=softmax(reference_scores.logits, onnx_model.temperature))
-        Reference.from_scores(reference_scores, reference.labels, labels).save(staged / REFERENCE_FILE)
+        drift_reference = Reference.from_scores(reference_scores, reference.labels, labels)
+        replace(drift_reference, abstain_below=confidence["abstain_below"]).save(staged / REFERENCE_FILE)
         verdict = gate(onnx_model, parity) if gate is not None else None
         step(STEPS[5])
 

@@ -18,7 +18,11 @@ Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_texts_pe
 
 class Prediction(BaseModel):
     request_id: str = Field(description="Identifies this prediction; send it back with feedback.")
-    label: str
+    label: str | None = Field(
+        description="The predicted label; null when the service abstained (`abstained`): the text's top score was "
+        "below `serve.abstain_below`, as out-of-scope texts' are.")
+    top_label: str = Field(description="The label of the highest score, abstained or not.")
+    abstained: bool = Field(False, description="True when the top score was too low to answer (`label` is null).")
     scores: dict[str, float] = Field(
         description="Probability per label; they sum to 1. Calibrated: the softmax of the logits divided by the "
         "version's temperature, fitted at export on rows training never saw, so a top score of 0.8 is right about "

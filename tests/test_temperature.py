@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporters.temperature import MIN_ROWS, fit_and_check, fit_temperature, log_loss
+from exporters.temperature import (MIN_ROWS, abstain_threshold, answered_accuracy, fit_and_check, fit_temperature,
+                                   log_loss)
 from trainer import scenario
 from tuneloop.confidence import expected_calibration_error, softmax
 from tuneloop.inference import OnnxTextClassifier
@@ -57,3 +58,16 @@ def test_a_published_version_serves_its_fitted_temperature_and_it_lowers_ece(cli
     truth = np.array([manifest.labels.index(label) for label in test.labels])
     assert expected_calibration_error(scores.probabilities, truth) < expected_calibration_error(
         softmax(scores.logits), truth)
+
+
+def test_the_abstain_threshold_spares_the_least_confident_rows_within_the_accuracy_cost() -> None:
+    # Ten rows by rising top score, all predicting label 0; the two least confident are wrong, the rest right.
+    top = np.array([0.52, 0.55, 0.58, 0.60, 0.70, 0.80, 0.85, 0.90, 0.95, 0.99])
+    probabilities = np.stack([top, 1 - top], axis=1)
+    truth = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    # Abstaining on the two wrong rows costs nothing; the third would cost 0.1 of accuracy
+    assert abstain_threshold(probabilities, truth, accuracy_cost=0.05) == pytest.approx(0.58)
+    assert answered_accuracy(probabilities, truth, 0.58) == (pytest.approx(0.8), pytest.approx(0.2))
+    assert abstain_threshold(probabilities, truth, accuracy_cost=0.1) == pytest.approx(0.60)
+    # No cost allowed and the least confident row right: nothing can be spared
+    assert abstain_threshold(probabilities, 1 - truth, accuracy_cost=0.0) is None

@@ -64,6 +64,12 @@ class Manifest(BaseModel):
         published before calibration."""
         return float(self.export.get("confidence", {}).get("temperature", 1.0))
 
+    @property
+    def abstain_below(self) -> float | None:
+        """The abstain threshold chosen at export (`serve.abstain_below: version`); None: the version has none."""
+        value = self.export.get("confidence", {}).get("abstain_below")
+        return None if value is None else float(value)
+
 
 class HistoryEntry(BaseModel):
     time: str
