@@ -35,6 +35,7 @@ class LiveModel:
     classifier: TextClassifier
     backend: str
     abstain_below: float | None = None  # a text whose top score is lower is answered `label: null`
+    out_of_scope: str | None = None  # a declared label predicted as `label: null` (serve.out_of_scope_label)
 
 
 def abstain_threshold(setting: float | str | None, manifest: Manifest) -> float | None:
@@ -77,5 +78,7 @@ def load_live_model(registry: Registry, settings: Settings, version: int | None 
         raise RuntimeError(f"serve.backend={backend} is not one of {sorted(BACKENDS)}") from None
     classifier = loader(manifest, directory, settings)
     classifier.predict(["warm-up"])  # first run allocates buffers; keep that off the first user request
+    out_of_scope = settings.serve.out_of_scope_label
     return LiveModel(manifest.version, manifest, classifier, backend,
-                     abstain_threshold(settings.serve.abstain_below, manifest))
+                     abstain_threshold(settings.serve.abstain_below, manifest),
+                     out_of_scope if out_of_scope in manifest.labels else None)

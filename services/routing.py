@@ -59,7 +59,8 @@ class Router:
         unknown = scores.unknown_tokens if scores.unknown_tokens is not None else [None] * len(texts)
         for i, (text, row) in enumerate(zip(texts, scores.probabilities, strict=True)):
             label = labels[int(row.argmax())]
-            abstained = live.abstain_below is not None and float(row.max()) < live.abstain_below
+            abstained = label == live.out_of_scope or (
+                live.abstain_below is not None and float(row.max()) < live.abstain_below)
             if shadow:
                 self.metrics.shadow_predictions.labels(str(live.version)).inc()
             else:

@@ -134,3 +134,10 @@ def test_without_a_threshold_nothing_abstains() -> None:
     route, _ = router()
     predictions = route.predict(model(1, Scored([[0.5, 0.5], [0.51, 0.49]])), None, ["a", "b"])
     assert [(p.label, p.abstained) for p in predictions] == [("neg", False), ("neg", False)]
+
+
+def test_the_declared_out_of_scope_label_is_answered_as_an_abstention() -> None:
+    route, _ = router()
+    live = replace(model(1, Scored([[0.9, 0.1], [0.2, 0.8]])), out_of_scope="neg")
+    predictions = route.predict(live, None, ["none of the intents", "an intent"])
+    assert [(p.label, p.top_label, p.abstained) for p in predictions] == [(None, "neg", True), ("pos", "pos", False)]

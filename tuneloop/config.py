@@ -181,6 +181,11 @@ class ServeConfig(Section):
         "keeps its scores and `top_label` but answers `label: null, abstained: true` (out-of-scope texts score low). "
         "'version': each version's own threshold, chosen at export (`export.abstain_accuracy_cost`). Unset: never.",
     )
+    out_of_scope_label: str | None = Field(
+        "oos", description="A declared label that means 'none of the others' (CLINC150's convention): predicted, it "
+        "is answered as an abstention (`label: null, abstained: true`, `top_label` names it). Feedback may use it for a "
+        "text no intent covers, and fine-tuning learns it like any declared label. Unset: no such label.",
+    )
     max_texts_per_request: int = Field(64, ge=1, description="Texts in one /predict request; more is a 400.")
     max_chars_per_text: int = Field(2000, ge=1, description="Characters in one text; more is a 400.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body size; more is a 413.")
