@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from exporters import onnx_export
 from exporters.calibrated_int8 import Calibration, calibration_sample
-from exporters.temperature import fit_and_check
 from exporters.quantize import Parity, Recipe, attempts_as_dicts, quantize_until_parity
+from exporters.temperature import fit_and_check
 from trainer.data import write_csv
 from trainer.model import predict, weights_digest
 from trainer.runs import Candidate
@@ -57,9 +57,10 @@ def build_and_publish(
 ) -> Manifest:
     """Publish the candidate as the next version; raises (publishing nothing) if no quantization reaches parity.
 
-    Parity is checked on `candidate.parity_rows`; the scores' temperature is fitted (exporters/temperature.py) and the
-    drift reference captured on `candidate.reference_rows`, rows training never saw. `candidate.stored` are kept with the version as CSV (`data/<name>.csv`): what it was
-    trained on is the next run's replay pool, and the original data's holdout travels down the lineage.
+    Parity is checked on `candidate.parity_rows`. On `candidate.reference_rows`, rows training never saw, the scores'
+    temperature and abstain threshold are chosen (exporters/temperature.py) and the drift reference is captured.
+    `candidate.stored` are kept with the version as CSV (`data/<name>.csv`): what it was trained on is the next
+    run's replay pool, and the original data's holdout travels down the lineage.
     `candidate.calibration_texts` (training rows; up to 200 are sampled) calibrate the static int8 recipe;
     without them it is skipped.
     """
@@ -148,7 +149,7 @@ def build_and_publish(
             "fp32_patterns": list(recipe.fp32_patterns),
             "max_rows_per_run": recipe.max_rows_per_run,
             "quantization_attempts": attempts_as_dicts(attempts),
-            "confidence": confidence,  # the temperature the scores are divided by, and ECE before / after
+            "confidence": confidence,  # temperature, abstain threshold, and what they do on held-out rows
             "seconds": seconds,  # the publish step is not in it: it is what writes the manifest
         }
         metrics = {

@@ -68,8 +68,8 @@ def service_metrics() -> ServiceMetrics:
             "tuneloop_predictions_total", "Texts classified, by predicted label and model version.", ["label", "version"]
         ),
         abstentions=prom.Counter(
-            "tuneloop_abstentions_total", "Texts answered `label: null` because their top calibrated score was below "
-            "serve.abstain_below, by model version (also counted in tuneloop_predictions_total under their top label).",
+            "tuneloop_abstentions_total", "Texts answered `label: null` (top score below serve.abstain_below, or the "
+            "out-of-scope label), by model version; also counted in tuneloop_predictions_total under their top label.",
             ["version"],
         ),
         model_version=prom.Gauge(
