@@ -542,6 +542,7 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
         "planned_epochs": training.get("planned_epochs"),  # fewer than train.max_epochs when the time budget bound
         "steps": training.get("steps"), "planned_steps": training.get("planned_steps"),
         "train_seconds": training.get("train_seconds"),
+        "confidence": manifest.export.get("confidence") if manifest else None,  # temperature, ECE before / after
         "export_seconds": manifest.export.get("seconds") if manifest else None,  # per export step; the rest of
         # trigger -> promoted outside training is start-up (imports, data, imprinting) and the controller's part
         "feedback_rows_at_trigger": run["new_rows"] if run else None,

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +17,18 @@ from tqdm.auto import tqdm
 from exporters import onnx_export
 from exporters.calibrated_int8 import Calibration, calibration_sample
 from exporters.quantize import Parity, Recipe, attempts_as_dicts, quantize_until_parity
+from exporters.temperature import fit_and_check
 from trainer.data import write_csv
 from trainer.model import predict, weights_digest
 from trainer.runs import Candidate
 from tuneloop.config import Settings
+from tuneloop.confidence import softmax
 from tuneloop.inference import OnnxTextClassifier
 from tuneloop.reference import REFERENCE_FILE, Reference
 from tuneloop.registry import Manifest, Registry
 
 STEPS = ("reference logits", "save adapter", "merge + export ONNX", "optimize graph", "quantize + parity",
-         "drift reference + gate", "publish")
+         "temperature + drift reference + gate", "publish")
 
 # Judges a candidate (a fresh ONNX Runtime session on the staged files) and its int8 parity: {"passed", "checks"}.
 Gate = Callable[[OnnxTextClassifier, Parity], dict[str, Any]]
@@ -55,9 +57,10 @@ def build_and_publish(
 ) -> Manifest:
     """Publish the candidate as the next version; raises (publishing nothing) if no quantization reaches parity.
 
-    Parity is checked on `candidate.parity_rows`; the drift reference is captured on `candidate.reference_rows`,
-    rows training never saw. `candidate.stored` are kept with the version as CSV (`data/<name>.csv`): what it was
-    trained on is the next run's replay pool, and the original data's holdout travels down the lineage.
+    Parity is checked on `candidate.parity_rows`. On `candidate.reference_rows`, rows training never saw, the scores'
+    temperature and abstain threshold are chosen (exporters/temperature.py) and the drift reference is captured.
+    `candidate.stored` are kept with the version as CSV (`data/<name>.csv`): what it was trained on is the next
+    run's replay pool, and the original data's holdout travels down the lineage.
     `candidate.calibration_texts` (training rows; up to 200 are sampled) calibrate the static int8 recipe;
     without them it is skipped.
     """
@@ -129,7 +132,15 @@ def build_and_publish(
         onnx_model = int8_classifier(staged / "model.onnx", recipe)  # a fresh session on the staged files
         onnx_logits = onnx_model.predict(val.texts).logits
         reference = candidate.reference_rows
-        Reference.from_scores(onnx_model.predict(reference.texts), reference.labels, labels).save(staged / REFERENCE_FILE)
+        reference_scores = onnx_model.predict(reference.texts)
+        index = {name: i for i, name in enumerate(labels)}
+        confidence = fit_and_check(reference_scores.logits, np.array([index[label] for label in reference.labels]),
+                                   settings.train.seed, settings.export.abstain_accuracy_cost)
+        onnx_model.temperature = confidence["temperature"]  # the drift reference sees the scores served
+        reference_scores = replace(reference_scores,
+                                   probabilities=softmax(reference_scores.logits, onnx_model.temperature))
+        drift_reference = Reference.from_scores(reference_scores, reference.labels, labels)
+        replace(drift_reference, abstain_below=confidence["abstain_below"]).save(staged / REFERENCE_FILE)
         verdict = gate(onnx_model, parity) if gate is not None else None
         step(STEPS[5])
 
@@ -138,6 +149,7 @@ def build_and_publish(
             "fp32_patterns": list(recipe.fp32_patterns),
             "max_rows_per_run": recipe.max_rows_per_run,
             "quantization_attempts": attempts_as_dicts(attempts),
+            "confidence": confidence,  # temperature, abstain threshold, and what they do on held-out rows
             "seconds": seconds,  # the publish step is not in it: it is what writes the manifest
         }
         metrics = {

@@ -120,6 +120,15 @@ def unknown_token_signal(reference_rate: float, current_rate: float, max_increas
     return Signal("unknown_token_rate", current_rate - reference_rate, max_increase)
 
 
+def abstention_signal(reference: np.ndarray, current: np.ndarray, threshold: float, alpha: float) -> Signal:
+    """Share of texts whose top score is below the version's abstain threshold (out-of-scope texts score low),
+    against the reference's share: a one-sided Fisher exact test of the two counts. The value is the window's share."""
+    below, below_reference = int((current < threshold).sum()), int((reference < threshold).sum())
+    table = [[below, len(current) - below], [below_reference, len(reference) - below_reference]]
+    p_value = stats.fisher_exact(table, alternative="greater").pvalue
+    return Signal("abstention_rate", below / len(current), alpha, float(p_value))
+
+
 def fdr_adjusted(signals: list[Signal]) -> list[Signal]:
     """Adjust the tests' p-values for testing several signals every window.
 

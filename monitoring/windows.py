@@ -2,7 +2,7 @@
 
 Every `window_step` events of a version, the last `window_size` of them are tested against the
 reference captured when that version was published: confidence, class mix, embedding sketch,
-input length and unknown-token rate, plus the quality of the latest labelled feedback. The
+input length, unknown-token rate and abstention rate, plus the quality of the latest labelled feedback. The
 tests' p-values are adjusted together (Benjamini-Yekutieli), since one window runs several.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from monitoring.drift import (
     Signal, class_mix_signals, confidence_signals, embedding_signal, fdr_adjusted, feedback_quality, js_distance,
-    length_signal, psi, unknown_token_signal,
+    abstention_signal, length_signal, psi, unknown_token_signal,
 )
 from tuneloop.config import DriftConfig
 from tuneloop.events import PredictionEvent
@@ -144,6 +144,8 @@ class WindowMonitor:
             signals.append(length_signal(reference.tokens, np.array(tokens), config.alpha))
             unknown = sum(e.unknown_tokens or 0 for e in events)
             signals.append(unknown_token_signal(reference.unknown_rate, unknown / sum(tokens), config.unknown_rate_increase))
+        if reference.abstain_below is not None:
+            signals.append(abstention_signal(reference.confidence, confidence, reference.abstain_below, config.alpha))
         recall, rows = {}, 0
         pairs = self._recent_feedback(version, config.feedback_rows)
         if len(pairs) >= config.feedback_min_rows:

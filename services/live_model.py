@@ -34,6 +34,13 @@ class LiveModel:
     manifest: Manifest
     classifier: TextClassifier
     backend: str
+    abstain_below: float | None = None  # a text whose top score is lower is answered `label: null`
+    out_of_scope: str | None = None  # a declared label predicted as `label: null` (serve.out_of_scope_label)
+
+
+def abstain_threshold(setting: float | str | None, manifest: Manifest) -> float | None:
+    """`serve.abstain_below` for one version: a probability, the version's own threshold ('version'), or None."""
+    return manifest.abstain_below if setting == "version" else setting  # type: ignore[return-value]
 
 
 def _onnx(manifest: Manifest, directory: Path, settings: Settings) -> TextClassifier:
@@ -71,4 +78,7 @@ def load_live_model(registry: Registry, settings: Settings, version: int | None 
         raise RuntimeError(f"serve.backend={backend} is not one of {sorted(BACKENDS)}") from None
     classifier = loader(manifest, directory, settings)
     classifier.predict(["warm-up"])  # first run allocates buffers; keep that off the first user request
-    return LiveModel(manifest.version, manifest, classifier, backend)
+    out_of_scope = settings.serve.out_of_scope_label
+    return LiveModel(manifest.version, manifest, classifier, backend,
+                     abstain_threshold(settings.serve.abstain_below, manifest),
+                     out_of_scope if out_of_scope in manifest.labels else None)

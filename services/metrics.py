@@ -25,6 +25,7 @@ class ServiceMetrics:
     batch_texts: Histogram
     inference_seconds: Histogram
     predictions: Counter
+    abstentions: Counter
     model_version: Gauge
     model_loaded: Gauge
     model_load_failures: Counter
@@ -65,6 +66,11 @@ def service_metrics() -> ServiceMetrics:
         ),
         predictions=prom.Counter(
             "tuneloop_predictions_total", "Texts classified, by predicted label and model version.", ["label", "version"]
+        ),
+        abstentions=prom.Counter(
+            "tuneloop_abstentions_total", "Texts answered `label: null` (top score below serve.abstain_below, or the "
+            "out-of-scope label), by model version; also counted in tuneloop_predictions_total under their top label.",
+            ["version"],
         ),
         model_version=prom.Gauge(
             "tuneloop_model_version", "Registry version of the model being served.", multiprocess_mode="livemax"

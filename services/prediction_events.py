@@ -66,7 +66,8 @@ class PredictionPublisher:
         event = {
             "request_id": prediction.request_id,
             "text": text,
-            "label": prediction.label,
+            "label": prediction.top_label,  # what the model made of the text, answered or abstained
+            "abstained": prediction.abstained,
             "scores": prediction.scores,
             "model_version": prediction.model_version,
             "timestamp": timestamp,

@@ -59,13 +59,19 @@ class Router:
         unknown = scores.unknown_tokens if scores.unknown_tokens is not None else [None] * len(texts)
         for i, (text, row) in enumerate(zip(texts, scores.probabilities, strict=True)):
             label = labels[int(row.argmax())]
+            abstained = label == live.out_of_scope or (
+                live.abstain_below is not None and float(row.max()) < live.abstain_below)
             if shadow:
                 self.metrics.shadow_predictions.labels(str(live.version)).inc()
             else:
                 self.metrics.predictions.labels(label, str(live.version)).inc()
+                if abstained:
+                    self.metrics.abstentions.labels(str(live.version)).inc()
             prediction = Prediction(
                 request_id=request_ids[i] if request_ids else uuid.uuid4().hex,
-                label=label,
+                label=None if abstained else label,
+                top_label=label,
+                abstained=abstained,
                 scores={name: round(float(p), 6) for name, p in zip(labels, row, strict=True)},
                 model_version=live.version,
             )

@@ -18,8 +18,15 @@ Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_texts_pe
 
 class Prediction(BaseModel):
     request_id: str = Field(description="Identifies this prediction; send it back with feedback.")
-    label: str
-    scores: dict[str, float] = Field(description="Probability per label; they sum to 1.")
+    label: str | None = Field(
+        description="The predicted label; null when the service abstained (`abstained`): the text's top score was "
+        "below `serve.abstain_below`, as out-of-scope texts' are, or the top label is `serve.out_of_scope_label`.")
+    top_label: str = Field(description="The label of the highest score, abstained or not.")
+    abstained: bool = Field(False, description="True when the service withheld the label (`label` is null).")
+    scores: dict[str, float] = Field(
+        description="Probability per label; they sum to 1. Calibrated: the softmax of the logits divided by the "
+        "version's temperature, fitted at export on rows training never saw, so a top score of 0.8 is right about "
+        "80 % of the time on data like those rows.")
     model_version: int = Field(description="Registry version that served this text.")
 
 

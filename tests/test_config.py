@@ -56,6 +56,21 @@ def test_invalid_values_and_unknown_keys_are_rejected(tmp_path: Path, monkeypatc
         Settings()
 
 
+@pytest.mark.parametrize(("value", "read"), [("0.4", 0.4), ("version", "version")])
+def test_abstain_below_is_a_probability_or_the_versions_own(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                           read: object) -> None:
+    assert Settings().serve.abstain_below is None  # off unless asked for
+    monkeypatch.setenv("TUNELOOP_SERVE__ABSTAIN_BELOW", value)
+    assert Settings().serve.abstain_below == read
+
+
+@pytest.mark.parametrize("value", ["1.5", "0", "often"])
+def test_abstain_below_refuses_what_is_not_a_probability(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("TUNELOOP_SERVE__ABSTAIN_BELOW", value)
+    with pytest.raises(ValidationError, match="abstain_below"):
+        Settings()
+
+
 def test_every_setting_is_described() -> None:
     from tuneloop.config import config_table
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from monitoring.drift import (
+    abstention_signal,
     Signal, class_mix_signals, confidence_signals, embedding_signal, fdr_adjusted, feedback_quality, length_signal, psi,
     unknown_token_signal,
 )
@@ -83,6 +84,18 @@ def test_length_signal_on_real_text_imdb_against_amazon() -> None:
 def test_unknown_token_rate_is_a_rise_over_the_reference() -> None:
     assert not unknown_token_signal(0.001, 0.005).drifted
     assert unknown_token_signal(0.001, 0.05).drifted
+
+
+def test_abstention_rate_flags_a_rise_of_low_scores_beyond_chance() -> None:
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(0, 1, 400)  # 20 % below 0.2
+    steady = abstention_signal(reference, rng.uniform(0, 1, 200), threshold=0.2, alpha=0.05)
+    assert not steady.drifted and steady.value == pytest.approx(0.2, abs=0.07)
+    risen = abstention_signal(reference, np.concatenate([rng.uniform(0, 1, 140), rng.uniform(0, 0.2, 60)]),
+                              threshold=0.2, alpha=0.05)
+    assert risen.drifted and risen.value > 0.35, risen
+    fewer = abstention_signal(reference, rng.uniform(0.2, 1, 200), threshold=0.2, alpha=0.05)
+    assert not fewer.drifted  # fewer low scores than the reference is no alarm
 
 
 def test_fdr_adjustment_raises_p_values_and_keeps_threshold_signals() -> None:

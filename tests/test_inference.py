@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tuneloop.inference import length_groups, softmax
+from tuneloop.inference import length_groups
 
 
 def expand(groups: list[slice], n: int) -> list[int]:
@@ -30,13 +30,6 @@ def test_equal_lengths_form_one_group_and_outliers_split_off() -> None:
     assert length_groups(np.array([10, 10, 10, 10]), 0.0) == [slice(0, 4)]
     groups = length_groups(np.array([5, 5, 6, 100]), 0.25)
     assert groups[-1] == slice(3, 4)
-
-
-def test_softmax_rows_sum_to_one_and_are_stable_for_large_logits() -> None:
-    probabilities = softmax(np.array([[1000.0, 0.0], [1.0, 1.0]], dtype=np.float32))
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(probabilities[1], [0.5, 0.5])
-    assert probabilities[0, 0] == pytest.approx(1.0)
 
 
 def test_providers_prefer_cuda_only_when_onnxruntime_offers_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from unittest.mock import MagicMock
 
 import numpy as np
+import pytest
 
 from services.follower import Candidate
 from services.live_model import LiveModel
@@ -101,3 +103,41 @@ def test_a_shadow_that_falls_behind_is_skipped_and_counted() -> None:
     route.close()
     route.predict(live, shadow, TEXTS[:2])  # after close: skipped, not raised
     assert route.metrics.shadow_skipped.inc.call_args_list[-1].args == (2,)
+
+
+class Scored:
+    """Answers with fixed probabilities per text, in order."""
+
+    def __init__(self, rows: list[list[float]]) -> None:
+        self.rows = np.array(rows, dtype=np.float32)
+
+    def predict(self, texts: list[str]) -> Scores:
+        rows = self.rows[: len(texts)]
+        return Scores(logits=np.log(rows), probabilities=rows, sketch=np.zeros((len(texts), 2)))
+
+
+def test_a_text_below_the_threshold_is_answered_without_a_label_and_counted() -> None:
+    route, publisher = router()
+    live = replace(model(1, Scored([[0.3, 0.7], [0.05, 0.95], [0.6, 0.4]])), abstain_below=0.75)
+    predictions = route.predict(live, None, ["unsure", "sure", "unsure too"])
+    assert [(p.label, p.top_label, p.abstained) for p in predictions] == [
+        (None, "pos", True), ("pos", "pos", False), (None, "neg", True)]
+    assert predictions[0].scores == {"neg": pytest.approx(0.3), "pos": pytest.approx(0.7)}
+    route.metrics.abstentions.labels.assert_called_with("1")
+    assert route.metrics.abstentions.labels.return_value.inc.call_count == 2
+    # The event keeps what the model made of the text, and says it was not answered
+    events = [c.args[0] for c in publisher.offer.call_args_list]
+    assert [(e.top_label, e.abstained) for e in events] == [("pos", True), ("pos", False), ("neg", True)]
+
+
+def test_without_a_threshold_nothing_abstains() -> None:
+    route, _ = router()
+    predictions = route.predict(model(1, Scored([[0.5, 0.5], [0.51, 0.49]])), None, ["a", "b"])
+    assert [(p.label, p.abstained) for p in predictions] == [("neg", False), ("neg", False)]
+
+
+def test_the_declared_out_of_scope_label_is_answered_as_an_abstention() -> None:
+    route, _ = router()
+    live = replace(model(1, Scored([[0.9, 0.1], [0.2, 0.8]])), out_of_scope="neg")
+    predictions = route.predict(live, None, ["none of the intents", "an intent"])
+    assert [(p.label, p.top_label, p.abstained) for p in predictions] == [(None, "neg", True), ("pos", "pos", False)]

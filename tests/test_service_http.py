@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tests.support.data import validation_split
-from tests.support.processes import Server
+from tests.support.processes import Server, running_service
+from trainer import scenario
 from tuneloop.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -155,3 +156,31 @@ def test_metrics_count_requests_by_endpoint_and_status(service: Server) -> None:
     assert value(after, "tuneloop_model_version") == 1
     assert value(after, "tuneloop_model_loaded") == 1
     assert 'tuneloop_http_request_duration_seconds_bucket{endpoint="/predict"' in after
+
+
+def test_a_service_abstains_on_texts_below_the_versions_threshold(clinc_registry: Path, tmp_path: Path) -> None:
+    """`serve.abstain_below: version`: out-of-scope queries, which no intent covers, are answered `label: null`
+    far more often than in-scope ones; an abstained answer keeps its top label and scores, and is counted."""
+    manifest, _ = Registry(clinc_registry).resolve()
+    threshold = manifest.abstain_below
+    assert threshold is not None and 0 < threshold < 1
+    in_scope = scenario.sample(scenario.OLD_DOMAINS, "test", 2, seed=3).texts  # 90 texts of v1's own intents
+    out_of_scope = scenario.out_of_scope("test", 90, seed=3).texts
+    with running_service(clinc_registry, tmp_path, TUNELOOP_SERVE__ABSTAIN_BELOW="version") as server, \
+            server.client() as client:
+        answers = {name: [p for chunk in range(0, 90, 30) for p in predict(client, texts[chunk:chunk + 30])]
+                   for name, texts in (("in", in_scope), ("out", out_of_scope))}
+        metrics = client.get("/metrics").text
+        openapi = client.get("/docs.json").json()
+    for prediction in answers["in"] + answers["out"]:
+        top = max(prediction["scores"], key=prediction["scores"].get)
+        assert prediction["top_label"] == top
+        assert prediction["abstained"] == (prediction["scores"][top] < threshold)
+        assert prediction["label"] == (None if prediction["abstained"] else top)
+    rate = {name: np.mean([p["abstained"] for p in answers[name]]) for name in answers}
+    assert rate["out"] > 0.3 and rate["out"] > 2 * rate["in"], rate
+    abstained = sum(p["abstained"] for p in answers["in"] + answers["out"])
+    counted = re.search(r'^tuneloop_abstentions_total\{version="1"\} (\S+)$', metrics, re.M)
+    assert counted and float(counted.group(1)) == abstained
+    prediction_schema = openapi["components"]["schemas"]["Prediction"]["properties"]
+    assert {"abstained", "top_label"} <= set(prediction_schema)

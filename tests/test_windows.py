@@ -1,15 +1,21 @@
-"""Sliding drift windows (monitoring/windows.py), on synthetic events of known shape."""
+"""Sliding drift windows (monitoring/windows.py), on synthetic events of known shape and on a replay through a real
+model."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from monitoring.drift import Signal
 from monitoring.windows import WindowMonitor, below_by_chance
+from trainer import scenario
 from tuneloop.config import DriftConfig
 from tuneloop.events import PredictionEvent
-from tuneloop.reference import Reference
+from tuneloop.inference import OnnxTextClassifier
+from tuneloop.reference import REFERENCE_FILE, Reference
+from tuneloop.registry import Registry
 
 LABELS = ["a", "b"]
 CONFIG = DriftConfig(window_size=100, window_step=25, feedback_min_rows=20)
@@ -76,3 +82,29 @@ def test_feedback_quality_drifts_only_beyond_its_sampling_error() -> None:
     assert not Signal("feedback_accuracy", 0.86, threshold, lower_is_drift=True).drifted  # chance, 200 rows
     assert Signal("feedback_accuracy", 0.80, threshold, lower_is_drift=True).drifted
     assert below_by_chance(limit, 2000) > threshold  # more rows, tighter
+
+
+def test_the_abstention_rate_fires_when_out_of_scope_traffic_rises_in_a_replay(clinc_registry: Path) -> None:
+    """A replay through the real v1 of CLINC150: in-scope test texts alone, then with 30 % out-of-scope queries."""
+    manifest, directory = Registry(clinc_registry).resolve()
+    reference = Reference.load(directory / REFERENCE_FILE, manifest.labels)
+    assert reference.abstain_below == manifest.abstain_below is not None
+    classifier = OnnxTextClassifier.from_version(manifest, directory, "cpu")
+    in_scope = scenario.sample(scenario.OLD_DOMAINS, "test", None, seed=5).texts  # 1,350 texts v1 never saw
+    out_of_scope = scenario.out_of_scope("test", None, seed=5).texts
+    mixed = in_scope[600:880] + out_of_scope[:120]  # 30 % out of scope
+    mixed = [mixed[i] for i in np.random.default_rng(5).permutation(len(mixed))]
+
+    def replayed(texts: list[str]) -> list[PredictionEvent]:
+        scores = classifier.predict(texts)
+        return [PredictionEvent(request_id=f"r{i}", text=text, label=manifest.labels[int(row.argmax())],
+                                scores=dict(zip(manifest.labels, map(float, row), strict=True)), model_version=1)
+                for i, (text, row) in enumerate(zip(texts, scores.probabilities, strict=True))]
+
+    config = DriftConfig(window_size=200, window_step=50)
+    monitor = WindowMonitor(config, lambda version: reference, lambda version, n: [])
+    quiet = monitor.observe(replayed(in_scope[:600]))
+    assert len(quiet) == 9
+    assert not any("abstention_rate" in report.drifted() for report in quiet)
+    risen = monitor.observe(replayed(mixed))
+    assert "abstention_rate" in risen[-1].drifted(), [s for s in risen[-1].signals if s.name == "abstention_rate"]

@@ -91,6 +91,12 @@ def sample(domains: tuple[str, ...], split_name: str, per_label: int | None, see
     return _pick(CLINC150, None, split_name, per_label, seed, skip, domains=domains)
 
 
+def out_of_scope(split_name: str, rows: int | None, seed: int) -> LabelledTexts:
+    """Up to `rows` of CLINC150's out-of-scope queries (label `oos`) from one original split ('train', 'val',
+    'test'), shuffled: texts no intent of the data set covers."""
+    return _pick(CLINC150, {"oos"}, f"oos_{split_name}", rows, seed)
+
+
 def clinc(seed: int | None = None, bootstrap_per_intent: int = 30, feedback_per_intent: int = 20) -> Scenario:
     """CLINC150: 3 known domains, then 3 arriving (about 20 feedback rows per new intent). None: the reference draw."""
     if seed is None:

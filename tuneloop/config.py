@@ -12,7 +12,7 @@ import os
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticUndefined
@@ -140,6 +140,12 @@ class ExportConfig(Section):
     min_argmax_agreement: float = Field(
         0.99, ge=0, le=1, description="Int8 ONNX vs PyTorch argmax agreement required to publish."
     )
+    abstain_accuracy_cost: float = Field(
+        0.02, ge=0, le=1, description="The version's abstain threshold (`serve.abstain_below: version`) is the "
+        "highest calibrated top score below which answering is withheld while in-scope accuracy, an abstention "
+        "counted as a miss, stays within this much of answering every text; chosen on half of the rows training "
+        "never saw, checked on the other half (export.confidence in the manifest).",
+    )
 
 
 BACKEND_ENTRY_POINTS = "tuneloop.backends"  # the entry-point group other packages add serving backends under
@@ -169,6 +175,16 @@ class ServeConfig(Section):
     )
     access_log: bool = Field(
         False, description="BentoML's per-request access log line (costs about 30 % throughput on 2 cores)."
+    )
+    abstain_below: Annotated[float, Field(gt=0, lt=1)] | Literal["version"] | None = Field(
+        None, description="Abstain when a text's top calibrated score is below this probability: the prediction "
+        "keeps its scores and `top_label` but answers `label: null, abstained: true` (out-of-scope texts score low). "
+        "'version': each version's own threshold, chosen at export (`export.abstain_accuracy_cost`). Unset: never.",
+    )
+    out_of_scope_label: str | None = Field(
+        "oos", description="A declared label that means 'none of the others' (CLINC150's convention): predicted, it "
+        "is answered as an abstention (`label: null, abstained: true`, `top_label` names it). Feedback may use it for a "
+        "text no intent covers, and fine-tuning learns it like any declared label. Unset: no such label.",
     )
     max_texts_per_request: int = Field(64, ge=1, description="Texts in one /predict request; more is a 400.")
     max_chars_per_text: int = Field(2000, ge=1, description="Characters in one text; more is a 400.")
@@ -296,7 +312,7 @@ class DriftConfig(Section):
 
 ALL_SIGNALS = [
     "confidence_psi", "confidence_ks", "class_mix_chi2", "class_mix_js", "embedding_mmd",
-    "input_length_ks", "unknown_token_rate", "feedback_accuracy", "feedback_macro_f1",
+    "input_length_ks", "unknown_token_rate", "abstention_rate", "feedback_accuracy", "feedback_macro_f1",
 ]
 
 

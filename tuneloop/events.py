@@ -32,6 +32,9 @@ class PredictionEvent(BaseModel):
     shadow: bool = Field(
         False, description="Scored by a candidate in shadow and not returned; request_id is the served prediction's."
     )
+    abstained: bool = Field(
+        False, description="Answered `label: null`: the top score was below serve.abstain_below (`label` is the top label)."
+    )
 
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from tuneloop.confidence import softmax
 from tuneloop.registry import Manifest
 
 
@@ -24,11 +25,6 @@ class Scores:
     sketch: np.ndarray  # (n, sketch_dim)
     tokens: np.ndarray | None = None  # (n,) tokens per text after truncation
     unknown_tokens: np.ndarray | None = None  # (n,) of those, how many the vocabulary mapped to the unknown token
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def unknown_token_id(tokenizer: Tokenizer) -> int | None:
@@ -70,6 +66,7 @@ class OnnxTextClassifier:
         intra_op_threads: int = 0,
         max_padding_waste: float = 0.5,
         max_rows_per_run: int | None = None,
+        temperature: float = 1.0,
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -86,6 +83,7 @@ class OnnxTextClassifier:
         # batch neighbours (measured: 2-6 label flips per 1,000 texts); such graphs run one row at a time.
         self.max_rows_per_run = max_rows_per_run
         self.labels = labels
+        self.temperature = temperature  # probabilities are softmax(logits / temperature): tuneloop/confidence.py
         self.input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         if "logits" not in outputs:
@@ -106,6 +104,7 @@ class OnnxTextClassifier:
             providers=choose_providers(execution_provider),
             intra_op_threads=intra_op_threads,
             max_rows_per_run=export.get("max_rows_per_run"),
+            temperature=manifest.temperature,
         )
 
     @property
@@ -130,7 +129,7 @@ class OnnxTextClassifier:
                 outputs[k][rows] = result
         logits = outputs[0]
         sketch = outputs[1] if len(outputs) > 1 else np.zeros((len(texts), 0), dtype=np.float32)
-        return Scores(logits, softmax(logits), sketch, tokens=lengths, unknown_tokens=unknown)
+        return Scores(logits, softmax(logits, self.temperature), sketch, tokens=lengths, unknown_tokens=unknown)
 
     def _feeds(self, sequences: list[list[int]]) -> dict[str, np.ndarray]:
         width = max(len(ids) for ids in sequences)

@@ -26,6 +26,7 @@ class Reference:
     sketch: np.ndarray  # (n, sketch_dim)
     tokens: np.ndarray  # (n,)
     unknown_tokens: np.ndarray  # (n,)
+    abstain_below: float | None = None  # the version's abstain threshold: the abstention-rate signal's line
 
     @classmethod
     def from_scores(cls, scores: Scores, true_labels: list[str], labels: list[str]) -> Reference:
@@ -56,10 +57,13 @@ class Reference:
 
     def save(self, path: Path) -> None:
         arrays = {name: getattr(self, name) for name in ("confidence", "predicted", "truth", "sketch", "tokens", "unknown_tokens")}
+        threshold = np.nan if self.abstain_below is None else self.abstain_below
         with path.open("wb") as out:
-            np.savez(out, **arrays)
+            np.savez(out, abstain_below=np.array(threshold), **arrays)
 
     @classmethod
     def load(cls, path: Path, labels: list[str]) -> Reference:
         with np.load(path) as arrays:
-            return cls(labels=labels, **{name: arrays[name] for name in arrays.files})
+            fields = {name: arrays[name] for name in arrays.files if name != "abstain_below"}
+            threshold = float(arrays["abstain_below"]) if "abstain_below" in arrays.files else np.nan  # older files
+        return cls(labels=labels, abstain_below=None if np.isnan(threshold) else threshold, **fields)

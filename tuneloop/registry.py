@@ -58,6 +58,18 @@ class Manifest(BaseModel):
     gate: dict[str, Any] = Field(default_factory=dict, description="Every validation check with its figures.")
     files: dict[str, FileEntry]
 
+    @property
+    def temperature(self) -> float:
+        """What the scores' logits are divided by before the softmax (tuneloop/confidence.py); 1 for a version
+        published before calibration."""
+        return float(self.export.get("confidence", {}).get("temperature", 1.0))
+
+    @property
+    def abstain_below(self) -> float | None:
+        """The abstain threshold chosen at export (`serve.abstain_below: version`); None: the version has none."""
+        value = self.export.get("confidence", {}).get("abstain_below")
+        return None if value is None else float(value)
+
 
 class HistoryEntry(BaseModel):
     time: str
