@@ -22,7 +22,7 @@ class Prediction(BaseModel):
         description="The predicted label; null when the service abstained (`abstained`): the text's top score was "
         "below `serve.abstain_below`, as out-of-scope texts' are, or the top label is `serve.out_of_scope_label`.")
     top_label: str = Field(description="The label of the highest score, abstained or not.")
-    abstained: bool = Field(False, description="True when the service withheld the label (`label` is null).")
+    abstained: bool = Field(description="True when the service withheld the label (`label` is null).")
     scores: dict[str, float] = Field(
         description="Probability per label; they sum to 1. Calibrated: the softmax of the logits divided by the "
         "version's temperature, fitted at export on rows training never saw, so a top score of 0.8 is right about "

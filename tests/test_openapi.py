@@ -46,7 +46,8 @@ def test_the_service_document_states_the_limits_and_answers(service: Server) -> 
     assert predict["responses"]["200"]["content"]["application/json"]["schema"]["items"] == {
         "$ref": "#/components/schemas/Prediction"
     }
-    assert set(components["Prediction"]["required"]) == {"request_id", "label", "scores", "model_version"}
+    assert set(components["Prediction"]["required"]) == {
+        "request_id", "label", "top_label", "abstained", "scores", "model_version"}
     for path in ("/feedback", "/feedback/batch"):
         answers = spec["paths"][path]["post"]["responses"]
         assert set(answers) == {"202", "400", "401", "413", "415", "503"}, path

@@ -27,11 +27,13 @@ INPUTS = (np.zeros(2, dtype=np.float32), 5, 0)
 
 
 def prediction(request_id: str) -> Prediction:
-    return Prediction(request_id=request_id, label="a", top_label="a", scores={"a": 1.0}, model_version=1)
+    return Prediction(request_id=request_id, label="a", top_label="a", abstained=False, scores={"a": 1.0},
+                      model_version=1)
 
 
 def test_prediction_events_match_the_schema_the_controller_validates(tmp_path: Path) -> None:
-    prediction = Prediction(request_id="r1", label="positive", top_label="positive", scores={"negative": 0.1, "positive": 0.9}, model_version=3)
+    prediction = Prediction(request_id="r1", label="positive", top_label="positive", abstained=False,
+                            scores={"negative": 0.1, "positive": 0.9}, model_version=3)
     drift_inputs = (np.array([0.123456, -1.0], dtype=np.float32), np.int64(7), np.int64(1))
     key, value = PredictionPublisher._message(prediction, "a fine film", drift_inputs, False, "2026-11-23T00:00:00.000+00:00")
     event = PredictionEvent.model_validate_json(value)
