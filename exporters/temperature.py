@@ -66,15 +66,16 @@ def fit_and_check(logits: np.ndarray, truth: np.ndarray, seed: int = 0, accuracy
     fitted, checked = order[: len(order) // 2], order[len(order) // 2 :]
     temperature = fit_temperature(logits[fitted], truth[fitted])
     threshold = abstain_threshold(softmax(logits[fitted], temperature), truth[fitted], accuracy_cost)
-    accuracy, _ = answered_accuracy(softmax(logits[checked], temperature), truth[checked], None)
-    accuracy_abstaining, abstained = answered_accuracy(softmax(logits[checked], temperature), truth[checked], threshold)
+    served = softmax(logits[checked], temperature)  # the checked rows as the version will score them
+    accuracy, _ = answered_accuracy(served, truth[checked], None)
+    accuracy_abstaining, abstained = answered_accuracy(served, truth[checked], threshold)
     return {
         "temperature": round(temperature, 4),
         "fitted_rows": len(fitted),
         "checked_rows": len(checked),
         "bins": ECE_BINS,
         "ece_before": round(expected_calibration_error(softmax(logits[checked]), truth[checked]), 4),
-        "ece_after": round(expected_calibration_error(softmax(logits[checked], temperature), truth[checked]), 4),
+        "ece_after": round(expected_calibration_error(served, truth[checked]), 4),
         "log_loss_before": round(log_loss(logits[checked], truth[checked], 1.0), 4),
         "log_loss_after": round(log_loss(logits[checked], truth[checked], temperature), 4),
         "abstain_below": None if threshold is None else round(threshold, 6),

@@ -18,8 +18,8 @@ from functools import cached_property
 import numpy as np
 
 from monitoring.drift import (
-    Signal, class_mix_signals, confidence_signals, embedding_signal, fdr_adjusted, feedback_quality, js_distance,
-    abstention_signal, length_signal, psi, unknown_token_signal,
+    Signal, abstention_signal, class_mix_signals, confidence_signals, embedding_signal, fdr_adjusted, feedback_quality,
+    js_distance, length_signal, psi, unknown_token_signal,
 )
 from tuneloop.config import DriftConfig
 from tuneloop.events import PredictionEvent
