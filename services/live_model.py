@@ -9,6 +9,7 @@ never imports torch and `services/` imports nothing from the trainer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -18,6 +19,8 @@ from typing import Protocol
 from tuneloop.config import BACKEND_ENTRY_POINTS, Settings
 from tuneloop.inference import OnnxTextClassifier, Scores
 from tuneloop.registry import Manifest, Registry
+
+log = logging.getLogger("tuneloop.service")
 
 
 class TextClassifier(Protocol):
@@ -40,7 +43,13 @@ class LiveModel:
 
 def abstain_threshold(setting: float | str | None, manifest: Manifest) -> float | None:
     """`serve.abstain_below` for one version: a probability, the version's own threshold ('version'), or None."""
-    return manifest.abstain_below if setting == "version" else setting  # type: ignore[return-value]
+    if setting != "version":
+        return setting  # type: ignore[return-value]
+    if manifest.abstain_below is None:
+        log.warning("serve.abstain_below is 'version' but v%d has no abstain threshold (exported before calibration, "
+                    "or too few held-out rows to choose one): it answers every text; set a probability to abstain",
+                    manifest.version)
+    return manifest.abstain_below
 
 
 def _onnx(manifest: Manifest, directory: Path, settings: Settings) -> TextClassifier:

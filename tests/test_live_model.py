@@ -73,3 +73,24 @@ def test_the_trainer_registers_the_eager_backend_as_an_entry_point_not_imported_
     classes = {node.name: node for node in ast.walk(ast.parse(Path(spec.origin).read_text())) if isinstance(node, ast.ClassDef)}
     methods = {item.name for item in classes[plugin.entry_point.attr].body if isinstance(item, ast.FunctionDef)}
     assert "from_version" in methods
+
+
+def test_abstain_below_version_takes_each_versions_threshold_and_warns_when_one_has_none(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(BACKENDS, "onnx", lambda manifest, directory, settings: Warmed())
+    with registry.staging() as stage:
+        (stage / "model.onnx").write_bytes(b"stand-in 2")
+        registry.publish(stage, base_model="base", labels=["neg", "pos"],
+                         export={"confidence": {"temperature": 1.3, "abstain_below": 0.61}})
+    settings = Settings()
+    settings.serve.abstain_below = "version"
+    with caplog.at_level("WARNING", logger="tuneloop.service"):
+        assert load_live_model(registry, settings, version=2).abstain_below == pytest.approx(0.61)
+        assert caplog.records == []
+        assert load_live_model(registry, settings, version=1).abstain_below is None  # published before calibration
+    assert [r.getMessage() for r in caplog.records] == [
+        "serve.abstain_below is 'version' but v1 has no abstain threshold (exported before calibration, or too few "
+        "held-out rows to choose one): it answers every text; set a probability to abstain"]
+    settings.serve.abstain_below = 0.4
+    assert load_live_model(registry, settings, version=1).abstain_below == 0.4
