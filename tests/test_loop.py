@@ -21,6 +21,7 @@ import pytest
 from monitoring.state import ControllerState
 from tests.support.processes import bus_env, run_cli, running_controller, running_service, tuneloop_env
 from trainer import scenario
+from trainer.data import write_csv
 from tuneloop.events import FeedbackEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.inference import OnnxTextClassifier
@@ -155,3 +156,30 @@ def test_drift_triggers_training_with_replay_and_both_replicas_swap_without_a_fa
     rolled = run_cli("rollback", "--reason", "test", env=tuneloop_env(registry))
     assert "rolled back v2 -> v1" in rolled.stdout
     assert [(e.action, e.version) for e in Registry(registry).history()] == [("promote", 1), ("promote", 2), ("rollback", 1)]
+
+
+def test_feedback_labelled_out_of_scope_teaches_the_declared_label_and_keeps_the_intents(tmp_path: Path) -> None:
+    # serve.out_of_scope_label (`oos`): declared at bootstrap, never seen by v1; feedback labels texts no intent
+    # covers with it, and the fine-tuned version must answer it for out-of-scope texts it never saw.
+    registry = tmp_path / "registry"
+    domain = ("banking",)
+    data = write_csv(tmp_path / "bootstrap.csv", scenario.sample(domain, "train", 30, seed=0))
+    labels = [*scenario.domain_labels(domain), "oos"]
+    run_cli("bootstrap", "--data", str(data), "--labels", ",".join(labels), "--no-progress", env=tuneloop_env(registry))
+    out_of_scope = scenario.out_of_scope("train", 100, seed=0)
+    FeedbackStore(tmp_path / "store.db").write([], [FeedbackEvent(text=t, label="oos") for t in out_of_scope.texts])
+    result = train_cli(registry, tmp_path / "store.db")
+    assert result.returncode == 0, result.stdout + result.stderr
+    unseen_out, in_scope = scenario.out_of_scope("test", 200, seed=1), scenario.sample(domain, "test", None, seed=1)
+
+    def answers(version: int, texts: list[str]) -> list[str]:
+        manifest, directory = Registry(registry).resolve(version)
+        scores = OnnxTextClassifier.from_version(manifest, directory, "cpu").predict(texts).probabilities
+        return [manifest.labels[int(i)] for i in scores.argmax(1)]
+
+    recall = {v: answers(v, unseen_out.texts).count("oos") / len(unseen_out) for v in (1, 2)}
+    accuracy = {v: sum(a == t for a, t in zip(answers(v, in_scope.texts), in_scope.labels, strict=True)) / len(in_scope)
+                for v in (1, 2)}
+    assert recall[1] < 0.05 and recall[2] > 0.6, recall
+    assert accuracy[2] > accuracy[1] - 0.05, accuracy
+    assert Registry(registry).live_version() == 2
