@@ -135,7 +135,8 @@ def build_and_publish(
         reference_scores = onnx_model.predict(reference.texts)
         index = {name: i for i, name in enumerate(labels)}
         confidence = fit_and_check(reference_scores.logits, np.array([index[label] for label in reference.labels]),
-                                   settings.train.seed, settings.export.abstain_accuracy_cost)
+                                   settings.train.seed, settings.export.abstain_accuracy_cost,
+                                   index.get(settings.serve.out_of_scope_label or ""))
         onnx_model.temperature = confidence["temperature"]  # the drift reference sees the scores served
         reference_scores = replace(reference_scores,
                                    probabilities=softmax(reference_scores.logits, onnx_model.temperature))
@@ -150,7 +151,7 @@ def build_and_publish(
             "max_rows_per_run": recipe.max_rows_per_run,
             "quantization_attempts": attempts_as_dicts(attempts),
             "confidence": confidence,  # temperature, abstain threshold, and what they do on held-out rows
-            "seconds": seconds,  # the publish step is not in it: it is what writes the manifest
+            "seconds": dict(seconds),  # the publish step is not in it: it is what writes the manifest
         }
         metrics = {
             "val_rows": len(val),

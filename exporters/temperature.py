@@ -33,17 +33,18 @@ def fit_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
 
 def abstain_threshold(probabilities: np.ndarray, truth: np.ndarray, accuracy_cost: float) -> float | None:
     """The highest top score below which abstaining keeps in-scope accuracy (an abstention counted as a miss)
-    within `accuracy_cost` of answering everything; None when not even the least confident row can be spared."""
+    within `accuracy_cost` of answering everything; None when not even the least confident row can be spared, or
+    when every row could be (a model wrong on all of them)."""
+    if not len(truth):
+        return None
     confidence = probabilities.max(axis=1)
     order = np.argsort(confidence, kind="stable")
     right = (probabilities.argmax(axis=1) == truth)[order]
     # Abstaining on the k least confident rows loses the right answers among them.
     lost = np.concatenate([[0], np.cumsum(right)])
     spared = int(np.flatnonzero(lost <= accuracy_cost * len(truth))[-1])  # rows that may go unanswered
-    if spared == 0:
+    if spared in (0, len(truth)):  # none, or all: a threshold above every score would answer nothing
         return None
-    if spared == len(truth):
-        return float(np.nextafter(confidence.max(), 1.0))
     return float(confidence[order][spared])  # that row and those above it are answered
 
 
@@ -54,22 +55,27 @@ def answered_accuracy(probabilities: np.ndarray, truth: np.ndarray, threshold: f
     return float(right.mean()), float(1 - answered.mean())
 
 
-def fit_and_check(logits: np.ndarray, truth: np.ndarray, seed: int = 0, accuracy_cost: float = 0.02
-                  ) -> dict[str, Any]:
+def fit_and_check(logits: np.ndarray, truth: np.ndarray, seed: int = 0, accuracy_cost: float = 0.02,
+                  out_of_scope: int | None = None) -> dict[str, Any]:
     """Fit the temperature and choose the abstain threshold on a random half of the rows; measure ECE before and
     after, and what the threshold costs, on the other half: the figures describe the stored temperature and
-    threshold on rows they were not chosen on. `truth` holds label indices."""
+    threshold on rows they were not chosen on. `truth` holds label indices; rows of the `out_of_scope` label (an
+    abstention is their right answer) take part in the fit, not in the threshold or the in-scope accuracy."""
     if len(truth) < MIN_ROWS:
         return {"temperature": 1.0, "abstain_below": None, "fitted_rows": 0, "checked_rows": 0, "bins": ECE_BINS,
                 "note": f"{len(truth)} held-out rows, fewer than {MIN_ROWS}: temperature and threshold not fitted"}
     order = np.random.default_rng(seed).permutation(len(truth))
     fitted, checked = order[: len(order) // 2], order[len(order) // 2 :]
-    temperature = fit_temperature(logits[fitted], truth[fitted])
-    threshold = abstain_threshold(softmax(logits[fitted], temperature), truth[fitted], accuracy_cost)
-    served = softmax(logits[checked], temperature)  # the checked rows as the version will score them
-    accuracy, _ = answered_accuracy(served, truth[checked], None)
-    accuracy_abstaining, abstained = answered_accuracy(served, truth[checked], threshold)
-    return {
+    temperature, note = fit_temperature(logits[fitted], truth[fitted]), None
+    if not BOUNDS[0] * 1.01 < temperature < BOUNDS[1] / 1.01:
+        note = f"the fit reached the search bound ({temperature:.3g}): too few or too easy rows; temperature kept at 1"
+        temperature = 1.0
+    in_fitted, in_checked = (rows[truth[rows] != out_of_scope] for rows in (fitted, checked))
+    threshold = abstain_threshold(softmax(logits[in_fitted], temperature), truth[in_fitted], accuracy_cost)
+    served = softmax(logits[in_checked], temperature)  # the checked in-scope rows as the version will score them
+    accuracy, _ = answered_accuracy(served, truth[in_checked], None)
+    accuracy_abstaining, abstained = answered_accuracy(served, truth[in_checked], threshold)
+    return ({"note": note} if note else {}) | {
         "temperature": round(temperature, 4),
         "fitted_rows": len(fitted),
         "checked_rows": len(checked),

@@ -41,7 +41,7 @@ class LiveModel:
     out_of_scope: str | None = None  # a declared label predicted as `label: null` (serve.out_of_scope_label)
 
 
-def abstain_threshold(setting: float | str | None, manifest: Manifest) -> float | None:
+def served_threshold(setting: float | str | None, manifest: Manifest) -> float | None:
     """`serve.abstain_below` for one version: a probability, the version's own threshold ('version'), or None."""
     if setting != "version":
         return setting  # type: ignore[return-value]
@@ -89,5 +89,5 @@ def load_live_model(registry: Registry, settings: Settings, version: int | None 
     classifier.predict(["warm-up"])  # first run allocates buffers; keep that off the first user request
     out_of_scope = settings.serve.out_of_scope_label
     return LiveModel(manifest.version, manifest, classifier, backend,
-                     abstain_threshold(settings.serve.abstain_below, manifest),
+                     served_threshold(settings.serve.abstain_below, manifest),
                      out_of_scope if out_of_scope in manifest.labels else None)

@@ -71,3 +71,39 @@ def test_the_abstain_threshold_spares_the_least_confident_rows_within_the_accura
     assert abstain_threshold(probabilities, truth, accuracy_cost=0.1) == pytest.approx(0.60)
     # No cost allowed and the least confident row right: nothing can be spared
     assert abstain_threshold(probabilities, 1 - truth, accuracy_cost=0.0) is None
+
+
+def test_a_model_wrong_on_every_row_gets_no_threshold_rather_than_one_that_answers_nothing() -> None:
+    top = np.linspace(0.55, 0.95, 10)
+    probabilities = np.stack([top, 1 - top], axis=1)
+    assert abstain_threshold(probabilities, np.ones(10, dtype=int), accuracy_cost=0.02) is None
+
+
+def test_a_fit_that_reaches_the_search_bound_keeps_temperature_one() -> None:
+    # Every row right by a wide margin: the log-loss keeps falling as T shrinks, so the search ends at its bound,
+    # and scores divided by 0.05 would all be 1.0.
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, size=60)
+    logits = rng.normal(size=(60, 3))
+    logits[np.arange(60), truth] += 8.0
+    figures = fit_and_check(logits, truth)
+    assert figures["temperature"] == 1.0 and "search bound" in figures["note"], figures
+
+
+def test_rows_of_the_out_of_scope_label_are_fitted_but_never_spare_a_threshold() -> None:
+    # In scope (labels 0, 1): 72 right and confident, 8 wrong and unsure. Labelled out of scope (label 2): 40 rows
+    # predicted right but with the lowest top scores. Counted as in-scope rows, abstaining on them looked like losing
+    # right answers, so no threshold could be afforded at all.
+    rng = np.random.default_rng(1)
+    truth = np.array([0, 1] * 40 + [2] * 40)
+    probabilities = np.full((120, 3), 0.02)
+    probabilities[np.arange(80), truth[:80]] = rng.uniform(0.9, 0.96, 80)
+    wrong = np.arange(0, 80, 10)
+    probabilities[wrong, truth[wrong]] = 0.02
+    probabilities[wrong, 1 - truth[wrong]] = rng.uniform(0.5, 0.6, len(wrong))
+    probabilities[80:] = [0.3, 0.3, 0.4]
+    logits = np.log(probabilities / probabilities.sum(axis=1, keepdims=True))
+    assert fit_and_check(logits, truth, accuracy_cost=0.0)["abstain_below"] is None  # as it was
+    figures = fit_and_check(logits, truth, accuracy_cost=0.0, out_of_scope=2)
+    assert figures["abstain_below"] is not None and figures["checked_abstained"] > 0, figures
+    assert figures["checked_rows"] == 60 and figures["temperature"] != 1.0  # all 120 rows fitted and checked

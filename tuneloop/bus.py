@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import socket
 import sqlite3
 import threading
@@ -207,12 +208,13 @@ KAFKA_CLIENT = {"api_version": (3, 0), "bootstrap_timeout_ms": 2000}
 # so a broker outage of hours would pile up descriptors (one a reconnect, every client) until accept() fails.
 # A full collection in a service worker takes ~70 ms (106,000 objects), paid once a minute during an outage.
 REAP_INTERVAL_S = 60.0
-_reaped_at = 0.0
+_reaped_at = -math.inf
 _reap_lock = threading.Lock()
 
 
 def _reap_failed_connects() -> None:
-    """While the broker is away: collect reference cycles, at most once per REAP_INTERVAL_S in this process."""
+    """Collect reference cycles, at most once per REAP_INTERVAL_S in this process; called when a client finds no
+    broker or a publish goes unacknowledged (a timeout too, which costs one collection a minute at most)."""
     global _reaped_at
     with _reap_lock:
         if time.monotonic() - _reaped_at < REAP_INTERVAL_S:
@@ -345,7 +347,7 @@ class KafkaEventConsumer:
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
-        if not batches and not self._consumer.metrics().get("consumer-metrics", {}).get("connection-count", 1):
+        if not batches and not (self._consumer.metrics() or {}).get("consumer-metrics", {}).get("connection-count", 1):
             _reap_failed_connects()  # no connection to any broker: reconnecting
         return [Record(m.topic, m.partition, m.offset, m.key, m.value) for messages in batches.values() for m in messages]
 

@@ -1,7 +1,7 @@
 """Confidence that means what it says: a version's scores divided by one temperature before the softmax.
 
 A fine-tuned classifier's softmax is rarely calibrated: a top score of 0.9 may be right 70 % of the time, or 99 %.
-One temperature T, fitted at export on rows training never saw (`exporters/calibration.py`), rescales every
+One temperature T, fitted at export on rows training never saw (`exporters/temperature.py`), rescales every
 row's logits alike (Guo et al., 2017): the ranking of labels, and so every prediction, stays as it was, and the
 scores come closer to the accuracy they promise. Expected calibration error (ECE) measures the distance.
 """

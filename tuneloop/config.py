@@ -141,7 +141,7 @@ class ExportConfig(Section):
         0.99, ge=0, le=1, description="Int8 ONNX vs PyTorch argmax agreement required to publish."
     )
     abstain_accuracy_cost: float = Field(
-        0.02, ge=0, le=1, description="The version's abstain threshold (`serve.abstain_below: version`) is the "
+        0.02, ge=0, lt=1, description="The version's abstain threshold (`serve.abstain_below: version`) is the "
         "highest calibrated top score below which answering is withheld while in-scope accuracy, an abstention "
         "counted as a miss, stays within this much of answering every text; chosen on half of the rows training "
         "never saw, checked on the other half (export.confidence in the manifest).",
@@ -179,7 +179,8 @@ class ServeConfig(Section):
     abstain_below: Annotated[float, Field(gt=0, lt=1)] | Literal["version"] | None = Field(
         None, description="Abstain when a text's top calibrated score is below this probability: the prediction "
         "keeps its scores and `top_label` but answers `label: null, abstained: true` (out-of-scope texts score low). "
-        "'version': each version's own threshold, chosen at export (`export.abstain_accuracy_cost`). Unset: never.",
+        "'version': each version's own threshold, chosen at export (`export.abstain_accuracy_cost`). Unset: no threshold (a predicted "
+        "`out_of_scope_label` still abstains).",
     )
     out_of_scope_label: str | None = Field(
         "oos", description="A declared label that means 'none of the others' (CLINC150's convention): predicted, it "

@@ -33,7 +33,8 @@ class PredictionEvent(BaseModel):
         False, description="Scored by a candidate in shadow and not returned; request_id is the served prediction's."
     )
     abstained: bool = Field(
-        False, description="Answered `label: null`: the top score was below serve.abstain_below (`label` is the top label)."
+        False, description="Answered `label: null`: the top score was below serve.abstain_below, or the top label is "
+        "serve.out_of_scope_label (`label` is the top label)."
     )
 
 
