@@ -14,7 +14,7 @@ from scipy.special import logsumexp
 from tuneloop.confidence import ECE_BINS, expected_calibration_error, softmax
 
 MIN_ROWS = 20  # fewer held-out rows than this fit nothing: the version keeps temperature 1
-BOUNDS = (0.05, 20.0)  # temperatures searched; a fit at a bound says the rows were too few or too easy
+BOUNDS = (0.05, 20.0)  # temperatures searched; a fit near a bound says the rows were too few or too easy
 
 
 def log_loss(logits: np.ndarray, truth: np.ndarray, temperature: float) -> float:
@@ -67,21 +67,22 @@ def fit_and_check(logits: np.ndarray, truth: np.ndarray, seed: int = 0, accuracy
     order = np.random.default_rng(seed).permutation(len(truth))
     fitted, checked = order[: len(order) // 2], order[len(order) // 2 :]
     temperature, note = fit_temperature(logits[fitted], truth[fitted]), None
-    if not BOUNDS[0] * 1.01 < temperature < BOUNDS[1] / 1.01:
-        note = f"the fit reached the search bound ({temperature:.3g}): too few or too easy rows; temperature kept at 1"
+    if not BOUNDS[0] * 2 < temperature < BOUNDS[1] / 2:  # a flat log-loss stops the search short of the bound itself
+        note = f"the fit ran to the search bound ({temperature:.3g}): too few or too easy rows; temperature kept at 1"
         temperature = 1.0
     in_fitted, in_checked = (rows[truth[rows] != out_of_scope] for rows in (fitted, checked))
     threshold = abstain_threshold(softmax(logits[in_fitted], temperature), truth[in_fitted], accuracy_cost)
     served = softmax(logits[in_checked], temperature)  # the checked in-scope rows as the version will score them
     accuracy, _ = answered_accuracy(served, truth[in_checked], None)
     accuracy_abstaining, abstained = answered_accuracy(served, truth[in_checked], threshold)
+    ece_after = expected_calibration_error(softmax(logits[checked], temperature), truth[checked])
     return ({"note": note} if note else {}) | {
         "temperature": round(temperature, 4),
         "fitted_rows": len(fitted),
         "checked_rows": len(checked),
         "bins": ECE_BINS,
         "ece_before": round(expected_calibration_error(softmax(logits[checked]), truth[checked]), 4),
-        "ece_after": round(expected_calibration_error(served, truth[checked]), 4),
+        "ece_after": round(ece_after, 4),
         "log_loss_before": round(log_loss(logits[checked], truth[checked], 1.0), 4),
         "log_loss_after": round(log_loss(logits[checked], truth[checked], temperature), 4),
         "abstain_below": None if threshold is None else round(threshold, 6),
