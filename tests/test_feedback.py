@@ -7,9 +7,11 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
@@ -38,7 +40,8 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
 NO_RUNS = {"TUNELOOP_TRIGGER__MIN_NEW_ROWS": str(10**9)}
 
 
-def running_controller(registry: Path, tmp_path: Path, env: dict[str, str], wait: bool = True):  # noqa: ANN201
+def running_controller(registry: Path, tmp_path: Path, env: dict[str, str], wait: bool = True
+                       ) -> AbstractContextManager[subprocess.Popen]:
     return processes.running_controller(registry, tmp_path, env | NO_RUNS, wait)
 
 

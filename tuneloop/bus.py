@@ -310,9 +310,10 @@ class KafkaBus:
                 acknowledged.append(True)
             except (KafkaError, TimeoutError):
                 acknowledged.append(False)
-        if len(acknowledged) < len(messages) or not all(acknowledged):
+        acknowledged += [False] * (len(messages) - len(futures))
+        if not all(acknowledged):
             _reap_failed_connects()
-        return acknowledged + [False] * (len(messages) - len(futures))
+        return acknowledged
 
     def consumer(self, group: str, topics: list[str]) -> KafkaEventConsumer:
         return KafkaEventConsumer(self.bootstrap_servers, group, topics)
@@ -349,7 +350,8 @@ class KafkaEventConsumer:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         if not batches and not (self._consumer.metrics() or {}).get("consumer-metrics", {}).get("connection-count", 1):
             _reap_failed_connects()  # no connection to any broker: reconnecting
-        return [Record(m.topic, m.partition, m.offset, m.key, m.value) for messages in batches.values() for m in messages]
+        return [Record(m.topic, m.partition, m.offset, m.key, m.value)
+                for messages in batches.values() for m in messages]
 
     def commit(self, records: list[Record]) -> None:
         from kafka import TopicPartition

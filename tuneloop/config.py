@@ -179,8 +179,8 @@ class ServeConfig(Section):
     abstain_below: Annotated[float, Field(gt=0, lt=1)] | Literal["version"] | None = Field(
         None, description="Abstain when a text's top calibrated score is below this probability: the prediction "
         "keeps its scores and `top_label` but answers `label: null, abstained: true` (out-of-scope texts score low). "
-        "'version': each version's own threshold, chosen at export (`export.abstain_accuracy_cost`). Unset: no threshold (a predicted "
-        "`out_of_scope_label` still abstains).",
+        "'version': each version's own threshold, chosen at export (`export.abstain_accuracy_cost`). "
+        "Unset: no threshold (a predicted `out_of_scope_label` still abstains).",
     )
     out_of_scope_label: str | None = Field(
         "oos", description="A declared label that means 'none of the others' (CLINC150's convention): predicted, it "
