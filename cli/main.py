@@ -77,6 +77,9 @@ def train(
         float | None, typer.Option(help="Replayed older rows per new row. Default: train.replay_ratio.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    standby: Annotated[bool, typer.Option(
+        help="Import what training needs, then wait for a line '<run id> <unix time the run started>' on stdin and "
+        "run it (the controller's standby, trigger.standby_command); the end of stdin ends it.")] = False,
 ) -> None:
     """Fine-tune the live version on new feedback plus replay; export, gate; promote (or start the rollout) if it passes.
 
@@ -89,6 +92,16 @@ def train(
 
     yield_cpu(settings.train.niceness)  # serving on this host comes first
     from pipeline.versions import build_candidate
+
+    if standby:
+        console.print(f"standby: ready in {time.perf_counter() - started:.1f} s; waiting for a run")
+        line = sys.stdin.readline()
+        if not line.strip():
+            return  # the controller stopped
+        run_id, run_started_unix = int(line.split()[0]), float(line.split()[1])
+        # The time budget counts from the run's start.
+        started = time.perf_counter() - max(0.0, time.time() - run_started_unix)
+        console.print(f"run {run_id}: handed to this standby {time.time() - run_started_unix:.1f} s after it started")
 
     try:
         built = build_candidate(settings, Registry(settings.registry.path), run_id, replay_ratio, progress, console.print,

@@ -125,4 +125,7 @@ def _serve(settings: Settings, stop: threading.Event | None) -> None:
         uvicorn.Config(app, host=settings.controller.host, port=settings.controller.port, log_level="warning")
     )
     threading.Thread(target=server.run, name="controller-http", daemon=True).start()
-    controller.run(stop or threading.Event())
+    try:
+        controller.run(stop or threading.Event())
+    finally:
+        controller.drift.launcher.close()  # the standby training process; a run in progress goes on

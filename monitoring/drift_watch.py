@@ -103,6 +103,8 @@ class DriftWatch:
         decision = self.policy.on_window(version, report.drifted(self.trigger_config.signals), state)
         self.metrics.consecutive.labels(str(version)).set(self.policy.consecutive(version))
         self._act(decision, state)
+        if self.policy.run_expected(decision, state):
+            self.launcher.warm()  # a run may start within a few windows: its libraries load meanwhile
 
     def _export(self, report: WindowReport) -> None:
         version = str(report.model_version)

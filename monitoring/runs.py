@@ -3,7 +3,13 @@
 A run is a separate process (by default `tuneloop train --run-id N`), so a crash in training
 never takes the controller down, and a controller restart does not kill a run: the next
 controller adopts it by pid and waits for it to go, once the process with that pid is shown to
-be the run (it started when the run did; after a restart a pid is often another process's).
+be the run (it started no later than the run did; after a restart a pid is often another process's).
+
+Importing torch, peft and the exporters takes a run about 20 s before its first step. Drift seen in one
+window calls for a run a few windows later, so the controller then warms a standby
+(`trigger.standby_command`, `tuneloop train --standby`): a process that does that work while the trigger
+waits, then waits on its stdin for a run id, which the next run hands it. One nobody uses ends after
+STANDBY_IDLE_S.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +37,11 @@ class FinishedRun:
     exit_code: int | None
 
 
-# A run's process starts right after its row is written; a process that started later holds a reused pid.
+# A run's process starts right after its row is written, or before it (a standby); a process that started later
+# than this holds a reused pid.
 START_TOLERANCE_S = 30.0
+STANDBY_RETRY_S = 60.0  # after a standby exits on its own, wait this long before starting another
+STANDBY_IDLE_S = 900.0  # a standby not warmed again for this long ends: it holds about 1 GB
 
 
 def process_start_unix(pid: int) -> float | None:
@@ -49,7 +59,7 @@ def _is_the_run(pid: int | None, started_unix: float) -> bool:
     if not pid or not _alive(pid):
         return False
     start = process_start_unix(pid)
-    return start is None or started_unix - 2 <= start <= started_unix + START_TOLERANCE_S
+    return start is None or start <= started_unix + START_TOLERANCE_S
 
 
 def _alive(pid: int) -> bool:
@@ -68,6 +78,9 @@ class RunLauncher:
         self.state = state
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._adopted: dict[int, int] = {}  # run id -> pid of a run an earlier controller started
+        self._standby: subprocess.Popen[bytes] | None = None  # waiting for a run id on its stdin
+        self._standby_after = 0.0  # monotonic time before which no standby starts
+        self._standby_until = 0.0  # monotonic time at which an unused standby ends
         for run in state.running():
             if _is_the_run(run["pid"], run["started_unix"]):
                 self._adopted[run["id"]] = run["pid"]
@@ -80,23 +93,81 @@ class RunLauncher:
         return bool(self._children or self._adopted)
 
     def start(self, run_id: int) -> None:
-        command = [part.replace("{run_id}", str(run_id)) for part in self.config.command]
-        # `tuneloop` is found on PATH, or beside this interpreter (a virtualenv not on PATH).
-        if "/" not in command[0] and not shutil.which(command[0]):
-            sibling = Path(sys.executable).with_name(command[0])
-            command[0] = str(sibling) if sibling.is_file() else command[0]
         self.config.runs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.config.runs_dir / f"run-{run_id}.log"
-        with log_path.open("ab") as out:
-            try:
-                process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            except OSError as exc:
-                out.write(f"cannot start {command}: {exc}\n".encode())
-                self.state.finish_run(run_id, "failed", None)
-                raise
+        process = self._hand_to_standby(run_id, log_path)
+        if process is None:
+            command = _resolved([part.replace("{run_id}", str(run_id)) for part in self.config.command])
+            with log_path.open("ab") as out:
+                try:
+                    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                except OSError as exc:
+                    out.write(f"cannot start {command}: {exc}\n".encode())
+                    self.state.finish_run(run_id, "failed", None)
+                    raise
+            log.info("training run %s started (pid %s): %s; log %s", run_id, process.pid, " ".join(command), log_path)
         self._children[run_id] = process
         self.state.run_started(run_id, process.pid, log_path)
-        log.info("training run %s started (pid %s): %s; log %s", run_id, process.pid, " ".join(command), log_path)
+
+    def _hand_to_standby(self, run_id: int, log_path: Path) -> subprocess.Popen[bytes] | None:
+        """The standby, now run `run_id` (its log renamed to the run's), or None when there is none able to."""
+        standby, self._standby = self._standby, None
+        if standby is None or standby.poll() is not None or standby.stdin is None:
+            return None
+        try:
+            standby.stdin.write(f"{run_id} {time.time()}\n".encode())
+            standby.stdin.close()  # the run no longer depends on this process: a restarted controller adopts it
+        except OSError:  # it exited meanwhile
+            return None
+        self._standby_log().rename(log_path)  # the process keeps writing to the same file
+        log.info("training run %s handed to the standby (pid %s); log %s", run_id, standby.pid, log_path)
+        return standby
+
+    def _standby_log(self) -> Path:
+        return self.config.runs_dir / "standby.log"
+
+    def warm(self) -> None:
+        """A run may start soon: have a standby import what it needs (none beside a run in progress, which it
+        would compete with for the CPU)."""
+        command = self.config.standby_command
+        if not command or self.in_progress or time.monotonic() < self._standby_after:
+            return
+        self._standby_until = time.monotonic() + STANDBY_IDLE_S
+        if self._standby is not None:
+            return
+        self.config.runs_dir.mkdir(parents=True, exist_ok=True)
+        with self._standby_log().open("wb") as out:
+            try:
+                self._standby = subprocess.Popen(_resolved(list(command)), stdin=subprocess.PIPE, stdout=out,
+                                                 stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                log.warning("cannot start the standby training process %s: %s", command, exc)
+                self._standby_after = time.monotonic() + STANDBY_RETRY_S
+                return
+        log.info("standby training process started (pid %s); log %s", self._standby.pid, self._standby_log())
+
+    def _check_standby(self) -> None:
+        """Notice a standby that exited on its own; end one nobody warmed for STANDBY_IDLE_S."""
+        if self._standby is None:
+            return
+        code = self._standby.poll()
+        if code is not None:
+            log.warning("the standby training process exited with %s; see %s", code, self._standby_log())
+            self._standby, self._standby_after = None, time.monotonic() + STANDBY_RETRY_S
+        elif time.monotonic() > self._standby_until:
+            log.info("no run for %.0f s: the standby training process ends", STANDBY_IDLE_S)
+            self.close()
+
+    def close(self) -> None:
+        """End the standby (a run in progress goes on; the next controller adopts it)."""
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.poll() is None:
+            standby.terminate()
+            try:
+                standby.wait(10)
+            except subprocess.TimeoutExpired:
+                standby.kill()
+                standby.wait()
 
     def poll(self) -> list[FinishedRun]:
         finished = []
@@ -111,4 +182,13 @@ class RunLauncher:
                 finished.append(FinishedRun(run_id, "lost", None))  # not our child: its exit code is unknowable
         for run in finished:
             self.state.finish_run(run.run_id, run.status, run.exit_code)
+        self._check_standby()
         return finished
+
+
+def _resolved(command: list[str]) -> list[str]:
+    """`tuneloop` is found on PATH, or beside this interpreter (a virtualenv not on PATH)."""
+    if "/" not in command[0] and not shutil.which(command[0]):
+        sibling = Path(sys.executable).with_name(command[0])
+        command[0] = str(sibling) if sibling.is_file() else command[0]
+    return command

@@ -117,6 +117,14 @@ class TriggerPolicy:
         self._next_schedule_check = state.now + interval
         return Decision("fired", "schedule", f"schedule due every {interval:g} s; {state.new_rows} new labelled rows", "schedule")
 
+    def run_expected(self, decision: Decision, state: TriggerState) -> bool:
+        """Whether a drift run may start within a few windows: drift short of K windows, or a run waiting for
+        feedback to pause, and nothing in its way but the row minimum (labelled rows arrive with drift)."""
+        if decision.reason != "drift_not_sustained" and not self.armed:
+            return False
+        blocked = self._blocked(state, cooldown=True)
+        return blocked is None or blocked[0] == "too_few_new_rows"
+
     def on_manual(self, state: TriggerState, reason: str) -> Decision:
         """A person asked: only a run already going stops it (no cooldown, cap or row minimum)."""
         if state.run_in_progress:

@@ -23,12 +23,13 @@ from tuneloop.registry import Registry
 
 
 class Setup:
-    def __init__(self, tmp_path: Path, command: list[str] | None = None) -> None:
+    def __init__(self, tmp_path: Path, command: list[str] | None = None, standby: list[str] | None = None) -> None:
         settings = Settings()
         settings.trigger.consecutive_windows, settings.trigger.min_new_rows = 1, 0
         settings.trigger.feedback_quiet_s = 0
         settings.trigger.command = command or [sys.executable, "-c", "pass"]
         settings.trigger.runs_dir = tmp_path / "runs"
+        settings.trigger.standby_command = standby
         self.state = ControllerState(tmp_path / "store.db")
         self.prometheus = CollectorRegistry()
         self.watch = DriftWatch(settings, Registry(tmp_path / "registry"), FeedbackStore(tmp_path / "store.db"),
@@ -103,3 +104,24 @@ def test_traffic_of_a_version_without_reference_is_not_monitored(tmp_path: Path,
     s.watch.observe(events)
     assert s.state.windows() == []
     assert "cannot read the drift reference of v9" in caplog.text
+
+
+def test_a_drifted_window_short_of_k_warms_a_standby_that_the_run_then_uses(tmp_path: Path) -> None:
+    standby = [sys.executable, "-c", "import sys; sys.stdin.readline(); print('ran', flush=True)"]
+    s = Setup(tmp_path, command=[sys.executable, "-c", "print('cold')"], standby=standby)
+    s.watch.trigger_config.consecutive_windows = 2
+    s.watch._on_window(report(drifted=False))
+    assert s.watch.launcher._standby is None  # no drift, no standby
+    s.watch._on_window(report(drifted=True))  # 1 of 2 windows: a run may follow
+    warmed = s.watch.launcher._standby
+    assert warmed is not None
+    s.watch._on_window(report(drifted=True))  # fired: handed to the standby
+    [run] = s.state.runs()
+    assert run["pid"] == warmed.pid
+
+    def collected() -> bool:
+        s.watch.collect_finished_runs()
+        return s.state.runs()[0]["status"] != "running"
+
+    wait_for(collected, 20, "the run to be collected", interval=0.05)
+    assert Path(s.state.runs()[0]["log_path"]).read_text() == "ran\n"

@@ -129,3 +129,18 @@ def test_a_waiting_run_is_called_off_when_drift_stops() -> None:
     assert policy.armed
     policy.on_window(1, [], replace(IDLE, now=1001.0, last_row_stored=1000.0))
     assert not policy.armed and policy.on_tick(replace(IDLE, now=1100.0, last_row_stored=1000.0)) is None
+
+
+def test_a_run_is_expected_from_the_first_drifted_window_unless_something_but_rows_blocks_it() -> None:
+    policy = TriggerPolicy(CONFIG, started_at=0)
+    quiet = policy.on_window(1, [], IDLE)
+    assert not policy.run_expected(quiet, IDLE)
+    first = policy.on_window(1, ["embedding_mmd"], replace(IDLE, new_rows=10))
+    assert policy.run_expected(first, replace(IDLE, new_rows=10))  # rows arrive with drift
+    for blocked in (replace(IDLE, last_run_started=IDLE.now - 600), replace(IDLE, run_in_progress=True),
+                    replace(IDLE, runs_last_day=2, last_run_started=IDLE.now - 7200)):
+        assert not policy.run_expected(first, blocked)
+    waiting = TriggerPolicy(CONFIG.model_copy(update={"feedback_quiet_s": 10}), started_at=0)
+    arriving = replace(IDLE, last_row_stored=IDLE.now - 1)
+    decision = [waiting.on_window(1, ["embedding_mmd"], arriving) for _ in range(3)][-1]
+    assert decision.reason == "feedback_arriving" and waiting.run_expected(decision, arriving)

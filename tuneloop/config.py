@@ -338,6 +338,13 @@ class TriggerConfig(Section):
         default_factory=lambda: ["tuneloop", "train", "--run-id", "{run_id}"],
         description="The training run the controller starts, as its own process; {run_id} is filled in.",
     )
+    standby_command: list[str] | None = Field(
+        default_factory=lambda: ["tuneloop", "train", "--standby"],
+        description="A training process started when a window first drifts, while the trigger waits for K windows "
+        "and for feedback to pause: it imports what training needs (about 20 s of CPU on 2 cores, at the run's "
+        "niceness), then waits for the run, which hands it '<run id> <unix time>' on stdin; the time budget counts "
+        "from then. Holds about 1 GB; ends after 15 minutes unused. None: each run starts `command` cold.",
+    )
     runs_dir: Path = Field(Path("var/runs"), description="Each run's log, `run-<id>.log`.")
 
     @field_validator("signals")
