@@ -209,6 +209,15 @@ class Load:
         return answered[-n:]
 
 
+def standby_handed_after(run: dict | None) -> float | None:
+    """Seconds from the run's start until a warmed standby took it (its log says so); None for a cold start."""
+    log_path = Path(run["log_path"]) if run and run.get("log_path") else None
+    if log_path is None or not log_path.is_file():
+        return None
+    found = re.search(r"handed to this standby ([\d.]+) s after it started", log_path.read_text(errors="replace"))
+    return float(found.group(1)) if found else None
+
+
 def latency_phases(records: list[dict], shift_at: float, run_start: float | None, run_end: float | None,
                    live_at: float | None) -> dict[str, dict]:
     """Requests, failures and p50/p99 (ms) in each phase of the scenario."""
@@ -543,6 +552,7 @@ def run_scenario(name: str, seed: int | None, workdir: Path, quick: bool, trigge
         "steps": training.get("steps"), "planned_steps": training.get("planned_steps"),
         "train_seconds": training.get("train_seconds"),
         "confidence": manifest.export.get("confidence") if manifest else None,  # temperature, ECE before / after
+        "standby_handed_after_s": standby_handed_after(run),  # null: the run started cold
         "export_seconds": manifest.export.get("seconds") if manifest else None,  # per export step; the rest of
         # trigger -> promoted outside training is start-up (imports, data, imprinting) and the controller's part
         "feedback_rows_at_trigger": run["new_rows"] if run else None,
