@@ -54,21 +54,27 @@ class Controller:
 
     def run(self, stop: threading.Event) -> None:
         """Consume until stopped; after any failure, reconnect and resume from the last committed offsets."""
-        while not stop.is_set():
-            consumer = None
-            try:
-                self.bus.ensure_topics(self.topics.model_dump().values())
-                consumer = self.bus.consumer(self.settings.controller.group_id, [self.topics.predictions, self.topics.feedback])
-                log.info("controller consuming %s and %s", self.topics.predictions, self.topics.feedback)
-                while not stop.is_set():
-                    self.step(consumer)
-            except Exception as exc:  # broker gone, store locked, dead-letter refused: retry from committed offsets
-                log.warning("controller step failed (%r); resuming from committed offsets in 2 s", exc)
-                stop.wait(2)
-            finally:
-                if consumer is not None:
-                    with contextlib.suppress(Exception):
-                        consumer.close()
+        try:
+            while not stop.is_set():
+                self._consume(stop)
+        finally:
+            self.drift.launcher.close()  # the standby training process; a run in progress goes on
+
+    def _consume(self, stop: threading.Event) -> None:
+        consumer = None
+        try:
+            self.bus.ensure_topics(self.topics.model_dump().values())
+            consumer = self.bus.consumer(self.settings.controller.group_id, [self.topics.predictions, self.topics.feedback])
+            log.info("controller consuming %s and %s", self.topics.predictions, self.topics.feedback)
+            while not stop.is_set():
+                self.step(consumer)
+        except Exception as exc:  # broker gone, store locked, dead-letter refused: retry from committed offsets
+            log.warning("controller step failed (%r); resuming from committed offsets in 2 s", exc)
+            stop.wait(2)
+        finally:
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    consumer.close()
 
     def step(self, consumer: Consumer) -> int:
         """One batch: stored and committed, then watched. Returns how many records it held."""
@@ -125,7 +131,4 @@ def _serve(settings: Settings, stop: threading.Event | None) -> None:
         uvicorn.Config(app, host=settings.controller.host, port=settings.controller.port, log_level="warning")
     )
     threading.Thread(target=server.run, name="controller-http", daemon=True).start()
-    try:
-        controller.run(stop or threading.Event())
-    finally:
-        controller.drift.launcher.close()  # the standby training process; a run in progress goes on
+    controller.run(stop or threading.Event())

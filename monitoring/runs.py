@@ -3,17 +3,19 @@
 A run is a separate process (by default `tuneloop train --run-id N`), so a crash in training
 never takes the controller down, and a controller restart does not kill a run: the next
 controller adopts it by pid and waits for it to go, once the process with that pid is shown to
-be the run (it started no later than the run did; after a restart a pid is often another process's).
+be the run (it started when the run did, or as its standby before; after a restart a pid is often another
+process's).
 
 Importing torch, peft and the exporters takes a run about 20 s before its first step. Drift seen in one
-window calls for a run a few windows later, so the controller then warms a standby
+window calls for a run a few windows later, so the controller then warms a `Standby`
 (`trigger.standby_command`, `tuneloop train --standby`): a process that does that work while the trigger
-waits, then waits on its stdin for a run id, which the next run hands it. One nobody uses ends after
+waits, then waits on its stdin for a run id, which the next run hands it. One no run took ends after
 STANDBY_IDLE_S.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -37,11 +39,11 @@ class FinishedRun:
     exit_code: int | None
 
 
-# A run's process starts right after its row is written, or before it (a standby); a process that started later
-# than this holds a reused pid.
+# A run's process starts right after its row is written, or up to STANDBY_IDLE_S before it (a standby); a
+# process that started outside that span holds a reused pid.
 START_TOLERANCE_S = 30.0
+STANDBY_IDLE_S = 900.0  # a standby no run took for this long ends: it holds about 1 GB
 STANDBY_RETRY_S = 60.0  # after a standby exits on its own, wait this long before starting another
-STANDBY_IDLE_S = 900.0  # a standby not warmed again for this long ends: it holds about 1 GB
 
 
 def process_start_unix(pid: int) -> float | None:
@@ -59,7 +61,8 @@ def _is_the_run(pid: int | None, started_unix: float) -> bool:
     if not pid or not _alive(pid):
         return False
     start = process_start_unix(pid)
-    return start is None or start <= started_unix + START_TOLERANCE_S
+    earliest = started_unix - STANDBY_IDLE_S - START_TOLERANCE_S
+    return start is None or earliest <= start <= started_unix + START_TOLERANCE_S
 
 
 def _alive(pid: int) -> bool:
@@ -72,15 +75,56 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class Standby:
+    """A training process started ahead (`trigger.standby_command`): handed one run, or ended unused."""
+
+    def __init__(self, command: list[str], runs_dir: Path) -> None:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = runs_dir / f"standby-{time.time_ns()}.log"  # the run's log, once handed one
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(_resolved(command), stdin=subprocess.PIPE, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.ends_at = time.monotonic() + STANDBY_IDLE_S
+
+    def hand(self, run_id: int, log_path: Path) -> bool:
+        """Run `run_id`, logging to `log_path`; False when this process has exited (it ended, and is reaped)."""
+        if self.process.poll() is None:
+            try:
+                self.log_path = self.log_path.rename(log_path)  # the process keeps writing to the same file
+            except OSError as exc:
+                log.warning("the standby's log %s keeps its name (%s)", self.log_path, exc)
+            try:
+                assert self.process.stdin is not None
+                self.process.stdin.write(f"{run_id} {time.time()}\n".encode())
+                self.process.stdin.close()  # from here the run needs no controller: a restarted one adopts it
+                return True
+            except OSError:  # it exited meanwhile
+                pass
+        self.end()
+        return False
+
+    def end(self) -> None:
+        """Close its stdin, on which it exits; make sure it is gone and reaped."""
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 class RunLauncher:
     def __init__(self, config: TriggerConfig, state: ControllerState) -> None:
         self.config = config
         self.state = state
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._adopted: dict[int, int] = {}  # run id -> pid of a run an earlier controller started
-        self._standby: subprocess.Popen[bytes] | None = None  # waiting for a run id on its stdin
+        self._standby: Standby | None = None
         self._standby_after = 0.0  # monotonic time before which no standby starts
-        self._standby_until = 0.0  # monotonic time at which an unused standby ends
         for run in state.running():
             if _is_the_run(run["pid"], run["started_unix"]):
                 self._adopted[run["id"]] = run["pid"]
@@ -95,8 +139,14 @@ class RunLauncher:
     def start(self, run_id: int) -> None:
         self.config.runs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.config.runs_dir / f"run-{run_id}.log"
-        process = self._hand_to_standby(run_id, log_path)
-        if process is None:
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.hand(run_id, log_path):
+            process, log_path = standby.process, standby.log_path
+            log.info("training run %s handed to the standby (pid %s); log %s", run_id, process.pid, log_path)
+        else:
+            if standby is not None:
+                log.warning("the standby training process had exited (%s; see %s): run %s starts cold",
+                            standby.process.returncode, standby.log_path, run_id)
             command = _resolved([part.replace("{run_id}", str(run_id)) for part in self.config.command])
             with log_path.open("ab") as out:
                 try:
@@ -109,65 +159,27 @@ class RunLauncher:
         self._children[run_id] = process
         self.state.run_started(run_id, process.pid, log_path)
 
-    def _hand_to_standby(self, run_id: int, log_path: Path) -> subprocess.Popen[bytes] | None:
-        """The standby, now run `run_id` (its log renamed to the run's), or None when there is none able to."""
-        standby, self._standby = self._standby, None
-        if standby is None or standby.poll() is not None or standby.stdin is None:
-            return None
-        try:
-            standby.stdin.write(f"{run_id} {time.time()}\n".encode())
-            standby.stdin.close()  # the run no longer depends on this process: a restarted controller adopts it
-        except OSError:  # it exited meanwhile
-            return None
-        self._standby_log().rename(log_path)  # the process keeps writing to the same file
-        log.info("training run %s handed to the standby (pid %s); log %s", run_id, standby.pid, log_path)
-        return standby
-
-    def _standby_log(self) -> Path:
-        return self.config.runs_dir / "standby.log"
-
     def warm(self) -> None:
         """A run may start soon: have a standby import what it needs (none beside a run in progress, which it
         would compete with for the CPU)."""
-        command = self.config.standby_command
-        if not command or self.in_progress or time.monotonic() < self._standby_after:
+        command = self.config.standby
+        if not command or self.in_progress or self._standby is not None or time.monotonic() < self._standby_after:
             return
-        self._standby_until = time.monotonic() + STANDBY_IDLE_S
-        if self._standby is not None:
+        try:
+            self._standby = Standby(list(command), self.config.runs_dir)
+        except OSError as exc:
+            log.warning("cannot start the standby training process %s: %s", command, exc)
+            self._standby_after = time.monotonic() + STANDBY_RETRY_S
             return
-        self.config.runs_dir.mkdir(parents=True, exist_ok=True)
-        with self._standby_log().open("wb") as out:
-            try:
-                self._standby = subprocess.Popen(_resolved(list(command)), stdin=subprocess.PIPE, stdout=out,
-                                                 stderr=subprocess.STDOUT, start_new_session=True)
-            except OSError as exc:
-                log.warning("cannot start the standby training process %s: %s", command, exc)
-                self._standby_after = time.monotonic() + STANDBY_RETRY_S
-                return
-        log.info("standby training process started (pid %s); log %s", self._standby.pid, self._standby_log())
-
-    def _check_standby(self) -> None:
-        """Notice a standby that exited on its own; end one nobody warmed for STANDBY_IDLE_S."""
-        if self._standby is None:
-            return
-        code = self._standby.poll()
-        if code is not None:
-            log.warning("the standby training process exited with %s; see %s", code, self._standby_log())
-            self._standby, self._standby_after = None, time.monotonic() + STANDBY_RETRY_S
-        elif time.monotonic() > self._standby_until:
-            log.info("no run for %.0f s: the standby training process ends", STANDBY_IDLE_S)
-            self.close()
+        log.info("standby training process started (pid %s); log %s", self._standby.process.pid,
+                 self._standby.log_path)
 
     def close(self) -> None:
-        """End the standby (a run in progress goes on; the next controller adopts it)."""
+        """End the standby, if any (a run in progress goes on; the next controller adopts it)."""
         standby, self._standby = self._standby, None
-        if standby is not None and standby.poll() is None:
-            standby.terminate()
-            try:
-                standby.wait(10)
-            except subprocess.TimeoutExpired:
-                standby.kill()
-                standby.wait()
+        if standby is not None:
+            standby.end()
+            standby.log_path.unlink(missing_ok=True)  # it said only that it was ready
 
     def poll(self) -> list[FinishedRun]:
         finished = []
@@ -184,6 +196,19 @@ class RunLauncher:
             self.state.finish_run(run.run_id, run.status, run.exit_code)
         self._check_standby()
         return finished
+
+    def _check_standby(self) -> None:
+        """Notice a standby that exited on its own (its log kept); end one no run took in STANDBY_IDLE_S."""
+        if self._standby is None:
+            return
+        code = self._standby.process.poll()
+        if code is not None:
+            log.warning("the standby training process exited with %s; see %s", code, self._standby.log_path)
+            self._standby.end()
+            self._standby, self._standby_after = None, time.monotonic() + STANDBY_RETRY_S
+        elif time.monotonic() > self._standby.ends_at:
+            log.info("no run in %.0f s: the standby training process ends", STANDBY_IDLE_S)
+            self.close()
 
 
 def _resolved(command: list[str]) -> list[str]:

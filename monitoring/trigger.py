@@ -119,11 +119,11 @@ class TriggerPolicy:
 
     def run_expected(self, decision: Decision, state: TriggerState) -> bool:
         """Whether a drift run may start within a few windows: drift short of K windows, or a run waiting for
-        feedback to pause, and nothing in its way but the row minimum (labelled rows arrive with drift)."""
+        feedback to pause, and nothing in its way but a row minimum half met (labelled rows arrive with drift)."""
         if decision.reason != "drift_not_sustained" and not self.armed:
             return False
         blocked = self._blocked(state, cooldown=True)
-        return blocked is None or blocked[0] == "too_few_new_rows"
+        return blocked is None or (blocked[0] == "too_few_new_rows" and 2 * state.new_rows >= self.config.min_new_rows)
 
     def on_manual(self, state: TriggerState, reason: str) -> Decision:
         """A person asked: only a run already going stops it (no cooldown, cap or row minimum)."""

@@ -117,7 +117,7 @@ def test_a_drifted_window_short_of_k_warms_a_standby_that_the_run_then_uses(tmp_
     assert warmed is not None
     s.watch._on_window(report(drifted=True))  # fired: handed to the standby
     [run] = s.state.runs()
-    assert run["pid"] == warmed.pid
+    assert run["pid"] == warmed.process.pid
 
     def collected() -> bool:
         s.watch.collect_finished_runs()

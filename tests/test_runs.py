@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from monitoring import runs
-from monitoring.runs import RunLauncher
+from monitoring.runs import RunLauncher, Standby
 from monitoring.state import ControllerState
 from monitoring.trigger import Decision
 from tests.support.processes import wait_for
@@ -62,13 +62,16 @@ def test_a_reused_pid_is_not_adopted_as_the_run(tmp_path: Path) -> None:
     # After a restart the recorded pid often belongs to another process by then: adopting it held off training
     # for as long as that process lived.
     runner, state = launcher(tmp_path, "pass")
-    run_id = state.start_run(Decision("fired", "drift_sustained", "test"), 0, time.time() - 600)  # the run began 10 min ago
+    decision = Decision("fired", "drift_sustained", "test")
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # started now, same pid recorded
     try:
-        state.run_started(run_id, stranger.pid, tmp_path / "run.log")
+        # The run began 10 min before the stranger; another began 20 min after it, longer than a standby waits.
+        for started in (time.time() - 600, time.time() + 1200):
+            run_id = state.start_run(decision, 0, started)
+            state.run_started(run_id, stranger.pid, tmp_path / "run.log")
         restarted = RunLauncher(runner.config, state)
         assert not restarted.in_progress
-        assert [r["status"] for r in state.runs()] == ["lost"]
+        assert [r["status"] for r in state.runs()] == ["lost", "lost"]
     finally:
         stranger.kill()
         stranger.wait()
@@ -95,79 +98,98 @@ def standby_launcher(tmp_path: Path) -> tuple[RunLauncher, ControllerState]:
     return RunLauncher(config, state), state
 
 
+def warmed(runner: RunLauncher) -> Standby:
+    runner.warm()
+    standby = runner._standby
+    assert standby is not None
+    wait_for(lambda: "standby" in standby.log_path.read_text(), 30, "the standby ready")
+    return standby
+
+
+def manual_run(state: ControllerState, now: float | None = None) -> int:
+    return state.start_run(Decision("fired", "manual", "test", "manual"), new_rows=5, now=now or time.time())
+
+
 def test_a_run_is_handed_to_the_warmed_standby_and_none_starts_unless_warmed_again(tmp_path: Path) -> None:
     runner, state = standby_launcher(tmp_path)
     assert runner.poll() == [] and runner._standby is None  # nothing warmed it: no standby
-    runner.warm()
-    standby_log = tmp_path / "runs" / "standby.log"
-    wait_for(lambda: standby_log.is_file() and "standby" in standby_log.read_text(), 30, "the standby ready")
-    first_pid = int(standby_log.read_text().split()[1])
+    standby = warmed(runner)
     runner.warm()  # warming again keeps the same one
-    assert runner._standby is not None and runner._standby.pid == first_pid
-    run_id = state.start_run(Decision("fired", "manual", "test", "manual"), new_rows=5, now=time.time())
+    assert runner._standby is standby
+    run_id = manual_run(state)
     runner.start(run_id)
     [finished] = wait_finished(runner)
     # The standby's exit code, not `command`'s 9.
     assert (finished.run_id, finished.status, finished.exit_code) == (run_id, "rejected", 3)
     [row] = state.runs()
-    assert row["pid"] == first_pid
+    assert row["pid"] == standby.process.pid
     log_text = Path(row["log_path"]).read_text()
-    assert Path(row["log_path"]).name == f"run-{run_id}.log" and f"standby {first_pid}" in log_text
+    assert Path(row["log_path"]).name == f"run-{run_id}.log" and f"standby {standby.process.pid}" in log_text
     assert f"run {run_id} handed after" in log_text
-    assert not standby_log.exists() and runner._standby is None  # the next one waits for drift to warm it
+    assert runner._standby is None and [p.name for p in (tmp_path / "runs").iterdir()] == [f"run-{run_id}.log"]
+
+
+def test_a_run_handed_over_whose_log_cannot_be_renamed_is_still_the_standbys_and_tracked(tmp_path: Path) -> None:
+    runner, state = standby_launcher(tmp_path)
+    standby = warmed(runner)
+    standby.log_path.unlink()  # removed under it (a clean-up): the process still writes to the open file
+    run_id = manual_run(state)
+    runner.start(run_id)
+    assert runner.in_progress and state.runs()[0]["pid"] == standby.process.pid
+    [finished] = wait_finished(runner)
+    assert finished.exit_code == 3
 
 
 def test_no_standby_beside_a_run_and_a_dead_one_means_a_cold_start(tmp_path: Path) -> None:
     runner, state = standby_launcher(tmp_path)
     runner.config.command = [sys.executable, "-c", "import sys, time; time.sleep(1); sys.exit(4)", "{run_id}"]
-    runner.warm()
-    standby = runner._standby
-    assert standby is not None
-    standby.kill()  # a standby gone (killed, or out of memory) before the trigger
-    standby.wait()
-    run_id = state.start_run(Decision("fired", "manual", "test", "manual"), new_rows=5, now=time.time())
+    standby = warmed(runner)
+    standby.process.kill()  # a standby gone (killed, or out of memory) before the trigger
+    standby.process.wait()
+    run_id = manual_run(state)
     runner.start(run_id)  # started cold from `command`
+    assert state.runs()[0]["pid"] != standby.process.pid and standby.log_path.exists()  # its log kept, for why
     runner.warm()
     assert runner._standby is None  # in progress: no standby beside it
     [finished] = wait_finished(runner)
     assert (finished.run_id, finished.exit_code) == (run_id, 4)
-    runner.warm()
-    assert runner._standby is not None
+    assert standby.process.stdin is not None and standby.process.stdin.closed
+    again = warmed(runner)
     runner.close()
-    assert runner._standby is None and standby.poll() is not None
+    assert runner._standby is None and again.process.poll() is not None and not again.log_path.exists()
 
 
-def test_a_standby_nobody_uses_ends_and_one_that_dies_is_not_restarted_at_once(tmp_path: Path,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_standby_no_run_takes_ends_and_one_that_dies_is_not_restarted_at_once(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     runner, _ = standby_launcher(tmp_path)
-    monkeypatch.setattr(runs, "STANDBY_IDLE_S", 0.2)
-    runner.warm()
-    standby = runner._standby
-    assert standby is not None
-    time.sleep(0.3)
+    monkeypatch.setattr(runs, "STANDBY_IDLE_S", 0.5)
+    standby = warmed(runner)
+    time.sleep(0.6)
+    runner.warm()  # drift again: it does not put the end off
     runner.poll()
-    assert runner._standby is None and standby.wait(10) is not None  # ended: it held memory for nothing
+    assert runner._standby is None and standby.process.poll() is not None  # ended: it held memory for nothing
+    crashing = warmed(runner)
+    crashing.process.kill()
+    crashing.process.wait()
+    runner.poll()  # noticed: exited on its own; its log is kept
     runner.warm()
-    crashing = runner._standby
-    assert crashing is not None
-    crashing.kill()
-    crashing.wait()
-    runner.poll()  # noticed: exited on its own
-    runner.warm()
-    assert runner._standby is None  # not at once: a standby that keeps crashing must not loop
+    assert runner._standby is None and crashing.log_path.exists()  # not at once: a crashing standby must not loop
+
+
+def test_a_custom_run_command_gets_no_default_standby() -> None:
+    assert TriggerConfig().standby == ["tuneloop", "train", "--standby"]
+    assert TriggerConfig(command=["my-trainer", "{run_id}"]).standby is None
+    assert TriggerConfig(command=["my-trainer", "{run_id}"], standby_command=["my-trainer", "--wait"]).standby == [
+        "my-trainer", "--wait"]
 
 
 def test_a_restarted_controller_adopts_a_run_its_standby_began_before_the_run(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUN_S", "5")
     runner, state = standby_launcher(tmp_path)
-    runner.warm()
-    standby_log = tmp_path / "runs" / "standby.log"
-    wait_for(lambda: standby_log.is_file() and "standby" in standby_log.read_text(), 30, "the standby ready")
-    # The standby process started well before the run's row (drift warms it windows ahead).
-    run_id = state.start_run(Decision("fired", "manual", "test", "manual"), new_rows=5, now=time.time() + 60)
+    warmed(runner)
+    run_id = manual_run(state, now=time.time() + 60)  # drift warmed the standby windows before the run's row
     runner.start(run_id)
     restarted = RunLauncher(runner.config, state)
     assert restarted.in_progress and [r["status"] for r in state.runs()] == ["running"]
     wait_finished(runner)
-    runner.close()

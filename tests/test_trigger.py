@@ -131,12 +131,13 @@ def test_a_waiting_run_is_called_off_when_drift_stops() -> None:
     assert not policy.armed and policy.on_tick(replace(IDLE, now=1100.0, last_row_stored=1000.0)) is None
 
 
-def test_a_run_is_expected_from_the_first_drifted_window_unless_something_but_rows_blocks_it() -> None:
+def test_a_run_is_expected_from_the_first_drifted_window_unless_blocked_by_more_than_half_the_rows() -> None:
     policy = TriggerPolicy(CONFIG, started_at=0)
     quiet = policy.on_window(1, [], IDLE)
     assert not policy.run_expected(quiet, IDLE)
-    first = policy.on_window(1, ["embedding_mmd"], replace(IDLE, new_rows=10))
-    assert policy.run_expected(first, replace(IDLE, new_rows=10))  # rows arrive with drift
+    first = policy.on_window(1, ["embedding_mmd"], replace(IDLE, new_rows=50))
+    assert policy.run_expected(first, replace(IDLE, new_rows=50))  # half of M: the rest arrive with drift
+    assert not policy.run_expected(first, replace(IDLE, new_rows=49))
     for blocked in (replace(IDLE, last_run_started=IDLE.now - 600), replace(IDLE, run_in_progress=True),
                     replace(IDLE, runs_last_day=2, last_run_started=IDLE.now - 7200)):
         assert not policy.run_expected(first, blocked)

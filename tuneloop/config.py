@@ -317,6 +317,10 @@ ALL_SIGNALS = [
 ]
 
 
+RUN_COMMAND = ("tuneloop", "train", "--run-id", "{run_id}")
+STANDBY_COMMAND = ("tuneloop", "train", "--standby")
+
+
 class TriggerConfig(Section):
     consecutive_windows: int = Field(3, ge=1, description="K: windows in a row with drift before a run starts.")
     min_new_rows: int = Field(200, ge=0, description="M: labelled rows stored since the last run, needed to start one.")
@@ -335,15 +339,16 @@ class TriggerConfig(Section):
         default_factory=lambda: list(ALL_SIGNALS), description="Signals whose drift counts towards a trigger."
     )
     command: list[str] = Field(
-        default_factory=lambda: ["tuneloop", "train", "--run-id", "{run_id}"],
+        default_factory=lambda: list(RUN_COMMAND),
         description="The training run the controller starts, as its own process; {run_id} is filled in.",
     )
     standby_command: list[str] | None = Field(
-        default_factory=lambda: ["tuneloop", "train", "--standby"],
-        description="A training process started when a window first drifts, while the trigger waits for K windows "
-        "and for feedback to pause: it imports what training needs (about 20 s of CPU on 2 cores, at the run's "
-        "niceness), then waits for the run, which hands it '<run id> <unix time>' on stdin; the time budget counts "
-        "from then. Holds about 1 GB; ends after 15 minutes unused. None: each run starts `command` cold.",
+        default_factory=lambda: list(STANDBY_COMMAND),
+        description="A training process started when a window drifts and a run may follow: it imports what training "
+        "needs (about 20 s of CPU on 2 cores, at the run's niceness) while the trigger waits for K windows and for "
+        "feedback to pause, then waits for the run, which hands it '<run id> <unix time>' on stdin. Holds about 1 GB; "
+        "ends 15 minutes after it started if no run came. Used with a custom `command` only when set to another "
+        "command too (the default would not run what that one runs). None: each run starts `command` cold.",
     )
     runs_dir: Path = Field(Path("var/runs"), description="Each run's log, `run-<id>.log`.")
 
@@ -354,6 +359,13 @@ class TriggerConfig(Section):
         if unknown:
             raise ValueError(f"unknown signal(s) {unknown}; choose from {ALL_SIGNALS}")
         return signals
+
+    @property
+    def standby(self) -> list[str] | None:
+        """The standby's command, where it stands for `command`."""
+        if self.command == list(RUN_COMMAND) or self.standby_command != list(STANDBY_COMMAND):
+            return self.standby_command
+        return None
 
 
 class Settings(BaseSettings):
