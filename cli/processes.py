@@ -7,7 +7,6 @@ import contextlib
 import functools
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 from types import ModuleType
 
 import httpx
+
+from tuneloop.processes import stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the environment's console scripts: tuneloop, bentoml
@@ -62,18 +63,6 @@ def running(args: list[str], env: dict[str, str], log: Path, cwd: Path | None = 
         yield process
     finally:
         stop_process_group(process)
-
-
-def stop_process_group(process: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM the process group (children too, even when the leader already exited); SIGKILL after the timeout."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:

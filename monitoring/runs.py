@@ -28,6 +28,7 @@ from pathlib import Path
 from monitoring.state import ControllerState
 from tuneloop.config import TriggerConfig
 from tuneloop.errors import RUN_STATUS  # `tuneloop train`'s exit codes; any other is a failure
+from tuneloop.processes import stop_process_group
 
 log = logging.getLogger("tuneloop.runs")
 
@@ -109,12 +110,7 @@ class Standby:
             with contextlib.suppress(OSError):
                 self.process.stdin.close()
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process_group(self.process, timeout=10)
 
 
 class RunLauncher:
