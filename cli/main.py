@@ -98,10 +98,10 @@ def train(
         line = sys.stdin.readline()
         if not line.strip():
             return  # the controller stopped
-        run_id, run_started_unix = int(line.split()[0]), float(line.split()[1])
-        # The time budget counts from the run's start.
-        started = time.perf_counter() - max(0.0, time.time() - run_started_unix)
-        console.print(f"run {run_id}: handed to this standby {time.time() - run_started_unix:.1f} s after it started")
+        run, run_started_unix = line.split()
+        run_id, waited = int(run), max(0.0, time.time() - float(run_started_unix))
+        started = time.perf_counter() - waited  # the time budget counts from the run's start
+        console.print(f"run {run_id}: handed to this standby {waited:.1f} s after it started")
 
     try:
         built = build_candidate(settings, Registry(settings.registry.path), run_id, replay_ratio, progress, console.print,
