@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/pip install --quiet uv
-	$(BIN)/uv pip install --python $(BIN)/python --quiet -e ".[serve,train,dev]"
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -e ".[serve,train,postgres,dev]"
 	touch $@
 
 bootstrap: install

@@ -85,7 +85,7 @@ def run_controller(registry: Path, stream: list[tuple[PredictionEvent, str]], fe
     settings = Settings()
     settings.registry.path = registry
     settings.events.embedded_path = workdir / "events.db"
-    settings.controller.store_path = workdir / "store.db"
+    settings.controller.store_url = str(workdir / "store.db")
     settings.trigger.command = [sys.executable, "-c", "pass"]  # the run itself is not what is measured
     settings.trigger.runs_dir = workdir / "runs"
     settings.trigger.consecutive_windows, settings.trigger.min_new_rows = 2, 100

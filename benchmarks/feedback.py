@@ -69,7 +69,7 @@ def main() -> None:
         server = stack.enter_context(running_service(tuneloop_env(registry, **env), workdir))
         stack.enter_context(running_controller(tuneloop_env(registry, **env), workdir / "controller.log"))
         metrics_url = f"http://127.0.0.1:{env['TUNELOOP_CONTROLLER__PORT']}/metrics"
-        store = FeedbackStore(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
+        store = FeedbackStore(env["TUNELOOP_CONTROLLER__STORE_URL"])
         samples: list[tuple[float, float, int]] = []
         load_done = threading.Event()
         started = time.monotonic()

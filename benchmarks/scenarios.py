@@ -144,7 +144,7 @@ def env_for(directory: Path, quick: bool, controller_port: int | None = None) ->
         "TUNELOOP_CONFIG": str(empty_config),
         "TUNELOOP_REGISTRY__PATH": str(directory / "registry"),
         "TUNELOOP_EVENTS__EMBEDDED_PATH": str(directory / "events.db"),
-        "TUNELOOP_CONTROLLER__STORE_PATH": str(directory / "feedback.db"),
+        "TUNELOOP_CONTROLLER__STORE_URL": str(directory / "feedback.db"),
         "TUNELOOP_TRIGGER__RUNS_DIR": str(directory / "runs"),
     }
     if controller_port is not None:

@@ -64,7 +64,7 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
         "HF_HUB_OFFLINE": "1",
         "TUNELOOP_REGISTRY__PATH": str(workdir / "registry"),
         "TUNELOOP_EVENTS__EMBEDDED_PATH": str(workdir / "events.db"),
-        "TUNELOOP_CONTROLLER__STORE_PATH": str(workdir / "feedback.db"),
+        "TUNELOOP_CONTROLLER__STORE_URL": str(workdir / "feedback.db"),
         "TUNELOOP_CONTROLLER__PORT": str(controller_port),
         "TUNELOOP_TRIGGER__RUNS_DIR": str(workdir / "runs"),
         "TUNELOOP_TRIGGER__CONSECUTIVE_WINDOWS": "2",

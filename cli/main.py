@@ -153,11 +153,12 @@ def serve(
 def controller() -> None:
     """Consume prediction and feedback events into the feedback store; /metrics on controller.port."""
     from monitoring.controller import serve_controller
+    from tuneloop.database import redact
 
     settings = load_settings()
     bus = settings.events.kafka_bootstrap_servers or f"embedded log {settings.events.embedded_path}"
     console.print(
-        f"controller: {bus} -> {settings.controller.store_path}; "
+        f"controller: {bus} -> {redact(settings.controller.store_url)}; "
         f"metrics on http://{settings.controller.host}:{settings.controller.port}/metrics"
     )
     try:

@@ -132,7 +132,7 @@ def running_controller(
 def bus_env(kind: str, workdir: Path, bootstrap_servers: str = "", **extra: str) -> dict[str, str]:
     """Settings for a service and a controller sharing one bus, store and (with Kafka) fresh topics."""
     env = {
-        "TUNELOOP_CONTROLLER__STORE_PATH": str(workdir / "store.db"),
+        "TUNELOOP_CONTROLLER__STORE_URL": str(workdir / "store.db"),
         "TUNELOOP_CONTROLLER__PORT": str(free_port()),
         "TUNELOOP_EVENTS__SPOOL_DIR": str(workdir / "spool"),
         "TUNELOOP_EVENTS__ACK_TIMEOUT_S": "2",
@@ -148,6 +148,15 @@ def bus_env(kind: str, workdir: Path, bootstrap_servers: str = "", **extra: str)
     else:
         env["TUNELOOP_EVENTS__EMBEDDED_PATH"] = str(workdir / "events.db")
     return env | extra
+
+
+@functools.cache
+def local_postgres() -> ModuleType:
+    """deploy/postgres/local_server.py (a real PostgreSQL server from Debian's package), loaded by path."""
+    spec = importlib.util.spec_from_file_location("local_postgres", ROOT / "deploy" / "postgres" / "local_server.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.cache

@@ -14,11 +14,9 @@ serves /metrics and the admin operations; `monitoring.metrics` holds every metri
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 from monitoring.admin import Admin, admin_app
 from monitoring.drift_watch import DriftWatch
@@ -29,10 +27,10 @@ from monitoring.rollout_watch import RolloutWatch
 from monitoring.state import ControllerState
 from tuneloop.bus import Bus, Consumer, announce, open_bus
 from tuneloop.config import Settings
-from tuneloop.errors import Conflict
 from tuneloop.events import ModelEvent, PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Registry
+from tuneloop.store_backends import open_database
 
 log = logging.getLogger("tuneloop.controller")
 
@@ -42,10 +40,10 @@ class Controller:
         self.settings = settings
         self.topics = settings.events.topics
         self.bus = bus or open_bus(settings.events)
-        self.store = FeedbackStore(settings.controller.store_path)
+        self.store = FeedbackStore(settings.controller.store_url)
         self.metrics = metrics or controller_metrics()
         self.registry = Registry(settings.registry.path)
-        self.state = ControllerState(settings.controller.store_path)
+        self.state = ControllerState(settings.controller.store_url)
         self.ingest = Ingest(settings.controller, self.topics, self.bus, self.store, self.metrics.ingest)
         self.drift = DriftWatch(settings, self.registry, self.store, self.state, self.metrics.drift)
         self.rollout = RolloutWatch(settings.rollout, self.registry, self.store, self.metrics.rollout, self.announce)
@@ -98,27 +96,23 @@ class Controller:
 
 
 @contextlib.contextmanager
-def exclusive_controller(store_path: Path) -> Iterator[None]:
+def exclusive_controller(store_url: str) -> Iterator[None]:
     """Hold the store's controller lock while inside; raise Conflict when another controller holds it.
 
     Two controllers on one store would both store every event of the embedded log, both judge the
-    rollout and both start training runs. The lock (flock) goes with the process, however it ends."""
-    path = store_path.with_name(store_path.name + ".controller.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Conflict(f"another controller is running on {store_path}; stop it first (one controller per store)") from None
-        try:
+    rollout and both start training runs. The lock goes with the process, however it ends: an flock
+    beside a SQLite file, a session advisory lock on a PostgreSQL server (tuneloop.postgres)."""
+    database = open_database(store_url)
+    try:
+        with database.exclusive("controller"):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        database.close()
 
 
 def serve_controller(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run the controller with its HTTP side (/metrics, /admin) until stopped; the only one on its store."""
-    with exclusive_controller(settings.controller.store_path):
+    with exclusive_controller(settings.controller.store_url):
         _serve(settings, stop)
 
 

@@ -1,6 +1,6 @@
 """The controller's own records, beside the feedback store: drift windows, trigger decisions, training runs.
 
-Tables (SQLite, same file as the feedback store):
+Tables (in the feedback store's database, SQLite or PostgreSQL):
 
     drift_windows      id, model_version, events_seen, drifted (JSON list), signals (JSON), evaluated_at
     trigger_decisions  id, decided_at, source, outcome, reason, detail
@@ -20,33 +20,33 @@ from typing import Any
 from monitoring.trigger import Decision
 from monitoring.windows import WindowReport
 from tuneloop.clock import utc_iso, utc_now
-from tuneloop.durable_sqlite import connect
+from tuneloop.database import Database, Migration
+from tuneloop.store_backends import open_database
 
-_SCHEMA = """
+MIGRATIONS = [
+    Migration(1, "drift windows, trigger decisions, training runs", """
 CREATE TABLE IF NOT EXISTS drift_windows (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, model_version INTEGER NOT NULL, events_seen INTEGER NOT NULL,
+    id {identity}, model_version INTEGER NOT NULL, events_seen INTEGER NOT NULL,
     drifted TEXT NOT NULL, signals TEXT NOT NULL, evaluated_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS trigger_decisions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, decided_at TEXT NOT NULL, source TEXT NOT NULL, outcome TEXT NOT NULL,
+    id {identity}, decided_at TEXT NOT NULL, source TEXT NOT NULL, outcome TEXT NOT NULL,
     reason TEXT NOT NULL, detail TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS training_runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, reason TEXT NOT NULL, started_at TEXT NOT NULL,
-    started_unix REAL NOT NULL, finished_at TEXT, status TEXT NOT NULL, exit_code INTEGER, pid INTEGER,
+    id {identity}, source TEXT NOT NULL, reason TEXT NOT NULL, started_at TEXT NOT NULL,
+    started_unix DOUBLE PRECISION NOT NULL, finished_at TEXT, status TEXT NOT NULL, exit_code INTEGER, pid INTEGER,
     new_rows INTEGER NOT NULL, log_path TEXT
-);
-"""
-
-
-def _rows(cursor: Any) -> list[dict[str, Any]]:
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+)
+"""),
+]
 
 
 class ControllerState:
-    def __init__(self, path: Path) -> None:
-        self._db = connect(path, _SCHEMA)
+    def __init__(self, url: str | Path) -> None:
+        """`url`: the feedback store's (controller.store_url)."""
+        self._db: Database = open_database(url)
+        self._db.migrate("controller_state", MIGRATIONS)
 
     def record_window(self, report: WindowReport) -> None:
         signals = [asdict(s) | {"drifted": s.drifted} for s in report.signals]
@@ -59,7 +59,7 @@ class ControllerState:
         query, args = "SELECT * FROM drift_windows", ()
         if model_version is not None:
             query, args = query + " WHERE model_version = ?", (model_version,)
-        rows = _rows(self._db.execute(query + " ORDER BY id", args))
+        rows = self._db.execute(query + " ORDER BY id", args).dicts()
         for row in rows:
             row["drifted"], row["signals"] = json.loads(row["drifted"]), json.loads(row["signals"])
         return rows
@@ -73,17 +73,16 @@ class ControllerState:
     def decisions(self, last: int | None = None) -> list[dict[str, Any]]:
         """Oldest first; only the latest `last` when given (the table grows with every suppressed decision)."""
         if last is None:
-            return _rows(self._db.execute("SELECT * FROM trigger_decisions ORDER BY id"))
-        latest = "SELECT * FROM (SELECT * FROM trigger_decisions ORDER BY id DESC LIMIT ?) ORDER BY id"
-        return _rows(self._db.execute(latest, (last,)))
+            return self._db.execute("SELECT * FROM trigger_decisions ORDER BY id").dicts()
+        latest = "SELECT * FROM (SELECT * FROM trigger_decisions ORDER BY id DESC LIMIT ?) AS latest ORDER BY id"
+        return self._db.execute(latest, (last,)).dicts()
 
     def start_run(self, decision: Decision, new_rows: int, now: float) -> int:
-        cursor = self._db.execute(
+        return int(self._db.execute(
             "INSERT INTO training_runs (source, reason, started_at, started_unix, status, new_rows) "
-            "VALUES (?, ?, ?, ?, 'running', ?)",
+            "VALUES (?, ?, ?, ?, 'running', ?) RETURNING id",
             (decision.source, decision.detail, utc_iso(now), now, new_rows),
-        )
-        return int(cursor.lastrowid)
+        ).scalar())
 
     def run_started(self, run_id: int, pid: int, log_path: Path) -> None:
         self._db.execute("UPDATE training_runs SET pid = ?, log_path = ? WHERE id = ?", (pid, str(log_path), run_id))
@@ -95,14 +94,13 @@ class ControllerState:
         )
 
     def runs(self) -> list[dict[str, Any]]:
-        return _rows(self._db.execute("SELECT * FROM training_runs ORDER BY id"))
+        return self._db.execute("SELECT * FROM training_runs ORDER BY id").dicts()
 
     def running(self) -> list[dict[str, Any]]:
-        return _rows(self._db.execute("SELECT * FROM training_runs WHERE status = 'running' ORDER BY id"))
+        return self._db.execute("SELECT * FROM training_runs WHERE status = 'running' ORDER BY id").dicts()
 
     def last_run_started(self) -> float | None:
-        row = self._db.execute("SELECT MAX(started_unix) FROM training_runs").fetchone()
-        return row[0]
+        return self._db.execute("SELECT MAX(started_unix) FROM training_runs").scalar()
 
     def runs_since(self, unix_seconds: float) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM training_runs WHERE started_unix >= ?", (unix_seconds,)).fetchone()[0]
+        return self._db.execute("SELECT COUNT(*) FROM training_runs WHERE started_unix >= ?", (unix_seconds,)).scalar()

@@ -1,9 +1,12 @@
-"""Shared fixtures: a real bootstrapped model v1, a real `bentoml serve` on loopback, a real Kafka broker.
+"""Shared fixtures: a real bootstrapped model v1, a real `bentoml serve` on loopback, a real Kafka broker, a real
+PostgreSQL server and a store on each backend.
 
 Helpers that are not fixtures (data, launchers, waits) live in tests/support/."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.support.data import imdb_parts, validation_split
-from tests.support.processes import Server, local_broker, run_cli, running_service, tuneloop_env
+from tests.support.processes import Server, local_broker, local_postgres, run_cli, running_service, tuneloop_env
 from trainer.data import write_csv
 
 
@@ -49,6 +52,28 @@ def kafka() -> Iterator[object]:
     """One real Kafka broker (KRaft) on loopback for the whole session."""
     with local_broker.running_kafka() as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """One real PostgreSQL server (Debian's `postgresql`, a fresh initdb) on loopback for the whole session."""
+    try:
+        local_postgres.bindir()
+    except local_postgres.ServerError as exc:
+        if os.environ.get("CI"):
+            raise  # CI installs PostgreSQL (.ci/run): a missing server there is a failure, not a skip
+        pytest.skip(str(exc))
+    with local_postgres.running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty feedback store on each backend: a SQLite file, or a database of its own on the session's
+    PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store.db")
+    return request.getfixturevalue("postgres").create_database(f"test_{uuid.uuid4().hex[:16]}")
 
 
 @pytest.fixture(scope="session")

@@ -25,40 +25,40 @@ def publish(registry: Registry, payload: bytes) -> int:
 
 
 class Setup:
-    def __init__(self, tmp_path: Path, token: str = TOKEN) -> None:
+    def __init__(self, tmp_path: Path, store_url: str, token: str = TOKEN) -> None:
         self.registry = Registry(tmp_path / "registry")
         publish(self.registry, b"v1")
         publish(self.registry, b"v2")
         self.drift = MagicMock()
         self.drift.policy.consecutive_by_version.return_value = {2: 1}
         self.announced: list[ModelEvent] = []
-        self.admin = Admin(self.registry, ControllerState(tmp_path / "state.db"), self.drift, self.announced.append)
+        self.admin = Admin(self.registry, ControllerState(store_url), self.drift, self.announced.append)
         self.client = TestClient(admin_app(self.admin, token))
 
 
-def test_without_a_token_configured_the_admin_endpoints_are_disabled(tmp_path: Path) -> None:
-    s = Setup(tmp_path, token="")
+def test_without_a_token_configured_the_admin_endpoints_are_disabled(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url, token="")
     response = s.client.get("/admin/status", headers=AUTH)
     assert response.status_code == 403 and "admin endpoints are disabled" in response.json()["detail"]
     assert s.client.get("/healthz").json() == {"status": "ok"}
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}])
-def test_a_missing_or_wrong_token_is_refused(tmp_path: Path, headers: dict[str, str]) -> None:
-    response = Setup(tmp_path).client.post("/admin/rollback", json={}, headers=headers)
+def test_a_missing_or_wrong_token_is_refused(tmp_path: Path, store_url: str, headers: dict[str, str]) -> None:
+    response = Setup(tmp_path, store_url).client.post("/admin/rollback", json={}, headers=headers)
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
 
 
-def test_status_reports_the_live_version_and_the_trigger_counts(tmp_path: Path) -> None:
-    status = Setup(tmp_path).client.get("/admin/status", headers=AUTH).json()
+def test_status_reports_the_live_version_and_the_trigger_counts(tmp_path: Path, store_url: str) -> None:
+    status = Setup(tmp_path, store_url).client.get("/admin/status", headers=AUTH).json()
     assert status["live_version"] == 2 and status["rollout"] is None
     assert status["stable_version"] == 2  # its deprecated name, kept for one release
     assert status["consecutive_drift_windows"] == {"2": 1}
     assert status["running_runs"] == [] and status["recent_decisions"] == []
 
 
-def test_a_rollback_serves_the_earlier_version_and_announces_it(tmp_path: Path) -> None:
-    s = Setup(tmp_path)
+def test_a_rollback_serves_the_earlier_version_and_announces_it(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url)
     response = s.client.post("/admin/rollback", json={"reason": "incident"}, headers=AUTH)
     assert response.status_code == 200 and response.json() == {"previous": 2, "version": 1}
     assert s.registry.live_version() == 1
@@ -68,8 +68,8 @@ def test_a_rollback_serves_the_earlier_version_and_announces_it(tmp_path: Path) 
     assert len(s.announced) == 1
 
 
-def test_a_manual_run_answers_202_409_or_503(tmp_path: Path) -> None:
-    s = Setup(tmp_path)
+def test_a_manual_run_answers_202_409_or_503(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url)
     s.drift.request_manual.return_value = (Decision("fired", "manual", "manual request: x", "manual"), 4)
     started = s.client.post("/admin/trigger", json={"reason": "x"}, headers=AUTH)
     assert started.status_code == 202 and started.json() == {"run_id": 4, "detail": "manual request: x"}

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
 from monitoring.controller import Controller, exclusive_controller
 from monitoring.metrics import ControllerMetrics
-from tests.support.processes import wait_for
+from tests.support.processes import ROOT, wait_for
 from tuneloop.bus import BusUnavailable, EmbeddedBus, Message
 from tuneloop.config import Settings
 from tuneloop.errors import Conflict
 from tuneloop.events import FeedbackEvent, ModelEvent, PredictionEvent
+from tuneloop.postgres import LOCK_CHECK_S
 
 
 def settings_in(tmp_path: Path) -> Settings:
@@ -26,7 +32,7 @@ def settings_in(tmp_path: Path) -> Settings:
     settings.registry.path = tmp_path / "registry"  # empty: no version has a drift reference
     settings.events.embedded_path = tmp_path / "events.db"
     settings.events.kafka_bootstrap_servers = ""
-    settings.controller.store_path = tmp_path / "store.db"
+    settings.controller.store_url = str(tmp_path / "store.db")
     settings.trigger.command = [sys.executable, "-c", "pass"]  # a stand-in for `tuneloop train`
     settings.trigger.runs_dir = tmp_path / "runs"
     return settings
@@ -125,11 +131,73 @@ def test_an_announcement_the_bus_refuses_is_logged_not_raised(tmp_path: Path, ca
     assert "model event not published (down)" in caplog.text
 
 
-def test_a_second_controller_on_the_same_store_refuses_to_start(tmp_path: Path) -> None:
-    # Two controllers on one embedded log both stored everything, both judged rollouts and both started runs.
-    store = tmp_path / "store.db"
-    with exclusive_controller(store):
-        with pytest.raises(Conflict, match="another controller is running on .*store.db"), exclusive_controller(store):
+def test_a_second_controller_on_the_same_store_refuses_to_start(store_url: str) -> None:
+    # Two controllers on one store both stored everything, both judged rollouts and both started runs.
+    with exclusive_controller(store_url):
+        with pytest.raises(Conflict, match="another controller holds .*; stop it first"), exclusive_controller(store_url):
             pass
-    with exclusive_controller(store):  # released when the first one stopped
+    with exclusive_controller(store_url):  # released when the first one stopped
         pass
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from monitoring.controller import exclusive_controller
+with exclusive_controller(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def lock_holder(store_url: str) -> subprocess.Popen[str]:
+    """Another process holding the controller lock on `store_url`; it prints `held` once it does."""
+    return subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, store_url], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_the_controller_lock_goes_with_a_killed_process(store_url: str) -> None:
+    holder = lock_holder(store_url)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Conflict), exclusive_controller(store_url):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_for(lambda: _takes_lock(store_url), 10, "the lock to be free after SIGKILL")
+
+
+def _takes_lock(store_url: str) -> bool:
+    try:
+        with exclusive_controller(store_url):
+            return True
+    except Conflict:
+        return False
+
+
+def _cut_lock_sessions(url: str) -> None:
+    """End the lock's PostgreSQL session from the server's side, as a restart or a dropped link would."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+                      "'tuneloop controller lock' AND datname = current_database()")
+
+
+def test_a_controller_whose_lock_session_breaks_takes_the_lock_back(postgres: object) -> None:
+    url = postgres.create_database(f"lock_{uuid.uuid4().hex[:12]}")
+    with exclusive_controller(url):
+        _cut_lock_sessions(url)
+        time.sleep(2 * LOCK_CHECK_S + 1)
+        with pytest.raises(Conflict), exclusive_controller(url):  # held again by the first
+            pass
+
+
+def test_a_controller_that_lost_its_lock_to_another_stops(postgres: object) -> None:
+    url = postgres.create_database(f"lock_{uuid.uuid4().hex[:12]}")
+    holder = lock_holder(url)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _cut_lock_sessions(url)
+        with exclusive_controller(url):  # taken before the first one noticed
+            assert holder.wait(timeout=3 * LOCK_CHECK_S + 5) == -signal.SIGTERM
+    finally:
+        holder.kill()
+        holder.wait()

@@ -23,16 +23,16 @@ from tuneloop.registry import Registry
 
 
 class Setup:
-    def __init__(self, tmp_path: Path, command: list[str] | None = None, standby: list[str] | None = None) -> None:
+    def __init__(self, tmp_path: Path, store_url: str, command: list[str] | None = None, standby: list[str] | None = None) -> None:
         settings = Settings()
         settings.trigger.consecutive_windows, settings.trigger.min_new_rows = 1, 0
         settings.trigger.feedback_quiet_s = 0
         settings.trigger.command = command or [sys.executable, "-c", "pass"]
         settings.trigger.runs_dir = tmp_path / "runs"
         settings.trigger.standby_command = standby
-        self.state = ControllerState(tmp_path / "store.db")
+        self.state = ControllerState(store_url)
         self.prometheus = CollectorRegistry()
-        self.watch = DriftWatch(settings, Registry(tmp_path / "registry"), FeedbackStore(tmp_path / "store.db"),
+        self.watch = DriftWatch(settings, Registry(tmp_path / "registry"), FeedbackStore(store_url),
                                 self.state, ControllerMetrics(self.prometheus).drift)
 
     def sample(self, name: str, **labels: str) -> float | None:
@@ -47,8 +47,8 @@ def report(drifted: bool, version: int = 1) -> WindowReport:
     return WindowReport(version, 200, signals, recall={"pos": 0.75}, feedback_rows=40)
 
 
-def test_a_window_is_exported_and_recorded_and_a_quiet_one_decides_nothing(tmp_path: Path) -> None:
-    s = Setup(tmp_path)
+def test_a_window_is_exported_and_recorded_and_a_quiet_one_decides_nothing(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url)
     s.watch._on_window(report(drifted=False))
     assert s.sample("tuneloop_drift_value", signal="embedding_mmd", model_version="1") == 0.3
     assert s.sample("tuneloop_drift_p_value", signal="embedding_mmd", model_version="1") == 0.5
@@ -61,8 +61,8 @@ def test_a_window_is_exported_and_recorded_and_a_quiet_one_decides_nothing(tmp_p
     assert len(s.state.windows()) == 1 and s.state.decisions() == []  # "none" decisions are counted, not recorded
 
 
-def test_sustained_drift_starts_a_run_that_is_collected_when_it_ends(tmp_path: Path) -> None:
-    s = Setup(tmp_path)
+def test_sustained_drift_starts_a_run_that_is_collected_when_it_ends(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url)
     s.watch._on_window(report(drifted=True))
     assert s.sample("tuneloop_trigger_decisions_total", source="drift", outcome="fired", reason="drift_sustained") == 1
     assert s.sample("tuneloop_training_runs_total", outcome="started") == 1
@@ -77,15 +77,15 @@ def test_sustained_drift_starts_a_run_that_is_collected_when_it_ends(tmp_path: P
     assert s.sample("tuneloop_training_runs_total", outcome="succeeded") == 1
 
 
-def test_a_run_that_cannot_start_is_counted_as_failed(tmp_path: Path) -> None:
-    s = Setup(tmp_path, command=[str(tmp_path / "no-such-program")])
+def test_a_run_that_cannot_start_is_counted_as_failed(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url, command=[str(tmp_path / "no-such-program")])
     s.watch._on_window(report(drifted=True))
     assert s.sample("tuneloop_training_runs_total", outcome="failed") == 1
     assert s.state.runs()[0]["status"] == "failed"
 
 
-def test_a_manual_request_is_answered_on_the_next_observe(tmp_path: Path) -> None:
-    s = Setup(tmp_path)
+def test_a_manual_request_is_answered_on_the_next_observe(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url)
     answers: list[tuple[object, int | None]] = []
     asking = threading.Thread(target=lambda: answers.append(s.watch.request_manual("by hand", timeout_s=20)))
     asking.start()
@@ -97,8 +97,8 @@ def test_a_manual_request_is_answered_on_the_next_observe(tmp_path: Path) -> Non
     assert decision.fired and decision.source == "manual" and run_id == 1
 
 
-def test_traffic_of_a_version_without_reference_is_not_monitored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    s = Setup(tmp_path)
+def test_traffic_of_a_version_without_reference_is_not_monitored(tmp_path: Path, store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    s = Setup(tmp_path, store_url)
     events = [PredictionEvent(request_id=f"r{i}", text="t", label="a", scores={"a": 1.0}, model_version=9)
               for i in range(300)]
     s.watch.observe(events)
@@ -106,9 +106,9 @@ def test_traffic_of_a_version_without_reference_is_not_monitored(tmp_path: Path,
     assert "cannot read the drift reference of v9" in caplog.text
 
 
-def test_a_drifted_window_short_of_k_warms_a_standby_that_the_run_then_uses(tmp_path: Path) -> None:
+def test_a_drifted_window_short_of_k_warms_a_standby_that_the_run_then_uses(tmp_path: Path, store_url: str) -> None:
     standby = [sys.executable, "-c", "import sys; sys.stdin.readline(); print('ran', flush=True)"]
-    s = Setup(tmp_path, command=[sys.executable, "-c", "print('cold')"], standby=standby)
+    s = Setup(tmp_path, store_url, command=[sys.executable, "-c", "print('cold')"], standby=standby)
     s.watch.trigger_config.consecutive_windows = 2
     s.watch._on_window(report(drifted=False))
     assert s.watch.launcher._standby is None  # no drift, no standby

@@ -34,3 +34,19 @@ def test_a_feedback_timestamp_must_be_iso_with_an_offset_and_is_stored_in_utc() 
     for bad in ("yesterday", "2026-11-29T10:00:00", "2026-13-01T00:00:00+00:00"):
         with pytest.raises(ValidationError, match="timestamp"):
             FeedbackEvent(text="fine", label="positive", timestamp=bad)
+
+
+def test_a_nul_character_is_refused_in_texts_labels_and_sources(store_url: str) -> None:
+    # PostgreSQL's text type cannot hold U+0000: accepted, such feedback failed its batch on every retry, and the
+    # controller stalled on it. The boundary refuses it, on every backend alike.
+    from tuneloop.feedback_store import FeedbackStore
+
+    for fields in ({"text": "a\x00b", "label": "positive"}, {"text": "fine", "label": "pos\x00"},
+                   {"text": "fine", "label": "positive", "source": "app\x00"}):
+        with pytest.raises(ValidationError, match="NUL"):
+            FeedbackEvent(**fields)
+    with pytest.raises(ValidationError, match="NUL"):
+        TypeAdapter(Texts).validate_python(["a real sentence", "a\x00b"])
+    store = FeedbackStore(store_url)  # what passes the boundary is stored
+    assert store.write([], [FeedbackEvent(text="tab\tand \u2028 separators, \u00e9t\u00e9", label="positive")]).stored == 1
+    store.close()

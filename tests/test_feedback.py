@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -46,7 +47,7 @@ def running_controller(registry: Path, tmp_path: Path, env: dict[str, str], wait
 
 
 def store(env: dict[str, str]) -> FeedbackStore:
-    return FeedbackStore(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
+    return FeedbackStore(env["TUNELOOP_CONTROLLER__STORE_URL"])
 
 
 def open_test_bus(env: dict[str, str]) -> EmbeddedBus | KafkaBus:
@@ -74,6 +75,18 @@ def metric(url: str, series: str) -> float:
 def test_feedback_round_trip_joins_predictions_and_stores_each_once(
     setup: dict[str, str], registry_path: Path, tmp_path: Path
 ) -> None:
+    round_trip(setup, registry_path, tmp_path)
+
+
+def test_feedback_round_trip_over_kafka_into_postgresql(kafka: object, postgres: object, registry_path: Path,
+                                                        tmp_path: Path) -> None:
+    url = postgres.create_database(f"feedback_{uuid.uuid4().hex[:12]}")
+    round_trip(bus_env("kafka", tmp_path, kafka.bootstrap_servers, TUNELOOP_CONTROLLER__STORE_URL=url),
+               registry_path, tmp_path)
+
+
+def round_trip(setup: dict[str, str], registry_path: Path, tmp_path: Path) -> None:
+    """Predictions and feedback (joined, by text, resent) over HTTP: each stored once, joined to what was served."""
     with running_service(registry_path, tmp_path, **setup) as server, server.client() as client, running_controller(
         registry_path, tmp_path, setup
     ):
@@ -109,6 +122,7 @@ INVALID = [
     ("no label", "/feedback", {"text": "x"}, "label"),
     ("label not a string", "/feedback", {"text": "x", "label": 3}, "string"),
     ("blank text", "/feedback", {"text": "\u00a0\u2028", "label": "positive"}, "only whitespace"),
+    ("NUL in text", "/feedback", {"text": "a\u0000b", "label": "positive"}, "NUL character"),
     ("bad feedback_id", "/feedback", {"text": "x", "label": "positive", "feedback_id": "a b/c"}, "pattern"),
     ("unknown field", "/feedback/batch", {"items": [{"text": "x", "label": "positive", "colour": "red"}]}, "extra"),
     ("empty batch", "/feedback/batch", {"items": []}, "at least 1"),

@@ -1,15 +1,22 @@
-"""tuneloop/feedback_store.py in process: joins, idempotence, pending feedback, row marks, pruning, reopening."""
+"""tuneloop/feedback_store.py in process, on SQLite and on a real PostgreSQL server: joins, idempotence, pending
+feedback, row marks, pruning, reopening, migrations."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from tuneloop.errors import StoreError
 from tuneloop.events import FeedbackEvent, PredictionEvent
-from tuneloop.feedback_store import FeedbackStore
+from tuneloop.feedback_store import MIGRATIONS, FeedbackStore
+from tuneloop.store_backends import open_database
 
 
 def prediction(request_id: str, label: str = "negative", version: int = 1, shadow: bool = False,
@@ -25,8 +32,8 @@ def feedback(feedback_id: str, label: str = "positive", request_id: str | None =
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[FeedbackStore]:
-    opened = FeedbackStore(tmp_path / "store.db")
+def store(store_url: str) -> Iterator[FeedbackStore]:
+    opened = FeedbackStore(store_url)
     yield opened
     opened.close()
 
@@ -97,11 +104,11 @@ def test_pruning_drops_old_predictions_and_keeps_feedback(store: FeedbackStore) 
     assert (store.count("predictions"), store.count()) == (1, 1)
 
 
-def test_what_was_written_is_there_after_reopening(tmp_path: Path) -> None:
-    first = FeedbackStore(tmp_path / "store.db")
+def test_what_was_written_is_there_after_reopening(store_url: str) -> None:
+    first = FeedbackStore(store_url)
     first.write([prediction("r1")], [feedback("f1", request_id="r1"), feedback("f2", request_id="later")])
     first.close()
-    reopened = FeedbackStore(tmp_path / "store.db")
+    reopened = FeedbackStore(store_url)
     assert (reopened.count(), reopened.count("pending_feedback"), reopened.count("predictions")) == (1, 1, 1)
     reopened.close()
 
@@ -109,3 +116,72 @@ def test_what_was_written_is_there_after_reopening(tmp_path: Path) -> None:
 def test_an_unknown_table_is_refused(store: FeedbackStore) -> None:
     with pytest.raises(ValueError, match="no table"):
         store.count("feedback; DROP TABLE feedback")
+
+
+def test_migrations_are_applied_once_and_recorded(store_url: str) -> None:
+    for _ in range(2):
+        FeedbackStore(store_url).close()
+    database = open_database(store_url)
+    assert database.schema_versions() == {"feedback_store": 1}
+    assert database.execute("SELECT COUNT(*) FROM schema_migrations").scalar() == 1
+    database.close()
+
+
+def test_processes_opening_a_new_store_at_once_migrate_it_once(store_url: str) -> None:
+    # The controller and a training run open the store together after a deploy: neither may fail or apply twice.
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: FeedbackStore(store_url), range(4)))
+    assert stores[0].write([], [feedback("f1")]).stored == 1
+    assert all(store.count() == 1 for store in stores)
+    for store in stores:
+        store.close()
+    assert open_database(store_url).execute("SELECT COUNT(*) FROM schema_migrations").scalar() == 1
+
+
+def test_a_store_from_a_newer_tuneloop_is_refused(store_url: str) -> None:
+    FeedbackStore(store_url).close()
+    database = open_database(store_url)
+    database.execute("INSERT INTO schema_migrations VALUES ('feedback_store', 99, 'from the future', 'now')")
+    database.close()
+    with pytest.raises(StoreError, match="schema version 99, newer than this tuneloop's .1.; upgrade tuneloop"):
+        FeedbackStore(store_url)
+
+
+def test_a_sqlite_store_from_before_migrations_opens_with_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(MIGRATIONS[0].sql.format(identity="", row_number=""))  # what releases before them created
+    old.execute("INSERT INTO feedback VALUES ('f0', NULL, 'kept', 'positive', NULL, NULL, 'api', 't', 't')")
+    old.commit()
+    old.close()
+    store = FeedbackStore(path)
+    assert [row["feedback_id"] for row in store.feedback_rows()] == ["f0"]
+    assert store.write([], [feedback("f1")]).stored == 1
+    store.close()
+
+
+def test_a_postgresql_store_survives_its_connection_being_cut(postgres: object) -> None:
+    # A server restart or failover ends every session; the statement that meets the break fails (the controller
+    # retries its batch), the next one reconnects.
+    url = postgres.create_database(f"cut_{uuid.uuid4().hex[:12]}")
+    store = FeedbackStore(url)
+    store.write([], [feedback("f1")])
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND pid <> pg_backend_pid()")
+    with pytest.raises(psycopg.OperationalError):
+        store.write([], [feedback("f2")])
+    assert store.write([], [feedback("f2")]).stored == 1
+    assert store.count() == 2
+    store.close()
+
+
+def test_an_unreachable_postgresql_store_is_named_without_its_password() -> None:
+    with pytest.raises(StoreError, match=r"cannot reach the store postgresql://tuneloop:\*\*\*@127.0.0.1:1/x") as raised:
+        FeedbackStore("postgresql://tuneloop:s3cret@127.0.0.1:1/x")
+    assert "s3cret" not in str(raised.value)
+
+
+def test_an_unknown_store_url_says_what_is_accepted() -> None:
+    with pytest.raises(StoreError, match="a SQLite file path or a postgresql:// URL"):
+        FeedbackStore("mysql://somewhere/db")

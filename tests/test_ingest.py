@@ -33,12 +33,12 @@ def feedback(feedback_id: str, label: str = "negative", request_id: str | None =
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, join_timeout_s: float = 300.0, bus: EmbeddedBus | None = None) -> None:
+    def __init__(self, tmp_path: Path, store_url: str, join_timeout_s: float = 300.0, bus: EmbeddedBus | None = None) -> None:
         self.bus = bus or EmbeddedBus(tmp_path / "events.db")
-        self.store = FeedbackStore(tmp_path / "store.db")
+        self.store = FeedbackStore(store_url)
         self.prometheus = CollectorRegistry()
         self.metrics = ControllerMetrics(self.prometheus)
-        config = ControllerConfig(store_path=tmp_path / "store.db", group_id=GROUP, join_timeout_s=join_timeout_s)
+        config = ControllerConfig(store_url=store_url, group_id=GROUP, join_timeout_s=join_timeout_s)
         self.ingest = Ingest(config, TOPICS, self.bus, self.store, self.metrics.ingest)
         self.path = tmp_path / "events.db"
 
@@ -75,8 +75,8 @@ def test_parse_routes_by_topic_and_names_the_first_error() -> None:
     assert reasons[2] == f"malformed {TOPICS.predictions} message: Field required at ['text']"
 
 
-def test_a_batch_is_stored_joined_and_committed(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
+def test_a_batch_is_stored_joined_and_committed(tmp_path: Path, store_url: str) -> None:
+    h = Harness(tmp_path, store_url)
     h.publish(TOPICS.predictions, prediction("r1", label="positive"), prediction("r1", version=2, shadow=True))
     h.publish(TOPICS.feedback, feedback("f1", request_id="r1"), feedback("f2", text="a dull film"))
     consumer = h.consumer()
@@ -96,8 +96,8 @@ def test_a_batch_is_stored_joined_and_committed(tmp_path: Path) -> None:
     assert h.ingest.step(consumer).records == 0
 
 
-def test_resent_feedback_is_counted_as_a_duplicate_and_stored_once(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
+def test_resent_feedback_is_counted_as_a_duplicate_and_stored_once(tmp_path: Path, store_url: str) -> None:
+    h = Harness(tmp_path, store_url)
     h.publish(TOPICS.feedback, feedback("f1", text="a fine film"), feedback("f1", text="a fine film"))
     consumer = h.consumer()
     h.ingest.step(consumer)
@@ -108,8 +108,8 @@ def test_resent_feedback_is_counted_as_a_duplicate_and_stored_once(tmp_path: Pat
     assert h.sample("tuneloop_controller_duplicates_skipped_total") == 2
 
 
-def test_malformed_messages_are_dead_lettered_with_their_reason_and_committed(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
+def test_malformed_messages_are_dead_lettered_with_their_reason_and_committed(tmp_path: Path, store_url: str) -> None:
+    h = Harness(tmp_path, store_url)
     h.publish(TOPICS.feedback, b"\xffnot json", feedback("f1", text="fine"))
     h.publish(TOPICS.predictions, b"{}")
     h.ingest.step(h.consumer())
@@ -123,8 +123,8 @@ def test_malformed_messages_are_dead_lettered_with_their_reason_and_committed(tm
     assert h.consumer().poll(100, timeout_s=0.1) == []
 
 
-def test_feedback_waits_for_its_prediction_and_is_joined_when_it_arrives(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
+def test_feedback_waits_for_its_prediction_and_is_joined_when_it_arrives(tmp_path: Path, store_url: str) -> None:
+    h = Harness(tmp_path, store_url)
     consumer = h.consumer()
     h.publish(TOPICS.feedback, feedback("f1", request_id="late"))
     h.ingest.step(consumer)
@@ -138,8 +138,8 @@ def test_feedback_waits_for_its_prediction_and_is_joined_when_it_arrives(tmp_pat
     assert h.dead_letters() == []
 
 
-def test_unjoined_feedback_is_dead_lettered_after_the_join_timeout(tmp_path: Path) -> None:
-    h = Harness(tmp_path, join_timeout_s=1e-6)
+def test_unjoined_feedback_is_dead_lettered_after_the_join_timeout(tmp_path: Path, store_url: str) -> None:
+    h = Harness(tmp_path, store_url, join_timeout_s=1e-6)
     payload = feedback("f1", request_id="never")
     h.publish(TOPICS.feedback, payload)
     h.ingest.step(h.consumer())
@@ -160,15 +160,15 @@ class RefusingDeadLetters(EmbeddedBus):
         return super().publish_many(topic, messages, timeout_s)
 
 
-def test_a_refused_dead_letter_commits_nothing_and_the_redelivery_stores_nothing_twice(tmp_path: Path) -> None:
-    h = Harness(tmp_path, bus=RefusingDeadLetters(tmp_path / "events.db"))
+def test_a_refused_dead_letter_commits_nothing_and_the_redelivery_stores_nothing_twice(tmp_path: Path, store_url: str) -> None:
+    h = Harness(tmp_path, store_url, bus=RefusingDeadLetters(tmp_path / "events.db"))
     h.publish(TOPICS.feedback, feedback("f1", text="fine"), b"garbage")
     with pytest.raises(RuntimeError, match="did not acknowledge"):
         h.ingest.step(h.consumer())
     assert h.store.count() == 1  # written before the dead letter was refused...
     assert h.sample("tuneloop_controller_dead_lettered_total", reason="malformed") == 0
     # ...but not committed: a new consumer of the group (the controller reconnecting) gets the batch again.
-    retry = Harness(tmp_path)  # the dead-letter topic acknowledges now
+    retry = Harness(tmp_path, store_url)  # the dead-letter topic acknowledges now
     ingested = retry.ingest.step(retry.consumer())
     assert ingested.records == 2
     assert retry.store.count() == 1
@@ -195,8 +195,8 @@ def assert_bounded(letter: dict, payload: bytes) -> None:
     assert payload.decode().startswith(letter["raw"]) and len(letter["raw"]) < len(payload)
 
 
-def test_an_oversized_malformed_message_is_dead_lettered_bounded_and_the_batch_commits(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
+def test_an_oversized_malformed_message_is_dead_lettered_bounded_and_the_batch_commits(tmp_path: Path, store_url: str) -> None:
+    h = Harness(tmp_path, store_url)
     payload = json.dumps({"text": BACKSLASHES, "label": "negative", "colour": "red"}).encode()
     h.publish(TOPICS.feedback, payload, feedback("f2", text="fine"))
     h.ingest.step(h.consumer())
@@ -215,9 +215,9 @@ class Counting(EmbeddedBus):
         return super().publish_many(topic, messages, timeout_s)
 
 
-def test_expired_feedback_is_dead_lettered_in_one_publish_each_bounded(tmp_path: Path) -> None:
+def test_expired_feedback_is_dead_lettered_in_one_publish_each_bounded(tmp_path: Path, store_url: str) -> None:
     bus = Counting(tmp_path / "events.db")
-    h = Harness(tmp_path, join_timeout_s=1e-6, bus=bus)
+    h = Harness(tmp_path, store_url, join_timeout_s=1e-6, bus=bus)
     payloads = [feedback(f"f{i}", request_id="nope", text=BACKSLASHES if i == 0 else None) for i in range(50)]
     h.publish(TOPICS.feedback, *payloads)
     h.ingest.step(h.consumer())
@@ -228,9 +228,9 @@ def test_expired_feedback_is_dead_lettered_in_one_publish_each_bounded(tmp_path:
                for letter, payload in zip(letters[1:], payloads[1:], strict=True))
 
 
-def test_feedback_naming_a_prediction_stores_the_text_that_was_served_not_a_text_sent_with_it(tmp_path: Path) -> None:
+def test_feedback_naming_a_prediction_stores_the_text_that_was_served_not_a_text_sent_with_it(tmp_path: Path, store_url: str) -> None:
     # The client's text replaced the joined one: a label for one text could be trained on with another.
-    h = Harness(tmp_path)
+    h = Harness(tmp_path, store_url)
     h.publish(TOPICS.predictions, prediction("r1", label="positive"))
     h.publish(TOPICS.feedback, feedback("f1", label="negative", request_id="r1", text="some other text"))
     h.ingest.step(h.consumer())

@@ -62,7 +62,7 @@ def fill_store(store_path: Path, labels_shuffled: bool = False) -> int:
 
 
 def train_cli(registry: Path, store: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = tuneloop_env(registry, TUNELOOP_CONTROLLER__STORE_PATH=str(store), TUNELOOP_TRAIN__MAX_EPOCHS=TRAIN_EPOCHS)
+    env = tuneloop_env(registry, TUNELOOP_CONTROLLER__STORE_URL=str(store), TUNELOOP_TRAIN__MAX_EPOCHS=TRAIN_EPOCHS)
     return run_cli("train", "--no-progress", *args, env=env, check=False)
 
 
@@ -91,7 +91,7 @@ def test_drift_triggers_training_with_replay_and_both_replicas_swap_without_a_fa
         "TUNELOOP_TRIGGER__CONSECUTIVE_WINDOWS": "2", "TUNELOOP_TRIGGER__MIN_NEW_ROWS": str(MIN_NEW_ROWS),
         "TUNELOOP_TRIGGER__RUNS_DIR": str(tmp_path / "runs"), "TUNELOOP_TRAIN__MAX_EPOCHS": TRAIN_EPOCHS,
     })
-    state = ControllerState(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
+    state = ControllerState(env["TUNELOOP_CONTROLLER__STORE_URL"])
     old_before = accuracy(registry, 1, scenario.OLD_DOMAINS)
     new_before = accuracy(registry, 1, scenario.NEW_DOMAINS)
     feedback = scenario.sample(scenario.NEW_DOMAINS, "train", FEEDBACK_PER_INTENT, seed=2)

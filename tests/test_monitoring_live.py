@@ -82,7 +82,7 @@ def test_imdb_raises_no_alarm_and_amazon_shows_in_embedding_and_length(registry_
     imdb_texts, imdb_labels = [traffic.texts[i] for i in picks], [traffic.labels[i] for i in picks]
     amazon = load_csv(AMAZON).texts[:800]
     env = bus_env("embedded", tmp_path, **trigger_env(tmp_path))
-    state = ControllerState(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
+    state = ControllerState(env["TUNELOOP_CONTROLLER__STORE_URL"])
     with running_service(registry_path, tmp_path, **env) as service, running_controller(registry_path, tmp_path, env):
         with service.client() as client:
             replay(client, imdb_texts, imdb_labels)
@@ -119,7 +119,7 @@ def test_clinc_shift_fires_the_trigger_once_per_cooldown_and_drives_the_dashboar
         "kafka", tmp_path, kafka.bootstrap_servers,
         **trigger_env(tmp_path, TUNELOOP_CONTROLLER__PORT=str(controller_port), TUNELOOP_CONTROLLER__ADMIN_TOKEN=token),
     )
-    state = ControllerState(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
+    state = ControllerState(env["TUNELOOP_CONTROLLER__STORE_URL"])
     targets = {"tuneloop-service": f"127.0.0.1:{service_port}", "tuneloop-controller": f"127.0.0.1:{controller_port}"}
     with (
         running_prometheus(targets, tmp_path) as prometheus,

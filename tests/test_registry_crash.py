@@ -96,7 +96,7 @@ def test_tuneloop_train_killed_while_publishing_never_breaks_serving_and_the_nex
     moving `live`) lie on the same code paths and are killed above in a process of their own: a run costs 40 s."""
     registry_dir = Path(shutil.copytree(registry_path, tmp_path / "registry"))
     registry, store = Registry(registry_dir), FeedbackStore(tmp_path / "store.db")
-    env = tuneloop_env(registry_dir, TUNELOOP_CONTROLLER__STORE_PATH=str(store.path), TUNELOOP_TRAIN__MAX_EPOCHS="1")
+    env = tuneloop_env(registry_dir, TUNELOOP_CONTROLLER__STORE_URL=store.url, TUNELOOP_TRAIN__MAX_EPOCHS="1")
     traffic = imdb_parts()[1]
     rows = iter(zip(traffic.texts, traffic.labels, strict=True))
 

@@ -26,8 +26,8 @@ def prediction(request_id: str, age_s: float, shadow: bool = False) -> Predictio
                            timestamp=utc_iso(time.time() - age_s), shadow=shadow)
 
 
-def test_predictions_past_retention_go_and_feedback_stays(tmp_path: Path) -> None:
-    store = FeedbackStore(tmp_path / "store.db")
+def test_predictions_past_retention_go_and_feedback_stays(store_url: str) -> None:
+    store = FeedbackStore(store_url)
     store.write([prediction("old", 40 * DAY), prediction("old", 40 * DAY, shadow=True), prediction("new", 60)],
                 [FeedbackEvent(request_id="old", label="a")])
     assert store.count("predictions") == 2 and store.count() == 1
@@ -47,8 +47,8 @@ def test_the_embedded_log_drops_old_messages_every_reader_committed(tmp_path: Pa
     assert bus.prune(older_than_unix=time.time() - DAY) == 0  # younger than the retention: kept
 
 
-def test_the_controller_prunes_at_an_interval_and_crashed_exports_are_removed(tmp_path: Path) -> None:
-    store, bus, registry = FeedbackStore(tmp_path / "store.db"), EmbeddedBus(tmp_path / "events.db"), Registry(tmp_path / "r")
+def test_the_controller_prunes_at_an_interval_and_crashed_exports_are_removed(tmp_path: Path, store_url: str) -> None:
+    store, bus, registry = FeedbackStore(store_url), EmbeddedBus(tmp_path / "events.db"), Registry(tmp_path / "r")
     store.write([prediction("old", 40 * DAY)], [])
     crashed = registry.staging_dir / "staged-crashed"
     crashed.mkdir(parents=True)

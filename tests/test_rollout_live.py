@@ -73,7 +73,7 @@ def test_shadow_rolls_back_a_worse_candidate_and_canary_promotes_a_good_one_with
         "TUNELOOP_CONTROLLER__ADMIN_TOKEN": TOKEN,
     })
     cli_env = tuneloop_env(registry, **env)
-    store = FeedbackStore(Path(env["TUNELOOP_CONTROLLER__STORE_PATH"]))
+    store = FeedbackStore(env["TUNELOOP_CONTROLLER__STORE_URL"])
     traffic = imdb_parts()[1]
     served: list[int | str] = []
     stop = threading.Event()

@@ -24,11 +24,11 @@ def publish(registry: Registry, payload: bytes, promote: bool) -> int:
 
 
 class Setup:
-    def __init__(self, tmp_path: Path, registry: Registry | None = None) -> None:
+    def __init__(self, tmp_path: Path, store_url: str, registry: Registry | None = None) -> None:
         self.registry = registry or Registry(tmp_path / "registry")
         publish(self.registry, b"v1", promote=True)
         publish(self.registry, b"v2", promote=False)
-        self.store = FeedbackStore(tmp_path / "store.db")
+        self.store = FeedbackStore(store_url)
         self.prometheus = CollectorRegistry()
         self.announced: list[ModelEvent] = []
         self.watch = RolloutWatch(CONFIG, self.registry, self.store, ControllerMetrics(self.prometheus).rollout,
@@ -49,8 +49,8 @@ class Setup:
         return self.prometheus.get_sample_value(name, labels)
 
 
-def test_a_good_shadow_advances_to_canary_and_the_change_is_announced(tmp_path: Path) -> None:
-    s = Setup(tmp_path)
+def test_a_good_shadow_advances_to_canary_and_the_change_is_announced(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url)
     s.registry.start_rollout(2, "shadow", 0.0, "test")
     s.shadow_traffic(30, candidate_right=True)
     s.watch.judge()
@@ -67,8 +67,8 @@ def test_a_good_shadow_advances_to_canary_and_the_change_is_announced(tmp_path: 
     assert len(s.announced) == 1
 
 
-def test_a_worse_shadow_is_withdrawn(tmp_path: Path) -> None:
-    s = Setup(tmp_path)
+def test_a_worse_shadow_is_withdrawn(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url)
     s.registry.start_rollout(2, "shadow", 0.0, "test")
     s.shadow_traffic(30, candidate_right=False)
     s.watch.judge()
@@ -78,8 +78,8 @@ def test_a_worse_shadow_is_withdrawn(tmp_path: Path) -> None:
     assert s.sample("tuneloop_rollout_p_worse") < CONFIG.alpha
 
 
-def test_too_little_feedback_waits_and_no_rollout_exports_zero_stages(tmp_path: Path) -> None:
-    s = Setup(tmp_path)
+def test_too_little_feedback_waits_and_no_rollout_exports_zero_stages(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url)
     s.watch.judge()
     assert s.sample("tuneloop_rollout_stage_version", stage="shadow") == 0
     s.registry.start_rollout(2, "shadow", 0.0, "test")
@@ -95,9 +95,9 @@ class EndedMeanwhile(Registry):
 
 
 def test_a_rollout_ended_by_someone_else_meanwhile_is_logged_not_announced(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, store_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    s = Setup(tmp_path, EndedMeanwhile(tmp_path / "registry"))
+    s = Setup(tmp_path, store_url, EndedMeanwhile(tmp_path / "registry"))
     s.registry.start_rollout(2, "canary", 0.3, "test")
     s.store.write(
         [PredictionEvent(request_id=f"r{i}", text="t", label="neg", scores={"neg": 1.0}, model_version=2) for i in range(30)]
@@ -110,7 +110,7 @@ def test_a_rollout_ended_by_someone_else_meanwhile_is_logged_not_announced(
     assert "rollout of v2 not" in caplog.text and "no rollout is in progress" in caplog.text
 
 
-def test_a_rollout_with_no_live_version_is_refused_and_one_left_on_disk_is_promoted(tmp_path: Path) -> None:
+def test_a_rollout_with_no_live_version_is_refused_and_one_left_on_disk_is_promoted(tmp_path: Path, store_url: str) -> None:
     # With nothing live, the judge skipped the rollout for ever: it never timed out, and it held off every training run.
     registry = Registry(tmp_path / "registry")
     publish(registry, b"v1", promote=False)
@@ -119,7 +119,7 @@ def test_a_rollout_with_no_live_version_is_refused_and_one_left_on_disk_is_promo
     registry.rollout_file.write_text(Rollout(version=1, live=None, stage="shadow", started_at="2026-11-29T00:00:00+00:00",
                                              stage_started_at="2026-11-29T00:00:00+00:00").model_dump_json())
     prometheus, announced = CollectorRegistry(), []
-    watch = RolloutWatch(CONFIG, registry, FeedbackStore(tmp_path / "store.db"), ControllerMetrics(prometheus).rollout,
+    watch = RolloutWatch(CONFIG, registry, FeedbackStore(store_url), ControllerMetrics(prometheus).rollout,
                          announced.append)
     watch.judge()
     assert registry.rollout() is None and registry.live_version() == 1

@@ -17,8 +17,8 @@ from tests.support.processes import wait_for
 from tuneloop.config import TriggerConfig
 
 
-def launcher(tmp_path: Path, code: str) -> tuple[RunLauncher, ControllerState]:
-    state = ControllerState(tmp_path / "state.db")
+def launcher(tmp_path: Path, store_url: str, code: str) -> tuple[RunLauncher, ControllerState]:
+    state = ControllerState(store_url)
     config = TriggerConfig(command=[sys.executable, "-c", code, "{run_id}"], runs_dir=tmp_path / "runs",
                            standby_command=None)
     return RunLauncher(config, state), state
@@ -30,8 +30,8 @@ def wait_finished(runner: RunLauncher) -> list:
     return finished
 
 
-def test_a_run_is_a_process_whose_exit_code_decides_its_status(tmp_path: Path) -> None:
-    runner, state = launcher(tmp_path, "import sys; print('run', sys.argv[1]); sys.exit(4)")
+def test_a_run_is_a_process_whose_exit_code_decides_its_status(tmp_path: Path, store_url: str) -> None:
+    runner, state = launcher(tmp_path, store_url, "import sys; print('run', sys.argv[1]); sys.exit(4)")
     run_id = state.start_run(Decision("fired", "manual", "test", "manual"), new_rows=5, now=time.time())
     runner.start(run_id)
     assert runner.in_progress
@@ -42,8 +42,8 @@ def test_a_run_is_a_process_whose_exit_code_decides_its_status(tmp_path: Path) -
     assert Path(row["log_path"]).read_text().strip() == f"run {run_id}"  # {run_id} was filled in
 
 
-def test_a_restarted_controller_adopts_a_live_run_and_marks_a_vanished_one_lost(tmp_path: Path) -> None:
-    runner, state = launcher(tmp_path, "import time; time.sleep(2)")
+def test_a_restarted_controller_adopts_a_live_run_and_marks_a_vanished_one_lost(tmp_path: Path, store_url: str) -> None:
+    runner, state = launcher(tmp_path, store_url, "import time; time.sleep(2)")
     decision = Decision("fired", "drift_sustained", "test")
     live = state.start_run(decision, 0, time.time())
     runner.start(live)
@@ -58,10 +58,10 @@ def test_a_restarted_controller_adopts_a_live_run_and_marks_a_vanished_one_lost(
     assert not adopted.in_progress
 
 
-def test_a_reused_pid_is_not_adopted_as_the_run(tmp_path: Path) -> None:
+def test_a_reused_pid_is_not_adopted_as_the_run(tmp_path: Path, store_url: str) -> None:
     # After a restart the recorded pid often belongs to another process by then: adopting it held off training
     # for as long as that process lived.
-    runner, state = launcher(tmp_path, "pass")
+    runner, state = launcher(tmp_path, store_url, "pass")
     decision = Decision("fired", "drift_sustained", "test")
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # started now, same pid recorded
     try:

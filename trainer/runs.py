@@ -119,7 +119,7 @@ def train_on_feedback(settings: Settings, registry: Registry, run_id: int | None
     rollout = registry.rollout()
     if rollout is not None:
         raise NothingToTrain(f"v{rollout.version} is in {rollout.stage}; let it finish or `tuneloop rollout withdraw` it first")
-    data = build_dataset(FeedbackStore(settings.controller.store_path), live, live_dir, settings, replay_ratio)
+    data = build_dataset(FeedbackStore(settings.controller.store_url), live, live_dir, settings, replay_ratio)
     say(
         f"train: from v{live.version}; {data.new_train} new + {len(data.train) - data.new_train} replayed rows "
         f"to train, {len(data.val)} to validate, holdout {len(data.holdout)}"

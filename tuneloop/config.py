@@ -278,7 +278,11 @@ class EventsConfig(Section):
 
 
 class ControllerConfig(Section):
-    store_path: Path = Field(Path("var/feedback.db"), description="The feedback store (SQLite).")
+    store_url: str = Field(
+        "var/feedback.db", description="The feedback store and the controller's records: a SQLite file path (one host) or "
+        "a postgresql://user:password@host:port/database URL (a server every host reaches; pip install "
+        "'tuneloop[postgres]')."
+    )
     group_id: str = Field("tuneloop-controller", description="The controller's Kafka consumer group.")
     join_timeout_s: float = Field(
         300.0, gt=0, description="Feedback whose prediction has not arrived by then goes to the dead-letter topic."

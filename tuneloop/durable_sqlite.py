@@ -1,9 +1,16 @@
-"""SQLite opened the one way every durable store here needs it."""
+"""SQLite opened the one way every durable store here needs it, and the store's SQLite backend."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import sqlite3
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+from tuneloop.database import Database, Result
+from tuneloop.errors import Conflict
 
 
 def connect(path: Path, schema: str = "") -> sqlite3.Connection:
@@ -15,3 +22,60 @@ def connect(path: Path, schema: str = "") -> sqlite3.Connection:
     if schema:
         connection.executescript(schema)
     return connection
+
+
+class SqliteDatabase(Database):
+    """A file on this host (the embedded default): every process that opens it must share the disk."""
+
+    name = "sqlite"
+    identity = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    row_number_column = ""  # every table has its rowid
+    row_number = "rowid"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.path = Path(url)
+        self._connection = connect(self.path)
+
+    @classmethod
+    def accepts(cls, url: str) -> bool:
+        return "://" not in url
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
+        with self._held:
+            cursor = self._connection.execute(sql, params)
+            rows = cursor.fetchall()
+            columns = [d[0] for d in cursor.description or ()]
+            return Result(columns, rows, cursor.rowcount)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._held:
+            self._connection.executemany(sql, rows)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._held:
+            self._connection.execute("BEGIN IMMEDIATE")  # the write lock now, not at the first write
+            try:
+                yield
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """An flock on a file beside the database."""
+        path = self.path.with_name(f"{self.path.name}.{name}.lock")
+        with path.open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Conflict(f"another {name} holds {self.url}; stop it first (one {name} per store)") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._connection.close()

@@ -50,6 +50,12 @@ class IntegrityError(RegistryError):
     http_status = 500
 
 
+class StoreError(TuneloopError):
+    """The feedback store cannot be opened or reached (no backend for its URL, a driver missing, a server away)."""
+
+    http_status = 503
+
+
 class MessageTooLarge(TuneloopError):
     """A message over the bus's size limit (`tuneloop.bus.MAX_MESSAGE_BYTES`): no retry can deliver it."""
 

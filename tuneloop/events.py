@@ -44,12 +44,18 @@ Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128, patt
 def _visible(text: str) -> str:
     if not text or text.isspace():
         raise ValueError("is empty or only whitespace; send the text (or label) itself")
+    return _no_nul(text)
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("contains a NUL character (U+0000), which no store keeps (PostgreSQL's text cannot); remove it")
     return text
 
 
 # A text or label needs one character that is not whitespace (U+00A0, U+2028 and the like count as whitespace):
 # a blank one cannot be trained on, and stored as feedback it made the next training run fail. Put it after any
-# length constraint, whose own message ("at most 2000 characters") it would otherwise replace.
+# length constraint, whose own message ("at most 2000 characters") it would otherwise replace. It refuses U+0000 too.
 NOT_BLANK = AfterValidator(_visible)
 VisibleText = Annotated[str, StringConstraints(min_length=1), NOT_BLANK]
 
@@ -63,7 +69,7 @@ class FeedbackEvent(BaseModel):
     request_id: Identifier | None = Field(None, description="The prediction this labels; its text is joined in.")
     text: VisibleText | None = Field(None, description="Needed without request_id.")
     label: VisibleText
-    source: Annotated[str, StringConstraints(max_length=128)] = "api"
+    source: Annotated[str, StringConstraints(max_length=128), AfterValidator(_no_nul)] = "api"
     timestamp: str = Field(default_factory=utc_now, description="When it was labelled: ISO 8601 with an offset.")
 
     @field_validator("timestamp")

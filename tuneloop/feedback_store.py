@@ -1,4 +1,4 @@
-"""The durable feedback store (SQLite): the controller writes it, the trainer reads it.
+"""The durable feedback store (SQLite or PostgreSQL, tuneloop.database): the controller writes it, the trainer reads it.
 
 Schema:
 
@@ -22,21 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneloop.clock import utc_now
-from tuneloop.durable_sqlite import connect
+from tuneloop.database import Database, Migration
 from tuneloop.events import FeedbackEvent, PredictionEvent
+from tuneloop.store_backends import open_database
 
-_SCHEMA = """
+MIGRATIONS = [
+    Migration(1, "predictions, feedback, pending feedback, shadow predictions", """
 CREATE TABLE IF NOT EXISTS predictions (
     request_id TEXT PRIMARY KEY, text TEXT NOT NULL, label TEXT NOT NULL, scores TEXT NOT NULL,
     model_version INTEGER NOT NULL, created_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS feedback (
-    feedback_id TEXT PRIMARY KEY, request_id TEXT, text TEXT NOT NULL, label TEXT NOT NULL,
+    {row_number} feedback_id TEXT PRIMARY KEY, request_id TEXT, text TEXT NOT NULL, label TEXT NOT NULL,
     predicted_label TEXT, model_version INTEGER, source TEXT NOT NULL, created_at TEXT NOT NULL,
     stored_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS pending_feedback (
-    feedback_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, payload TEXT NOT NULL, received_at REAL NOT NULL
+    feedback_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, payload TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL
 );
 CREATE TABLE IF NOT EXISTS shadow_predictions (
     request_id TEXT NOT NULL, model_version INTEGER NOT NULL, label TEXT NOT NULL, created_at TEXT NOT NULL,
@@ -45,8 +47,12 @@ CREATE TABLE IF NOT EXISTS shadow_predictions (
 CREATE INDEX IF NOT EXISTS feedback_by_request ON feedback (request_id);
 CREATE INDEX IF NOT EXISTS pending_by_request ON pending_feedback (request_id);
 CREATE INDEX IF NOT EXISTS feedback_by_version ON feedback (model_version, stored_at);
-CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (stored_at);
-"""
+CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (stored_at)
+"""),
+]
+
+_FEEDBACK_COLUMNS = ("feedback_id, request_id, text, label, predicted_label, model_version, source, created_at, "
+                     "stored_at")
 
 
 @dataclass
@@ -57,23 +63,27 @@ class WriteResult:
 
 
 class FeedbackStore:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db = connect(path, _SCHEMA)
+    def __init__(self, url: str | Path) -> None:
+        """`url`: a SQLite file path or a postgresql:// URL (controller.store_url)."""
+        self._db: Database = open_database(url)
+        self._db.migrate("feedback_store", MIGRATIONS)
+
+    @property
+    def url(self) -> str:
+        return self._db.url
 
     def write(self, predictions: list[PredictionEvent], feedback: list[FeedbackEvent]) -> WriteResult:
         """Store a consumed batch in one transaction: all of it or none of it."""
         result = WriteResult()
         stored_at = utc_now()
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._db.transaction():
             self._db.executemany(
-                "INSERT OR IGNORE INTO predictions VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(p.request_id, p.text, p.label, json.dumps(p.scores), p.model_version, p.timestamp)
                  for p in predictions if not p.shadow],
             )
             self._db.executemany(
-                "INSERT OR IGNORE INTO shadow_predictions VALUES (?, ?, ?, ?)",
+                "INSERT INTO shadow_predictions VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(p.request_id, p.model_version, p.label, p.timestamp) for p in predictions if p.shadow],
             )
             for event in feedback:
@@ -107,7 +117,7 @@ class FeedbackStore:
         if event.request_id is not None:  # the text that was served, whatever text came with the label
             text, predicted, version = self._prediction(event.request_id)
         self._db.execute(
-            "INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO feedback ({_FEEDBACK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (event.feedback_id, event.request_id, text, event.label, predicted, version, event.source,
              event.timestamp, stored_at),
         )
@@ -130,30 +140,29 @@ class FeedbackStore:
         ).fetchall()
 
     def drop_pending(self, feedback_ids: list[str]) -> None:
-        with self._db:
+        with self._db.transaction():
             self._db.executemany("DELETE FROM pending_feedback WHERE feedback_id = ?", [(i,) for i in feedback_ids])
 
     def count(self, table: str = "feedback") -> int:
         if table not in ("feedback", "predictions", "pending_feedback"):
             raise ValueError(f"no table {table}")
-        return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        return self._db.execute(f"SELECT COUNT(*) FROM {table}").scalar()
 
     def prune_predictions(self, before: str) -> int:
         """Delete predictions (served and shadow) made before `before` (a stored timestamp); feedback stays.
         Returns how many went. Feedback joins a prediction within controller.join_timeout_s, long before."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._db.transaction():
             served = self._db.execute("DELETE FROM predictions WHERE created_at < ?", (before,)).rowcount
             shadow = self._db.execute("DELETE FROM shadow_predictions WHERE created_at < ?", (before,)).rowcount
         return served + shadow
 
     def feedback_rows(self, after: int = 0) -> list[dict[str, object]]:
         """Stored feedback, each row with its `row_id` (increasing in storing order); only rows after `after`."""
-        cursor = self._db.execute(
-            "SELECT rowid AS row_id, * FROM feedback WHERE rowid > ? ORDER BY stored_at, feedback_id", (after,)
-        )
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        row = self._db.row_number
+        return self._db.execute(
+            f"SELECT {row} AS row_id, {_FEEDBACK_COLUMNS} FROM feedback WHERE {row} > ? ORDER BY stored_at, feedback_id",
+            (after,),
+        ).dicts()
 
     # (true label, predicted label) of the feedback on predictions one version served.
     _LABELLED = "SELECT label, predicted_label FROM feedback WHERE model_version = ? AND predicted_label IS NOT NULL "
@@ -168,11 +177,11 @@ class FeedbackStore:
         """Feedback rows stored after an ISO timestamp (all of them for None)."""
         if stored_at is None:
             return self.count("feedback")
-        return self._db.execute("SELECT COUNT(*) FROM feedback WHERE stored_at > ?", (stored_at,)).fetchone()[0]
+        return self._db.execute("SELECT COUNT(*) FROM feedback WHERE stored_at > ?", (stored_at,)).scalar()
 
     def last_stored_at(self) -> str | None:
         """When the newest feedback row was stored (ISO), or None for an empty store."""
-        return self._db.execute("SELECT MAX(stored_at) FROM feedback").fetchone()[0]
+        return self._db.execute("SELECT MAX(stored_at) FROM feedback").scalar()
 
     def labelled_since(self, model_version: int, stored_after: str) -> list[tuple[str, str]]:
         """The labelled pairs of a version stored after an ISO time."""
