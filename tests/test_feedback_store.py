@@ -185,3 +185,10 @@ def test_an_unreachable_postgresql_store_is_named_without_its_password() -> None
 def test_an_unknown_store_url_says_what_is_accepted() -> None:
     with pytest.raises(StoreError, match="a SQLite file path or a postgresql:// URL"):
         FeedbackStore("mysql://somewhere/db")
+
+
+def test_one_batch_stores_a_repeated_id_once_and_joins_its_own_predictions(store: FeedbackStore) -> None:
+    result = store.write([prediction("r1", label="neutral")],
+                         [feedback("f1", request_id="r1"), feedback("f1", request_id="r1"), feedback("f2")])
+    assert (result.stored, result.duplicates, result.pending) == (2, 1, 0)
+    assert {row["feedback_id"]: row["predicted_label"] for row in store.feedback_rows()} == {"f1": "neutral", "f2": None}

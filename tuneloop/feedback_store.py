@@ -53,6 +53,7 @@ CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (stored_at)
 
 _FEEDBACK_COLUMNS = ("feedback_id, request_id, text, label, predicted_label, model_version, source, created_at, "
                      "stored_at")
+_INSERT_FEEDBACK = f"INSERT INTO feedback ({_FEEDBACK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 @dataclass
@@ -86,51 +87,52 @@ class FeedbackStore:
                 "INSERT INTO shadow_predictions VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(p.request_id, p.model_version, p.label, p.timestamp) for p in predictions if p.shadow],
             )
+            ids = [e.feedback_id for e in feedback]
+            known = {i for table in ("feedback", "pending_feedback")
+                     for (i,) in self._where_in(f"SELECT feedback_id FROM {table}", "feedback_id", ids)}
+            served = {request_id: rest for request_id, *rest in self._where_in(
+                "SELECT request_id, text, label, model_version FROM predictions", "request_id",
+                sorted({e.request_id for e in feedback if e.request_id is not None}))}
+            rows, pending = [], []
             for event in feedback:
-                if self._known(event.feedback_id):
+                if event.feedback_id in known:  # stored before, waiting, or earlier in this batch
                     result.duplicates += 1
-                elif event.request_id is not None and not self._prediction(event.request_id):
-                    self._db.execute(
-                        "INSERT INTO pending_feedback VALUES (?, ?, ?, ?)",
-                        (event.feedback_id, event.request_id, event.model_dump_json(), time.time()),
-                    )
-                    result.pending += 1
+                    continue
+                known.add(event.feedback_id)
+                if event.request_id is not None and event.request_id not in served:
+                    pending.append((event.feedback_id, event.request_id, event.model_dump_json(), time.time()))
                 else:
-                    self._insert(event, stored_at)
-                    result.stored += 1
-            result.stored += self._resolve_pending(stored_at)
+                    rows.append(self._row(event, served.get(event.request_id), stored_at))
+            self._db.executemany("INSERT INTO pending_feedback VALUES (?, ?, ?, ?)", pending)
+            self._db.executemany(_INSERT_FEEDBACK, rows)
+            result.pending, result.stored = len(pending), len(rows) + self._resolve_pending(stored_at)
         return result
 
-    def _known(self, feedback_id: str) -> bool:
-        return bool(
-            self._db.execute("SELECT 1 FROM feedback WHERE feedback_id = ?", (feedback_id,)).fetchone()
-            or self._db.execute("SELECT 1 FROM pending_feedback WHERE feedback_id = ?", (feedback_id,)).fetchone()
-        )
+    def _where_in(self, select: str, column: str, keys: list[str]) -> list[tuple]:
+        """`select` for the rows whose `column` is one of `keys`: a statement per 500 keys, not one per key."""
+        rows: list[tuple] = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            rows += self._db.execute(f"{select} WHERE {column} IN ({', '.join('?' * len(chunk))})", chunk).fetchall()
+        return rows
 
-    def _prediction(self, request_id: str) -> tuple[str, str, int] | None:
-        return self._db.execute(
-            "SELECT text, label, model_version FROM predictions WHERE request_id = ?", (request_id,)
-        ).fetchone()
-
-    def _insert(self, event: FeedbackEvent, stored_at: str) -> None:
-        text, predicted, version = event.text, None, None
-        if event.request_id is not None:  # the text that was served, whatever text came with the label
-            text, predicted, version = self._prediction(event.request_id)
-        self._db.execute(
-            f"INSERT INTO feedback ({_FEEDBACK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (event.feedback_id, event.request_id, text, event.label, predicted, version, event.source,
-             event.timestamp, stored_at),
-        )
+    @staticmethod
+    def _row(event: FeedbackEvent, prediction: list | None, stored_at: str) -> tuple:
+        """A feedback row; with its prediction, the text that was served, whatever text came with the label."""
+        text, predicted, version = prediction if prediction is not None else (event.text, None, None)
+        return (event.feedback_id, event.request_id, text, event.label, predicted, version, event.source,
+                event.timestamp, stored_at)
 
     def _resolve_pending(self, stored_at: str) -> int:
-        rows = self._db.execute(
-            "SELECT f.payload FROM pending_feedback f JOIN predictions p ON p.request_id = f.request_id"
+        """Store the waiting feedback whose prediction has arrived."""
+        joined = self._db.execute(
+            "SELECT f.payload, p.text, p.label, p.model_version FROM pending_feedback f "
+            "JOIN predictions p ON p.request_id = f.request_id"
         ).fetchall()
-        for (payload,) in rows:
-            event = FeedbackEvent.model_validate_json(payload)
-            self._insert(event, stored_at)
-            self._db.execute("DELETE FROM pending_feedback WHERE feedback_id = ?", (event.feedback_id,))
-        return len(rows)
+        events = [(FeedbackEvent.model_validate_json(payload), rest) for payload, *rest in joined]
+        self._db.executemany(_INSERT_FEEDBACK, [self._row(event, rest, stored_at) for event, rest in events])
+        self._db.executemany("DELETE FROM pending_feedback WHERE feedback_id = ?", [(e.feedback_id,) for e, _ in events])
+        return len(events)
 
     def expired_pending(self, older_than_s: float) -> list[tuple[str, str]]:
         """(feedback_id, payload) of feedback whose prediction did not arrive in time."""
