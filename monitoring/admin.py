@@ -76,6 +76,7 @@ def _refusals(described: dict[type[TuneloopError], str] | None = None) -> dict[i
     described = {
         NotAuthenticated: "Missing or wrong bearer token",
         Forbidden: "The admin endpoints are disabled: no controller.admin_token is set",
+        Unavailable: "This controller waits while another leads on the store",
     } | (described or {})
     return {error.http_status: {"description": text, "model": Refusal} for error, text in described.items()}
 
@@ -121,12 +122,20 @@ def http_error(error: TuneloopError, headers: dict[str, str] | None = None) -> H
     return HTTPException(http_status(error), str(error), headers=headers)
 
 
-def admin_app(admin: Admin, token: str) -> FastAPI:
+def admin_app(admin: Admin | None, token: str) -> FastAPI:
+    """The HTTP side; `admin` is None while the controller waits for the leader to stop (`app.state.admin` is set
+    when it leads): the admin endpoints answer 503 until then, /healthz and /metrics answer throughout."""
     app = FastAPI(
         title="tuneloop controller",
         description="Prometheus metrics and the admin API (bearer token: controller.admin_token).",
     )
+    app.state.admin = admin
     bearer = HTTPBearer(auto_error=False)
+
+    def leading() -> Admin:
+        if app.state.admin is None:
+            raise http_error(Unavailable("this controller waits while another leads on the store; ask the leader"))
+        return app.state.admin
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if not token:
@@ -140,20 +149,20 @@ def admin_app(admin: Admin, token: str) -> FastAPI:
     def metrics() -> Response:
         return Response(prom.generate_latest(), media_type=prom.CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz", summary="The controller process is up")
+    @app.get("/healthz", summary="The controller process is up, leading or waiting")
     def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+        return {"status": "ok", "role": "waiting" if app.state.admin is None else "leader"}
 
     @app.post(
         "/admin/trigger", status_code=202, response_model=TriggerStarted, dependencies=[Depends(authorized)],
         summary="Start a training run now",
         responses=_refusals(
-            {InvalidRequest: NOT_JSON, Conflict: "A run is in progress", Unavailable: "The controller loop is not answering"}
+            {InvalidRequest: NOT_JSON, Conflict: "A run is in progress", Unavailable: "The controller loop is not answering, or this controller waits while another leads"}
         ),
     )
     def trigger(request: TriggerRequest) -> TriggerStarted:
         try:
-            decision, run_id = admin.request_manual(request.reason)
+            decision, run_id = leading().request_manual(request.reason)
         except TimeoutError as exc:
             raise http_error(Unavailable(str(exc))) from None
         if run_id is None:
@@ -169,7 +178,7 @@ def admin_app(admin: Admin, token: str) -> FastAPI:
     )
     def rollback(request: RollbackRequest) -> RolledBack:
         try:
-            previous, version = admin.rollback(request.to, request.reason)
+            previous, version = leading().rollback(request.to, request.reason)
         except RegistryError as exc:  # every refusal, a version failing verification included, is a conflict here
             raise http_error(Conflict(str(exc))) from None
         return RolledBack(previous=previous, version=version)
@@ -177,6 +186,6 @@ def admin_app(admin: Admin, token: str) -> FastAPI:
     @app.get("/admin/status", response_model=ControllerStatus, dependencies=[Depends(authorized)],
              summary="Runs and trigger decisions", responses=_refusals())
     def status() -> ControllerStatus:
-        return admin.status()
+        return leading().status()
 
     return app

@@ -27,6 +27,7 @@ from monitoring.rollout_watch import RolloutWatch
 from monitoring.state import ControllerState
 from tuneloop.bus import Bus, Consumer, announce, open_bus
 from tuneloop.config import Settings
+from tuneloop.database import redact
 from tuneloop.events import ModelEvent, PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Registry
@@ -96,33 +97,41 @@ class Controller:
 
 
 @contextlib.contextmanager
-def exclusive_controller(store_url: str) -> Iterator[None]:
-    """Hold the store's controller lock while inside; raise Conflict when another controller holds it.
+def exclusive_controller(store_url: str, wait: threading.Event | None = None) -> Iterator[None]:
+    """Hold the store's controller lock while inside; raise Conflict when another controller holds it, or with
+    `wait`, wait until it stops (Conflict if `wait` is set first).
 
     Two controllers on one store would both store every event of the embedded log, both judge the
     rollout and both start training runs. The lock goes with the process, however it ends: an flock
     beside a SQLite file, a session advisory lock on a PostgreSQL server (tuneloop.postgres)."""
     database = open_database(store_url)
     try:
-        with database.exclusive("controller"):
+        with database.exclusive("controller", wait):
             yield
     finally:
         database.close()
 
 
 def serve_controller(settings: Settings, stop: threading.Event | None = None) -> None:
-    """Run the controller with its HTTP side (/metrics, /admin) until stopped; the only one on its store."""
-    with exclusive_controller(settings.controller.store_url):
-        _serve(settings, stop)
+    """Run the controller with its HTTP side (/metrics, /admin) until stopped, the only one leading on its store.
 
-
-def _serve(settings: Settings, stop: threading.Event | None) -> None:
+    With controller.wait_to_lead, a controller that finds another leading serves /healthz and /metrics and waits;
+    it builds its parts only once it leads (building them adopts or ends the runs the store lists)."""
     import uvicorn
 
-    controller = Controller(settings)
-    app = admin_app(controller.admin, settings.controller.admin_token.get_secret_value())
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.controller.host, port=settings.controller.port, log_level="warning")
-    )
-    threading.Thread(target=server.run, name="controller-http", daemon=True).start()
-    controller.run(stop or threading.Event())
+    stop = stop or threading.Event()
+    config = settings.controller
+    metrics = controller_metrics()
+    app = admin_app(None, config.admin_token.get_secret_value())
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    http = threading.Thread(target=server.run, name="controller-http", daemon=True)
+    if config.wait_to_lead:
+        http.start()
+    with exclusive_controller(config.store_url, wait=stop if config.wait_to_lead else None):
+        if not http.is_alive():  # a refused controller takes no port
+            http.start()
+        log.info("leading on %s", redact(config.store_url))
+        metrics.leader.set(1)
+        controller = Controller(settings, metrics=metrics)
+        app.state.admin = controller.admin
+        controller.run(stop)

@@ -121,6 +121,9 @@ class ControllerMetrics:
         self.ingest = IngestMetrics(make)
         self.drift = DriftMetrics(make)
         self.rollout = RolloutMetrics(make)
+        self.leader = make.gauge(
+            "tuneloop_controller_leader", "1 while this controller leads (holds the store's lock), 0 while it waits."
+        )
 
 
 @functools.cache

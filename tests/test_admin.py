@@ -40,7 +40,15 @@ def test_without_a_token_configured_the_admin_endpoints_are_disabled(tmp_path: P
     s = Setup(tmp_path, store_url, token="")
     response = s.client.get("/admin/status", headers=AUTH)
     assert response.status_code == 403 and "admin endpoints are disabled" in response.json()["detail"]
-    assert s.client.get("/healthz").json() == {"status": "ok"}
+    assert s.client.get("/healthz").json() == {"status": "ok", "role": "leader"}
+
+
+def test_a_waiting_controller_answers_health_and_refuses_admin_with_503() -> None:
+    client = TestClient(admin_app(None, TOKEN))
+    assert client.get("/healthz").json() == {"status": "ok", "role": "waiting"}
+    for method, path in (("get", "/admin/status"), ("post", "/admin/rollback"), ("post", "/admin/trigger")):
+        response = client.request(method, path, headers=AUTH, json={})
+        assert response.status_code == 503 and "another leads" in response.json()["detail"], (path, response.text)
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}])

@@ -22,9 +22,9 @@ from monitoring.metrics import ControllerMetrics
 from tests.support.processes import ROOT, wait_for
 from tuneloop.bus import BusUnavailable, EmbeddedBus, Message
 from tuneloop.config import Settings
+from tuneloop.database import LOCK_CHECK_S
 from tuneloop.errors import Conflict
 from tuneloop.events import FeedbackEvent, ModelEvent, PredictionEvent
-from tuneloop.postgres import LOCK_CHECK_S
 
 
 def settings_in(tmp_path: Path) -> Settings:
@@ -133,9 +133,9 @@ def test_an_announcement_the_bus_refuses_is_logged_not_raised(tmp_path: Path, ca
 
 def test_a_second_controller_on_the_same_store_refuses_to_start(store_url: str) -> None:
     # Two controllers on one store both stored everything, both judged rollouts and both started runs.
-    with exclusive_controller(store_url):
-        with pytest.raises(Conflict, match="another controller holds .*; stop it first"), exclusive_controller(store_url):
-            pass
+    with exclusive_controller(store_url), pytest.raises(Conflict, match="another controller holds .*; stop it first"), \
+            exclusive_controller(store_url):
+        pass
     with exclusive_controller(store_url):  # released when the first one stopped
         pass
 
@@ -201,3 +201,28 @@ def test_a_controller_that_lost_its_lock_to_another_stops(postgres: object) -> N
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_controller_waiting_to_lead_takes_the_lock_when_the_leader_stops(store_url: str) -> None:
+    leader = lock_holder(store_url)
+    acquired, stop = threading.Event(), threading.Event()
+
+    def wait_to_lead() -> None:
+        with exclusive_controller(store_url, wait=stop):
+            acquired.set()
+
+    try:
+        assert leader.stdout.readline().strip() == "held"
+        waiting = threading.Thread(target=wait_to_lead)
+        waiting.start()
+        assert not acquired.wait(2 * LOCK_CHECK_S + 1)  # the leader holds it: the other waits
+        leader.kill()
+        assert acquired.wait(2 * LOCK_CHECK_S + 5)
+        waiting.join()
+    finally:
+        leader.kill()
+        leader.wait()
+    with exclusive_controller(store_url), pytest.raises(Conflict):  # a stop while waiting ends the wait
+        stop.set()
+        with exclusive_controller(store_url, wait=stop):
+            pass

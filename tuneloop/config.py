@@ -283,6 +283,10 @@ class ControllerConfig(Section):
         "a postgresql://user:password@host:port/database URL (a server every host reaches; pip install "
         "'tuneloop[postgres]')."
     )
+    wait_to_lead: bool = Field(
+        False, description="When another controller leads on the store: wait, answering /healthz and /metrics, and "
+        "take over when it stops (run two for failover). Off: exit at once naming the store."
+    )
     group_id: str = Field("tuneloop-controller", description="The controller's Kafka consumer group.")
     join_timeout_s: float = Field(
         300.0, gt=0, description="Feedback whose prediction has not arrived by then goes to the dead-letter topic."

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 from tuneloop.clock import utc_now
 from tuneloop.errors import StoreError
 
+LOCK_CHECK_S = 2.0  # how often a lock is tried while waiting for it, and its holder checks it still has it
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -85,9 +87,10 @@ class Database(ABC):
         """All statements inside commit together or not at all; writers are serialized from the first."""
 
     @abstractmethod
-    def exclusive(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """Hold the lock `name` on this database while inside (across hosts where the database is shared);
-        raise Conflict when another process holds it. It goes with the process, however that ends."""
+    def exclusive(self, name: str, wait: threading.Event | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold the lock `name` on this database while inside (across hosts where the database is shared). When
+        another process holds it: raise Conflict, or with `wait`, try again every LOCK_CHECK_S until it is free
+        (raising Conflict if `wait` is set first). It goes with the process, however that ends."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tuneloop.database import Database, Result
+from tuneloop.database import LOCK_CHECK_S, Database, Result
 from tuneloop.errors import Conflict
+
+log = logging.getLogger("tuneloop.store")
 
 
 def connect(path: Path, schema: str = "") -> sqlite3.Connection:
@@ -64,14 +68,22 @@ class SqliteDatabase(Database):
             self._connection.execute("COMMIT")
 
     @contextlib.contextmanager
-    def exclusive(self, name: str) -> Iterator[None]:
+    def exclusive(self, name: str, wait: threading.Event | None = None) -> Iterator[None]:
         """An flock on a file beside the database."""
         path = self.path.with_name(f"{self.path.name}.{name}.lock")
+        waited = False
         with path.open("a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise Conflict(f"another {name} holds {self.url}; stop it first (one {name} per store)") from None
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    pass
+                if wait is not None and not waited:
+                    log.info("another %s holds %s; waiting for it to stop", name, self.url)
+                    waited = True
+                if wait is None or wait.wait(LOCK_CHECK_S):
+                    raise Conflict(f"another {name} holds {self.url}; stop it first (one {name} per store)")
             try:
                 yield
             finally:

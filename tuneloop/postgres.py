@@ -18,13 +18,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tuneloop.database import Database, Result
+from tuneloop.database import LOCK_CHECK_S, Database, Result
 from tuneloop.errors import Conflict, StoreError
 
 log = logging.getLogger("tuneloop.store")
 
 CONNECT_TIMEOUT_S = 10
-LOCK_CHECK_S = 2.0  # how often the holder of a lock checks that its connection (and so the lock) lives
 
 
 def _placeholders(sql: str) -> str:
@@ -102,12 +101,25 @@ class PostgresDatabase(Database):
         self.execute("SELECT pg_advisory_xact_lock(?)", (_lock_key("migrations"),))
 
     @contextlib.contextmanager
-    def exclusive(self, name: str) -> Iterator[None]:
+    def exclusive(self, name: str, wait: threading.Event | None = None) -> Iterator[None]:
         key = _lock_key(name)
-        holder = self._connect(f"tuneloop {name} lock")
-        if not holder.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
-            holder.close()
-            raise Conflict(f"another {name} holds {self.display_url}; stop it first (one {name} per store)")
+        holder, waited = self._connect(f"tuneloop {name} lock"), False
+        while True:
+            try:
+                if holder.closed or holder.broken:
+                    holder = self._connect(f"tuneloop {name} lock")
+                if holder.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+                    break
+            except (StoreError, self._psycopg.Error) as exc:
+                if wait is None:
+                    raise
+                log.warning("waiting for the %s lock on %s: %s", name, self.display_url, exc)
+            if wait is not None and not waited:
+                log.info("another %s holds %s; waiting for it to stop", name, self.display_url)
+                waited = True
+            if wait is None or wait.wait(LOCK_CHECK_S):
+                holder.close()
+                raise Conflict(f"another {name} holds {self.display_url}; stop it first (one {name} per store)")
         done = threading.Event()
         watch = threading.Thread(target=self._hold, args=(name, key, holder, done), name=f"{name}-lock", daemon=True)
         watch.start()
@@ -133,7 +145,7 @@ class PostgresDatabase(Database):
                     holder = self._connect(f"tuneloop {name} lock")
                     taken = holder.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
                 except (StoreError, self._psycopg.Error):
-                    done.wait(LOCK_CHECK_S)  # the server is away; nobody else can take the lock either
+                    done.wait(LOCK_CHECK_S)  # the server is away: try again
                     continue
                 if taken:
                     log.warning("the %s lock on %s is held again", name, self.display_url)

@@ -1,0 +1,67 @@
+"""Two controllers on one PostgreSQL store over Kafka (controller.wait_to_lead): one leads, the other waits and
+takes over from a leader killed with SIGKILL mid-stream; no accepted feedback is lost or stored twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import processes
+from tests.support.processes import bus_env, free_port, running_service, wait_for
+from tuneloop.feedback_store import FeedbackStore
+
+pytestmark = pytest.mark.slow
+
+# The controllers store feedback for the session's shared v1: no run may start (see test_feedback.py).
+NO_RUNS = {"TUNELOOP_TRIGGER__MIN_NEW_ROWS": str(10**9)}
+
+
+def role(env: dict[str, str]) -> str:
+    try:
+        return httpx.get(f"http://127.0.0.1:{env['TUNELOOP_CONTROLLER__PORT']}/healthz", timeout=2).json()["role"]
+    except httpx.HTTPError:
+        return "down"
+
+
+def send(client: httpx.Client, ids: range) -> list[str]:
+    items = [{"text": f"feedback text number {i}, a fine film", "label": "positive" if i % 2 else "negative",
+              "feedback_id": f"fb-{i}"} for i in ids]
+    response = client.post("/feedback/batch", json={"items": items})
+    assert response.status_code == 202, response.text
+    return response.json()["feedback_ids"]
+
+
+def test_a_killed_leader_is_replaced_and_every_accepted_feedback_is_stored_once(
+    kafka: object, postgres: object, registry_path: Path, tmp_path: Path
+) -> None:
+    url = postgres.create_database(f"failover_{uuid.uuid4().hex[:12]}")
+    first = bus_env("kafka", tmp_path, kafka.bootstrap_servers, TUNELOOP_CONTROLLER__STORE_URL=url,
+                    TUNELOOP_CONTROLLER__WAIT_TO_LEAD="true") | NO_RUNS
+    second = first | {"TUNELOOP_CONTROLLER__PORT": str(free_port())}
+    store = FeedbackStore(url)
+    accepted: list[str] = []
+    with running_service(registry_path, tmp_path, **first) as server, server.client() as client, \
+            processes.running_controller(registry_path, tmp_path, first) as leader:
+        wait_for(lambda: role(first) == "leader", 30, "the first controller to lead")
+        with processes.running_controller(registry_path, tmp_path, second):
+            assert role(second) == "waiting"
+            accepted += send(client, range(40))
+            wait_for(lambda: store.count() == 40, 60, "40 rows stored by the leader")
+            accepted += send(client, range(40, 80))  # in Kafka; the leader may be storing them as it dies
+            killed = time.monotonic()
+            os.killpg(leader.pid, signal.SIGKILL)
+            wait_for(lambda: role(second) == "leader", 60, "the waiting controller to lead")
+            failover_s = time.monotonic() - killed
+            accepted += send(client, range(80, 100))
+            wait_for(lambda: store.count() == 100, 90, lambda: f"100 rows stored, {store.count()} so far")
+    stored = [row["feedback_id"] for row in store.feedback_rows()]
+    store.close()
+    print(f"failover: the waiting controller led {failover_s:.1f} s after the leader's SIGKILL")
+    assert sorted(stored) == sorted(accepted) and len(set(stored)) == 100
+    assert failover_s < 15  # the dead session ends with its socket; the waiting one tries every LOCK_CHECK_S
