@@ -54,7 +54,7 @@ def ensure_registry(path: Path, data: Path, labels: list[str] | None) -> Path:
         args = [str(Path(sys.executable).with_name("tuneloop")), "bootstrap", "--data", str(data), "--no-progress"]
         args += ["--labels", ",".join(labels)] if labels else []
         env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELOOP_")} | {
-            "TUNELOOP_REGISTRY__PATH": str(path), "HF_HUB_OFFLINE": "1"}
+            "TUNELOOP_REGISTRY__URL": str(path), "HF_HUB_OFFLINE": "1"}
         print(f"bootstrapping {path} from {data.name} ...", flush=True)
         subprocess.run(args, env=env, check=True, cwd=ROOT)
     return path
@@ -81,9 +81,9 @@ def run_controller(registry: Path, stream: list[tuple[PredictionEvent, str]], fe
                    ) -> tuple[float, ControllerState]:
     """Publish the stream (and feedback on every n-th prediction) to a fresh embedded log; drain it through the
     controller; return its CPU seconds and its state."""
-    os.environ["TUNELOOP_REGISTRY__PATH"] = str(registry)
+    os.environ["TUNELOOP_REGISTRY__URL"] = str(registry)
     settings = Settings()
-    settings.registry.path = registry
+    settings.registry.url = str(registry)
     settings.events.embedded_path = workdir / "events.db"
     settings.controller.store_url = str(workdir / "store.db")
     settings.trigger.command = [sys.executable, "-c", "pass"]  # the run itself is not what is measured

@@ -68,7 +68,7 @@ def latency_phases(probes: list[dict], shift_at: float, run_started: float, prom
 
 def env_for(registry: Path, store: Path, epochs: int) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("TUNELOOP_")} | {
-        "HF_HUB_OFFLINE": "1", "TUNELOOP_REGISTRY__PATH": str(registry),
+        "HF_HUB_OFFLINE": "1", "TUNELOOP_REGISTRY__URL": str(registry),
         "TUNELOOP_CONTROLLER__STORE_URL": str(store), "TUNELOOP_TRAIN__MAX_EPOCHS": str(epochs),
     }
 

@@ -142,7 +142,7 @@ def env_for(directory: Path, quick: bool, controller_port: int | None = None) ->
         "HF_HUB_OFFLINE": "1",
         "BENTOML_HOME": str(directory / "bentoml"),
         "TUNELOOP_CONFIG": str(empty_config),
-        "TUNELOOP_REGISTRY__PATH": str(directory / "registry"),
+        "TUNELOOP_REGISTRY__URL": str(directory / "registry"),
         "TUNELOOP_EVENTS__EMBEDDED_PATH": str(directory / "events.db"),
         "TUNELOOP_CONTROLLER__STORE_URL": str(directory / "feedback.db"),
         "TUNELOOP_TRIGGER__RUNS_DIR": str(directory / "runs"),

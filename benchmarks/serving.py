@@ -121,7 +121,7 @@ def raw_ceiling(registry: Path, seconds: float = 10.0) -> dict[str, float]:
 
 
 def default_registry() -> Path:
-    return Path(os.environ.get("TUNELOOP_REGISTRY__PATH", "var/registry"))
+    return Path(os.environ.get("TUNELOOP_REGISTRY__URL", "var/registry"))
 
 
 def preflight(registry: Path) -> Path:

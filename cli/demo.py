@@ -62,7 +62,7 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
     service_port, controller_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELOOP_")} | {
         "HF_HUB_OFFLINE": "1",
-        "TUNELOOP_REGISTRY__PATH": str(workdir / "registry"),
+        "TUNELOOP_REGISTRY__URL": str(workdir / "registry"),
         "TUNELOOP_EVENTS__EMBEDDED_PATH": str(workdir / "events.db"),
         "TUNELOOP_CONTROLLER__STORE_URL": str(workdir / "feedback.db"),
         "TUNELOOP_CONTROLLER__PORT": str(controller_port),

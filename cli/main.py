@@ -27,7 +27,7 @@ console = Console()
 
 
 def _registry() -> Registry:
-    return Registry(load_settings().registry.path)
+    return Registry.from_config(load_settings().registry)
 
 
 @app.command()
@@ -41,9 +41,9 @@ def bootstrap(
 ) -> None:
     """Train model v1 (LoRA), export it as int8 ONNX, check parity and publish it."""
     settings = load_settings()
-    registry = Registry(settings.registry.path)
+    registry = Registry.from_config(settings.registry)
     if if_empty and registry.live_version() is not None:
-        console.print(f"registry {registry.root} already serves v{registry.live_version()}; nothing to do")
+        console.print(f"registry {registry.location} already serves v{registry.live_version()}; nothing to do")
         return
     started = time.perf_counter()
     from pipeline.versions import build_v1
@@ -54,7 +54,7 @@ def bootstrap(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(exc.exit_code) from None
     manifest, result = built.manifest, built.run.result
-    table = Table(title=f"published v{manifest.version} to {registry.root}", show_header=False)
+    table = Table(title=f"published v{manifest.version} to {registry.location}", show_header=False)
     parity = manifest.metrics["parity"]
     for key, value in (
         ("epochs (best)", f"{len(result.epochs)} ({result.best_epoch})"),
@@ -104,7 +104,7 @@ def train(
         console.print(f"run {run_id}: handed to this standby {waited:.1f} s after it started")
 
     try:
-        built = build_candidate(settings, Registry(settings.registry.path), run_id, replay_ratio, progress, console.print,
+        built = build_candidate(settings, Registry.from_config(settings.registry), run_id, replay_ratio, progress, console.print,
                                 started)
     except NothingToTrain as exc:
         console.print(f"[yellow]nothing to train:[/yellow] {exc}")
@@ -201,7 +201,7 @@ def rollback(
     """Serve an earlier version again; every replica swaps to it within serve.watch_interval_s."""
     settings = load_settings()
     try:
-        live, target = Registry(settings.registry.path).rollback(to, reason)
+        live, target = Registry.from_config(settings.registry).rollback(to, reason)
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(ExitCode.FAILED) from None
@@ -239,7 +239,7 @@ def rollout_start(
     if stage not in STAGES:
         console.print(f"[red]error:[/red] --stage is shadow or canary, not {stage!r}")
         raise typer.Exit(ExitCode.NOTHING_TO_DO)
-    registry = Registry(settings.registry.path)
+    registry = Registry.from_config(settings.registry)
     try:
         rollout = registry.start_rollout(version, stage, share or settings.rollout.canary_share, "manual (CLI)")
     except RegistryError as exc:
@@ -271,7 +271,7 @@ def rollout_abort(reason: Annotated[str, typer.Option(help="Recorded in the hist
 def _end_rollout(promote: bool, reason: str) -> None:
     settings = load_settings()
     try:
-        rollout = Registry(settings.registry.path).end_rollout(promote, reason)
+        rollout = Registry.from_config(settings.registry).end_rollout(promote, reason)
     except RegistryError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(ExitCode.FAILED) from None

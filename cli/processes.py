@@ -48,7 +48,7 @@ def free_port() -> int:
 def tuneloop_env(registry: Path, **extra: str) -> dict[str, str]:
     """This process's environment without any TUNELOOP_ setting, offline, on `registry`, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELOOP_")}
-    return env | {"HF_HUB_OFFLINE": "1", "TUNELOOP_REGISTRY__PATH": str(registry)} | extra
+    return env | {"HF_HUB_OFFLINE": "1", "TUNELOOP_REGISTRY__URL": str(registry)} | extra
 
 
 @contextlib.contextmanager
@@ -154,6 +154,15 @@ def bus_env(kind: str, workdir: Path, bootstrap_servers: str = "", **extra: str)
 def local_postgres() -> ModuleType:
     """deploy/postgres/local_server.py (a real PostgreSQL server from Debian's package), loaded by path."""
     spec = importlib.util.spec_from_file_location("local_postgres", ROOT / "deploy" / "postgres" / "local_server.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def local_s3() -> ModuleType:
+    """deploy/s3/local_server.py (a real S3-compatible server, versitygw), loaded by path."""
+    spec = importlib.util.spec_from_file_location("local_s3", ROOT / "deploy" / "s3" / "local_server.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -43,7 +43,7 @@ class Controller:
         self.bus = bus or open_bus(settings.events)
         self.store = FeedbackStore(settings.controller.store_url)
         self.metrics = metrics or controller_metrics()
-        self.registry = Registry(settings.registry.path)
+        self.registry = Registry.from_config(settings.registry)
         self.state = ControllerState(settings.controller.store_url)
         self.ingest = Ingest(settings.controller, self.topics, self.bus, self.store, self.metrics.ingest)
         self.drift = DriftWatch(settings, self.registry, self.store, self.state, self.metrics.drift)

@@ -89,7 +89,7 @@ class Classifier:
     def __init__(self) -> None:
         self.metrics = service_metrics()
         self.metrics.model_loaded.set(0)
-        self.follower = ModelFollower(Registry(settings.registry.path), settings, self.metrics)
+        self.follower = ModelFollower(Registry.from_config(settings.registry), settings, self.metrics)
         events = settings.events
         self.bus = open_bus(events)
         self._stopped = threading.Event()

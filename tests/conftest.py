@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from tests.support.data import imdb_parts, validation_split
-from tests.support.processes import Server, local_broker, local_postgres, run_cli, running_service, tuneloop_env
+from tests.support.processes import (
+    Server, local_broker, local_postgres, local_s3, run_cli, running_service, tuneloop_env,
+)
 from trainer.data import write_csv
 
 
@@ -74,6 +76,24 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "store.db")
     return request.getfixturevalue("postgres").create_database(f"test_{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[object]:
+    """One real S3-compatible server (versitygw, built from the Go module proxy) on loopback for the session;
+    its AWS_* variables are set for the session, as an operator would set them."""
+    with local_s3.running_s3() as server, pytest.MonkeyPatch.context() as patch:
+        for name, value in server.env().items():
+            patch.setenv(name, value)
+        yield server
+
+
+@pytest.fixture(params=["directory", "s3"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty registry on each backend: a directory, or a bucket of its own on the session's S3 server."""
+    if request.param == "directory":
+        return str(tmp_path / "registry")
+    return request.getfixturevalue("s3").create_bucket(f"test-{uuid.uuid4().hex[:16]}") + "/registry"
 
 
 @pytest.fixture(scope="session")

@@ -20,19 +20,19 @@ def test_defaults_without_file_or_env() -> None:
     settings = Settings()
     assert settings.serve.port == 3000
     assert settings.serve.backend == "onnx"
-    assert settings.registry.path == Path("var/registry")
+    assert settings.registry.url == "var/registry"
 
 
 def test_toml_file_then_environment_take_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "custom.toml"
-    config.write_text('[serve]\nport = 4100\nmax_texts_per_request = 8\n[registry]\npath = "/srv/models"\n')
+    config.write_text('[serve]\nport = 4100\nmax_texts_per_request = 8\n[registry]\nurl = "/srv/models"\n')
     monkeypatch.setenv("TUNELOOP_CONFIG", str(config))
     monkeypatch.setenv("TUNELOOP_SERVE__PORT", "4200")
     settings = Settings()
     assert settings.serve.port == 4200  # env beats file
     assert settings.serve.max_texts_per_request == 8  # file beats default
     assert settings.serve.max_chars_per_text == 2000  # untouched default survives a partial section
-    assert settings.registry.path == Path("/srv/models")
+    assert settings.registry.url == "/srv/models"
 
 
 def test_default_file_in_working_directory_is_read(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from tuneloop.events import FeedbackEvent, ModelEvent, PredictionEvent
 
 def settings_in(tmp_path: Path) -> Settings:
     settings = Settings()
-    settings.registry.path = tmp_path / "registry"  # empty: no version has a drift reference
+    settings.registry.url = str(tmp_path / "registry")  # empty: no version has a drift reference
     settings.events.embedded_path = tmp_path / "events.db"
     settings.events.kafka_bootstrap_servers = ""
     settings.controller.store_url = str(tmp_path / "store.db")

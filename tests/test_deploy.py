@@ -37,7 +37,7 @@ def test_kubernetes_probes_use_the_service_health_endpoints() -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     env = {e["name"]: e.get("value") for e in container["env"]}
     mount = next(m for m in container["volumeMounts"] if m["name"] == "registry")
-    assert env["TUNELOOP_REGISTRY__PATH"] == mount["mountPath"]
+    assert env["TUNELOOP_REGISTRY__URL"] == mount["mountPath"]
 
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"

@@ -174,7 +174,7 @@ def test_an_unreadable_pointer_is_logged_and_the_replica_keeps_serving(
     publish(registry)
     follower = follower_on(registry)
     follower.follow_once()
-    registry.live_file.write_text("garbage")
+    registry.storage.live_file.write_text("garbage")
     follower.follow_once()
     assert follower.live.version == 1
     assert "cannot follow the registry" in caplog.text

@@ -113,11 +113,11 @@ import sys
 for name in ("torch", "transformers", "peft", "sentence_transformers"):
     sys.modules[name] = None  # any import of these now raises ImportError
 import os
-os.environ["TUNELOOP_REGISTRY__PATH"] = {str(registry_path)!r}
+os.environ["TUNELOOP_REGISTRY__URL"] = {str(registry_path)!r}
 import services.service as service
 from services.live_model import load_live_model
 from tuneloop.registry import Registry
-live = load_live_model(Registry(service.settings.registry.path), service.settings)
+live = load_live_model(Registry.from_config(service.settings.registry), service.settings)
 scores = live.classifier.predict(["a wonderful, moving film"])
 print(live.manifest.labels[int(scores.probabilities[0].argmax())])
 """

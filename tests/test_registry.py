@@ -1,10 +1,17 @@
+"""tuneloop/registry.py: publishing, verification, pointers, rollouts and rollbacks, on a directory and on a
+real S3-compatible server (the `registry_url` fixture); what only a directory has (its files, the previous
+release's names, torn history lines) on a directory."""
+
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import uuid
 from pathlib import Path
 
 import pytest
 
+from tuneloop.errors import RegistryUnavailable
 from tuneloop.events import ModelEvent
 from tuneloop.registry import IntegrityError, Registry, RegistryError, sha256_file
 
@@ -24,8 +31,8 @@ def publish(registry: Registry, payload: bytes = b"onnx-bytes", promote: bool = 
         ).version
 
 
-def test_publish_writes_a_complete_verified_version(tmp_path: Path) -> None:
-    registry = Registry(tmp_path)
+def test_publish_writes_a_complete_verified_version(tmp_path: Path, registry_url: str) -> None:
+    registry = Registry(registry_url, tmp_path / "cache")
     version = publish(registry)
     assert version == 1
     assert registry.live_version() == 1
@@ -34,11 +41,11 @@ def test_publish_writes_a_complete_verified_version(tmp_path: Path) -> None:
     model = registry.version_dir(1) / "model.onnx"
     assert manifest.files["model.onnx"].sha256 == sha256_file(model)
     assert manifest.files["model.onnx"].bytes == len(b"onnx-bytes")
-    assert list((tmp_path / ".staging").iterdir()) == []  # staging cleaned up
+    assert list(registry.staging_dir.iterdir()) == []  # staging cleaned up
 
 
-def test_versions_increase_and_history_records_every_promotion(tmp_path: Path) -> None:
-    registry = Registry(tmp_path)
+def test_versions_increase_and_history_records_every_promotion(tmp_path: Path, registry_url: str) -> None:
+    registry = Registry(registry_url, tmp_path / "cache")
     assert publish(registry) == 1
     assert publish(registry, b"v2", parent=1) == 2
     assert publish(registry, b"v3", promote=False) == 3
@@ -98,13 +105,13 @@ def test_leftover_staging_dirs_are_never_versions(tmp_path: Path) -> None:
     assert registry.list_versions() == [1]
 
 
-def test_empty_registry_says_what_to_do(tmp_path: Path) -> None:
+def test_empty_registry_says_what_to_do(tmp_path: Path, registry_url: str) -> None:
     with pytest.raises(RegistryError, match="tuneloop bootstrap"):
-        Registry(tmp_path).resolve()
+        Registry(registry_url, tmp_path / "cache").resolve()
 
 
-def test_publish_refuses_empty_stage_and_foreign_manifest(tmp_path: Path) -> None:
-    registry = Registry(tmp_path)
+def test_publish_refuses_empty_stage_and_foreign_manifest(tmp_path: Path, registry_url: str) -> None:
+    registry = Registry(registry_url, tmp_path / "cache")
     with registry.staging() as stage, pytest.raises(RegistryError, match="empty"):
         registry.publish(stage, base_model="b", labels=["a"])
     with registry.staging() as stage:
@@ -156,17 +163,17 @@ def test_the_previous_release_s_abort_is_read_as_withdraw(tmp_path: Path) -> Non
     publish(registry, b"v2", promote=False, parent=1)
     registry.start_rollout(2, "shadow", 0.0, "manual")
     registry.end_rollout(promote=False, reason="worse")
-    lines = registry.history_file.read_text().replace('"action":"withdraw"', '"action":"abort"')
+    lines = registry.storage.history_file.read_text().replace('"action":"withdraw"', '"action":"abort"')
     assert '"action":"abort"' in lines  # a history line as the previous release wrote it
-    registry.history_file.write_text(lines)
+    registry.storage.history_file.write_text(lines)
     assert [h.action for h in registry.history()] == ["promote", "shadow", "withdraw"]
     with pytest.warns(FutureWarning, match="withdraw"):
         event = ModelEvent.model_validate_json('{"action": "abort", "version": 2}')
     assert event.action == "withdraw"
 
 
-def test_rollout_stages_are_recorded_and_promotion_ends_the_rollout(tmp_path: Path) -> None:
-    registry = Registry(tmp_path)
+def test_rollout_stages_are_recorded_and_promotion_ends_the_rollout(tmp_path: Path, registry_url: str) -> None:
+    registry = Registry(registry_url, tmp_path / "cache")
     publish(registry)
     publish(registry, b"v2", promote=False, parent=1)
     shadow = registry.start_rollout(2, "shadow", 0.3, "passed the gate")
@@ -183,8 +190,8 @@ def test_rollout_stages_are_recorded_and_promotion_ends_the_rollout(tmp_path: Pa
     assert registry.rollback(reason="test") == (2, 1)
 
 
-def test_a_withdrawn_candidate_leaves_the_live_version_serving(tmp_path: Path) -> None:
-    registry = Registry(tmp_path)
+def test_a_withdrawn_candidate_leaves_the_live_version_serving(tmp_path: Path, registry_url: str) -> None:
+    registry = Registry(registry_url, tmp_path / "cache")
     publish(registry)
     publish(registry, b"v2", promote=False)
     registry.start_rollout(2, "canary", 0.1, "manual")
@@ -198,8 +205,8 @@ def test_a_withdrawn_candidate_leaves_the_live_version_serving(tmp_path: Path) -
         registry.end_rollout(promote=True, reason="again")
 
 
-def test_a_rollout_refuses_the_live_and_rejected_versions(tmp_path: Path) -> None:
-    registry = Registry(tmp_path)
+def test_a_rollout_refuses_the_live_and_rejected_versions(tmp_path: Path, registry_url: str) -> None:
+    registry = Registry(registry_url, tmp_path / "cache")
     publish(registry)
     with pytest.raises(RegistryError, match="already the live"):
         registry.start_rollout(1, "shadow", 0.1, "manual")
@@ -211,8 +218,8 @@ def test_a_rollout_refuses_the_live_and_rejected_versions(tmp_path: Path) -> Non
         registry.start_rollout(2, "canary", 0.1, "manual")
 
 
-def test_promoting_another_version_ends_the_rollout_it_was_judged_against(tmp_path: Path) -> None:
-    registry = Registry(tmp_path)
+def test_promoting_another_version_ends_the_rollout_it_was_judged_against(tmp_path: Path, registry_url: str) -> None:
+    registry = Registry(registry_url, tmp_path / "cache")
     publish(registry)
     publish(registry, b"v2", parent=1)
     publish(registry, b"v3", promote=False)
@@ -222,9 +229,9 @@ def test_promoting_another_version_ends_the_rollout_it_was_judged_against(tmp_pa
     assert [h.action for h in registry.history()[-2:]] == ["withdraw", "rollback"]
 
 
-def test_a_second_rollback_goes_further_back_not_to_the_version_just_left(tmp_path: Path) -> None:
+def test_a_second_rollback_goes_further_back_not_to_the_version_just_left(tmp_path: Path, registry_url: str) -> None:
     # The default target matched the first rollback's own entry, so a second rollback served the bad version again.
-    registry = Registry(tmp_path)
+    registry = Registry(registry_url, tmp_path / "cache")
     publish(registry)
     publish(registry, b"v2", parent=1)
     publish(registry, b"v3", parent=2)
@@ -234,9 +241,9 @@ def test_a_second_rollback_goes_further_back_not_to_the_version_just_left(tmp_pa
         registry.rollback()
 
 
-def test_a_candidate_is_promoted_only_over_its_parent(tmp_path: Path) -> None:
+def test_a_candidate_is_promoted_only_over_its_parent(tmp_path: Path, registry_url: str) -> None:
     # An operator rolled v2 back to v1 while a run from v2 exported: the run's v3 replaced v1, undoing the rollback.
-    registry = Registry(tmp_path)
+    registry = Registry(registry_url, tmp_path / "cache")
     publish(registry)
     publish(registry, b"v2", parent=1)
     registry.rollback(reason="v2 misbehaves")
@@ -266,7 +273,7 @@ def test_a_rejected_version_is_never_resolved_for_serving_even_when_a_pointer_na
     with registry.staging() as stage:
         stage_files(stage, b"bad")
         registry.publish(stage, base_model="b", labels=["neg", "pos"], parent_version=1, status="rejected")
-    registry.live_file.write_text("2\n")
+    registry.storage.live_file.write_text("2\n")
     with pytest.raises(RegistryError, match="rejected by the validation gate"):
         registry.resolve(servable=True)
     assert registry.resolve(2)[0].status == "rejected"  # still readable for analysis
@@ -295,7 +302,7 @@ def test_a_torn_last_history_line_is_skipped_and_the_next_entry_starts_on_its_ow
     registry = Registry(tmp_path)
     publish(registry)
     publish(registry, b"v2", parent=1)
-    with registry.history_file.open("a") as handle:
+    with registry.storage.history_file.open("a") as handle:
         handle.write('{"time": "2026-11-29T00:00:00+00:00", "action": "prom')
     with pytest.warns(RuntimeWarning, match="torn"):
         assert [(h.action, h.version) for h in registry.history()] == [("promote", 1), ("promote", 2)]
@@ -312,19 +319,72 @@ def test_a_rollout_file_that_outlived_its_promotion_is_not_a_rollout(tmp_path: P
     publish(registry)
     publish(registry, b"v2", parent=1, promote=False)
     registry.start_rollout(2, "canary", 0.2, "test")
-    left = registry.rollout_file.read_bytes()
+    left = registry.storage.rollout_file.read_bytes()
     registry.end_rollout(promote=True, reason="good")
-    registry.rollout_file.write_bytes(left)  # the state such a crash left
+    registry.storage.rollout_file.write_bytes(left)  # the state such a crash left
     assert registry.live_version() == 2 and registry.rollout() is None
     with pytest.raises(RegistryError, match="no rollout is in progress"):
         registry.end_rollout(promote=False, reason="timeout")
 
 
 @pytest.mark.parametrize("share", [0.0, -0.1, 1.5])
-def test_a_canary_share_outside_0_to_1_is_refused(tmp_path: Path, share: float) -> None:
-    registry = Registry(tmp_path)
+def test_a_canary_share_outside_0_to_1_is_refused(tmp_path: Path, registry_url: str, share: float) -> None:
+    registry = Registry(registry_url, tmp_path / "cache")
     publish(registry)
     publish(registry, b"v2", parent=1, promote=False)
     with pytest.raises(RegistryError, match="share"):
         registry.start_rollout(2, "canary", share, "test")
     assert registry.rollout() is None
+
+
+def test_a_pointer_change_decided_on_stale_pointers_is_refused(tmp_path: Path, registry_url: str) -> None:
+    # Two hosts: each reads the pointers, decides, writes; the one whose read is no longer current must not win.
+    here, there = Registry(registry_url, tmp_path / "here"), Registry(registry_url, tmp_path / "there")
+    publish(here)
+    publish(here, b"v2", promote=False)
+    stale = here.storage.pointers()
+    there.promote(2, reason="another host")
+    assert here.storage.change(stale, 1, None, []) is False
+    assert (here.live_version(), [e.version for e in here.history()]) == (2, [1, 2])
+
+
+def test_publishers_racing_for_a_number_get_one_each(tmp_path: Path, registry_url: str) -> None:
+    hosts = [Registry(registry_url, tmp_path / f"host{i}") for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(lambda h: publish(h[1], f"model of host {h[0]}".encode(), promote=False),
+                                 enumerate(hosts)))
+    assert sorted(versions) == [1, 2, 3, 4]
+    reader = Registry(registry_url, tmp_path / "reader")
+    for host, version in enumerate(versions):
+        assert (reader.version_dir(version) / "model.onnx").read_bytes() == f"model of host {host}".encode()
+        reader.verify(version)
+
+
+def test_an_s3_object_changed_after_publishing_is_refused_before_it_is_cached(tmp_path: Path, s3: object) -> None:
+    url = s3.create_bucket(f"test-{uuid.uuid4().hex[:16]}") + "/registry"
+    publish(Registry(url, tmp_path / "publisher"), b"the real model")
+    replica = Registry(url, tmp_path / "replica")
+    blob = replica.storage._blob(replica.manifest(1).files["model.onnx"].sha256)
+    replica.storage._call("put_object", Key=blob, Body=b"evil")
+    with pytest.raises(IntegrityError, match="model.onnx has sha256 .*, manifest says"):
+        replica.resolve(servable=True)
+    assert not replica.storage.cache_dir.exists() or list(replica.storage.cache_dir.iterdir()) == []
+
+
+def test_an_s3_replica_replaces_a_cached_copy_that_changed(tmp_path: Path, s3: object) -> None:
+    url = s3.create_bucket(f"test-{uuid.uuid4().hex[:16]}") + "/registry"
+    publish(Registry(url, tmp_path / "publisher"), b"the real model")
+    replica = Registry(url, tmp_path / "replica")
+    _, directory = replica.resolve(servable=True)
+    (directory / "model.onnx").write_bytes(b"changed on this host's disk")
+    _, directory = replica.resolve(servable=True)
+    assert (directory / "model.onnx").read_bytes() == b"the real model"
+
+
+def test_an_unreachable_s3_registry_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(RegistryUnavailable, match="cannot reach the registry s3://nowhere/registry"):
+        Registry("s3://nowhere/registry", tmp_path / "cache").live_version()

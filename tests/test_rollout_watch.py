@@ -116,7 +116,7 @@ def test_a_rollout_with_no_live_version_is_refused_and_one_left_on_disk_is_promo
     publish(registry, b"v1", promote=False)
     with pytest.raises(RegistryError, match="no version is live"):
         registry.start_rollout(1, "shadow", 0.0, "test")
-    registry.rollout_file.write_text(Rollout(version=1, live=None, stage="shadow", started_at="2026-11-29T00:00:00+00:00",
+    registry.storage.rollout_file.write_text(Rollout(version=1, live=None, stage="shadow", started_at="2026-11-29T00:00:00+00:00",
                                              stage_started_at="2026-11-29T00:00:00+00:00").model_dump_json())
     prometheus, announced = CollectorRegistry(), []
     watch = RolloutWatch(CONFIG, registry, FeedbackStore(store_url), ControllerMetrics(prometheus).rollout,

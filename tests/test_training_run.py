@@ -33,7 +33,7 @@ def said(output: str) -> str:
 @pytest.fixture
 def registry(tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
     """An empty registry; the run reads its feedback from a store on each backend."""
-    for key, value in {"REGISTRY__PATH": tmp_path / "registry", "CONTROLLER__STORE_URL": store_url,
+    for key, value in {"REGISTRY__URL": tmp_path / "registry", "CONTROLLER__STORE_URL": store_url,
                        "TRAIN__NICENESS": 0}.items():
         monkeypatch.setenv(f"TUNELOOP_{key}", str(value))
     load_settings.cache_clear()

@@ -35,7 +35,15 @@ class Section(BaseModel):
 
 
 class RegistryConfig(Section):
-    path: Path = Field(Path("var/registry"), description="Root directory of the model registry.")
+    url: str = Field(
+        "var/registry", description="The model registry: a directory every process shares, or s3://bucket/prefix on "
+        "S3-compatible storage (endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY; boto3 comes with the serve and gpu extras)."
+    )
+    cache_dir: Path = Field(
+        Path("var/registry-cache"), description="With an s3:// registry: where this process keeps the versions it "
+        "downloaded (checked against their manifests) and assembles new ones."
+    )
 
 
 class ModelConfig(Section):

@@ -44,6 +44,12 @@ class RegistryError(TuneloopError):
     http_status = 409
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry's storage did not answer (an S3 endpoint away); nothing was changed."""
+
+    http_status = 503
+
+
 class IntegrityError(RegistryError):
     """A stored file does not match its manifest."""
 

@@ -19,12 +19,13 @@ from cli.processes import BIN, ROOT, Server, bus_env, free_port, stop_process_gr
 from tests.support.data import TEST_EPOCHS
 
 __all__ = [
-    "BIN", "ROOT", "Prometheus", "Server", "bus_env", "free_port", "local_broker", "local_postgres", "run_cli", "running_controller",
+    "BIN", "ROOT", "Prometheus", "Server", "bus_env", "free_port", "local_broker", "local_postgres", "local_s3", "run_cli", "running_controller",
     "running_prometheus", "running_service", "stop_process_group", "tree_usage", "tuneloop_env", "wait_for", "wait_http",
 ]
 
 local_broker = processes.local_broker()
 local_postgres = processes.local_postgres()
+local_s3 = processes.local_s3()
 
 
 def tuneloop_env(registry: Path, **extra: str) -> dict[str, str]:
