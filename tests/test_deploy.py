@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
+import os
 import shutil
 import subprocess
 import tomllib
+from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support.data import ROOT
@@ -30,14 +34,14 @@ def test_bentofile_points_at_the_service_and_packages_everything_it_imports() ->
 
 
 def test_kubernetes_probes_use_the_service_health_endpoints() -> None:
-    documents = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "service.yaml").read_text()))
+    documents = list(yaml.safe_load_all((KUBERNETES / "base" / "service.yaml").read_text()))
     deployment = next(d for d in documents if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     env = {e["name"]: e.get("value") for e in container["env"]}
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "registry")
-    assert env["TUNELOOP_REGISTRY__URL"] == mount["mountPath"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "registry-cache")
+    assert env["TUNELOOP_REGISTRY__CACHE_DIR"] == mount["mountPath"]  # replicas share no disk: S3 and a cache each
 
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -86,11 +90,103 @@ def test_grafana_provisioning_names_the_dashboard_datasource() -> None:
 
 def test_the_kubernetes_deployment_requires_kafka_and_replicated_topics() -> None:
     # With no Kafka configured every 202 landed in the pod's throwaway embedded log, lost with the pod.
-    documents = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "service.yaml").read_text()))
-    container = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for container in containers(kustomize_build(KUBERNETES / "base")).values():
+        assert_requires_kafka(container)
+    settings = Settings(events={"require_kafka": True, "kafka_bootstrap_servers": "kafka:9092", "replication_factor": 3})
+    assert settings.events.min_insync_replicas == 2
+
+
+def assert_requires_kafka(container: dict) -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["TUNELOOP_EVENTS__REQUIRE_KAFKA"]["value"] == "true"
     assert env["TUNELOOP_EVENTS__KAFKA_BOOTSTRAP_SERVERS"]["valueFrom"]["configMapKeyRef"]["optional"] is False
     assert int(env["TUNELOOP_EVENTS__REPLICATION_FACTOR"]["value"]) >= 3
-    settings = Settings(events={"require_kafka": True, "kafka_bootstrap_servers": "kafka:9092", "replication_factor": 3})
-    assert settings.events.min_insync_replicas == 2
+
+
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUSTOMIZE = "sigs.k8s.io/kustomize/kustomize/v5@v5.7.1"
+# Variables a container may set that are not tuneloop settings: boto3's, for the registry on S3.
+FOREIGN_ENV = {"AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+@functools.cache
+def kustomize_binary() -> str:
+    """kustomize, built once into .kustomize/bin with `go install` from the Go module proxy."""
+    built = ROOT / ".kustomize" / "bin" / "kustomize"
+    if not built.is_file():
+        go = shutil.which("go") or "/usr/local/go/bin/go"
+        subprocess.run([go, "install", KUSTOMIZE], env=os.environ | {"GOBIN": str(built.parent)}, check=True,
+                       capture_output=True, timeout=900)
+    return str(built)
+
+
+def kustomize_build(directory: Path) -> list[dict]:
+    done = subprocess.run([kustomize_binary(), "build", str(directory)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return list(yaml.safe_load_all(done.stdout))
+
+
+def containers(documents: list[dict]) -> dict[str, dict]:
+    """Every Deployment's first container, by the Deployment's name."""
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
+            for d in documents if d["kind"] == "Deployment"}
+
+
+def test_kustomize_builds_the_base_and_the_gpu_overlay_with_every_part() -> None:
+    base = kustomize_build(KUBERNETES / "base")
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in base)
+    assert kinds == sorted([
+        ("ConfigMap", "tuneloop-settings"), ("Secret", "tuneloop-secrets"),
+        ("Deployment", "tuneloop"), ("Service", "tuneloop"), ("PodDisruptionBudget", "tuneloop"),
+        ("HorizontalPodAutoscaler", "tuneloop"),
+        ("Deployment", "tuneloop-controller"), ("Service", "tuneloop-controller"),
+        ("PodDisruptionBudget", "tuneloop-controller"),
+        ("ServiceMonitor", "tuneloop"), ("ServiceMonitor", "tuneloop-controller"), ("PrometheusRule", "tuneloop"),
+    ])
+    controller = next(d for d in base if d["kind"] == "Deployment" and d["metadata"]["name"] == "tuneloop-controller")
+    assert controller["spec"]["replicas"] == 2  # one leads, one waits (controller.wait_to_lead)
+    gpu = containers(kustomize_build(KUBERNETES / "overlays" / "gpu"))
+    assert gpu["tuneloop-controller"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {e["name"]: e.get("value") for e in gpu["tuneloop-controller"]["env"]}["TUNELOOP_TRAIN__DEVICE"] == "cuda"
+    assert "nvidia.com/gpu" not in gpu["tuneloop"]["resources"].get("limits", {})  # serving stays on CPU nodes
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
+def test_every_variable_a_manifest_sets_is_a_setting_and_every_reference_resolves(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    documents = kustomize_build(KUBERNETES / overlay)
+    data = {(d["kind"], d["metadata"]["name"]): d.get("data") or d.get("stringData") for d in documents
+            if d["kind"] in ("ConfigMap", "Secret")}
+    for name, container in containers(documents).items():
+        values = {}
+        for variable in container["env"]:
+            if "value" in variable:
+                values[variable["name"]] = variable["value"]
+                continue
+            ref = variable["valueFrom"]
+            kind, key_ref = ("ConfigMap", ref["configMapKeyRef"]) if "configMapKeyRef" in ref else ("Secret", ref["secretKeyRef"])
+            assert key_ref["key"] in data[(kind, key_ref["name"])], (name, variable)
+            values[variable["name"]] = data[(kind, key_ref["name"])][key_ref["key"]]
+        for variable in values:
+            assert variable in FOREIGN_ENV or setting_exists(variable), f"{name}: {variable} is no setting"
+        for variable in [v for v in os.environ if v.startswith("TUNELOOP_")]:
+            monkeypatch.delenv(variable)
+        for variable, value in values.items():
+            monkeypatch.setenv(variable, value)
+        Settings()  # every value valid as the pod would read it
+
+
+def setting_exists(variable: str) -> bool:
+    """Whether TUNELOOP_<SECTION>__<FIELD> names a field of Settings."""
+    if not variable.startswith("TUNELOOP_") or "__" not in variable:
+        return False
+    section, field = variable.removeprefix("TUNELOOP_").lower().split("__", 1)
+    model = Settings.model_fields.get(section)
+    return model is not None and field in model.annotation.model_fields
+
+
+def test_the_prometheus_rule_object_is_the_rules_file() -> None:
+    rule = next(d for d in kustomize_build(KUBERNETES / "base") if d["kind"] == "PrometheusRule")
+    rules = yaml.safe_load((PROMETHEUS_DIR / "tuneloop.rules.yml").read_text())
+    assert rule["spec"]["groups"] == rules["groups"], "run python deploy/kubernetes/rules_to_crd.py"
