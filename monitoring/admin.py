@@ -25,6 +25,7 @@ from tuneloop.errors import (
     InvalidRequest,
     NotAuthenticated,
     RegistryError,
+    RegistryUnavailable,
     TuneloopError,
     Unavailable,
     http_status,
@@ -179,6 +180,8 @@ def admin_app(admin: Admin | None, token: str) -> FastAPI:
     def rollback(request: RollbackRequest) -> RolledBack:
         try:
             previous, version = leading().rollback(request.to, request.reason)
+        except RegistryUnavailable as exc:  # the storage did not answer: try again later
+            raise http_error(exc) from None
         except RegistryError as exc:  # every refusal, a version failing verification included, is a conflict here
             raise http_error(Conflict(str(exc))) from None
         return RolledBack(previous=previous, version=version)

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from monitoring.admin import Admin, admin_app
 from monitoring.state import ControllerState
 from monitoring.trigger import Decision
+from tuneloop.errors import RegistryUnavailable
 from tuneloop.events import ModelEvent
 from tuneloop.registry import Registry
 
@@ -87,3 +88,15 @@ def test_a_manual_run_answers_202_409_or_503(tmp_path: Path, store_url: str) -> 
     s.drift.request_manual.side_effect = TimeoutError("the controller loop did not answer")
     busy = s.client.post("/admin/trigger", json={}, headers=AUTH)
     assert busy.status_code == 503 and busy.json()["detail"] == "the controller loop did not answer"
+
+
+def test_a_rollback_the_registry_cannot_answer_is_503_not_a_conflict(tmp_path: Path, store_url: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Setup(tmp_path, store_url)
+
+    def away(*_: object) -> None:
+        raise RegistryUnavailable("cannot reach the registry s3://models/registry")
+
+    monkeypatch.setattr(s.registry, "rollback", away)  # an S3 endpoint that does not answer, as botocore reports it
+    response = s.client.post("/admin/rollback", headers=AUTH, json={"to": 1})
+    assert response.status_code == 503 and "cannot reach" in response.json()["detail"]

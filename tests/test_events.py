@@ -6,7 +6,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from services.schemas import Texts
-from tuneloop.events import FeedbackEvent
+from tuneloop.events import FeedbackEvent, PredictionEvent
 
 # Blank to str.strip(), which load_csv applies: stored as feedback, such a row made the next training run fail.
 BLANK = [" ", "\u00a0", "\u2028", "\u0085", "\t\r\n", "\u3000"]
@@ -50,3 +50,12 @@ def test_a_nul_character_is_refused_in_texts_labels_and_sources(store_url: str) 
     store = FeedbackStore(store_url)  # what passes the boundary is stored
     assert store.write([], [FeedbackEvent(text="tab\tand \u2028 separators, \u00e9t\u00e9", label="positive")]).stored == 1
     store.close()
+
+
+def test_a_prediction_event_with_a_nul_character_is_refused() -> None:
+    # Such events (queued by a release before the boundary refused U+0000) failed their batch in PostgreSQL on
+    # every retry; refused by the schema, they are dead-lettered as malformed.
+    for fields in ({"text": "a\x00b"}, {"label": "neg\x00"}, {"request_id": "r\x00"}):
+        with pytest.raises(ValidationError, match="NUL"):
+            PredictionEvent(**({"request_id": "r1", "text": "t", "label": "neg", "scores": {"neg": 1.0},
+                                "model_version": 1} | fields))

@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tuneloop.database import redact
 from tuneloop.errors import StoreError
 from tuneloop.events import FeedbackEvent, PredictionEvent
 from tuneloop.feedback_store import MIGRATIONS, FeedbackStore
@@ -192,3 +193,20 @@ def test_one_batch_stores_a_repeated_id_once_and_joins_its_own_predictions(store
                          [feedback("f1", request_id="r1"), feedback("f1", request_id="r1"), feedback("f2")])
     assert (result.stored, result.duplicates, result.pending) == (2, 1, 0)
     assert {row["feedback_id"]: row["predicted_label"] for row in store.feedback_rows()} == {"f1": "neutral", "f2": None}
+
+
+def test_postgresql_sessions_detect_a_vanished_peer_within_seconds(postgres: object) -> None:
+    # Without keepalives a leader whose host vanished kept its session, and so the controller lock, for the
+    # kernel's default (two hours and more): the waiting controller never led.
+    database = open_database(postgres.create_database(f"alive_{uuid.uuid4().hex[:12]}"))
+    settings = {name: database.execute(f"SHOW {name}").scalar()
+                for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")}
+    assert settings == {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
+    database.close()
+
+
+def test_a_store_url_is_shown_without_its_password_wherever_it_is_given() -> None:
+    assert redact("postgresql://tuneloop:s3cret@db:5432/x") == "postgresql://tuneloop:***@db:5432/x"
+    assert redact("postgresql://db/x?user=t&password=s3cret&sslmode=require") == (
+        "postgresql://db/x?user=t&password=***&sslmode=require")
+    assert redact("var/feedback.db") == "var/feedback.db"

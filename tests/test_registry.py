@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.support.data import ROOT
 from tuneloop.errors import RegistryUnavailable
+from tuneloop.faults import ENV
 from tuneloop.events import ModelEvent
 from tuneloop.registry import IntegrityError, Registry, RegistryError, sha256_file
 
@@ -388,3 +394,53 @@ def test_an_unreachable_s3_registry_says_so(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     with pytest.raises(RegistryUnavailable, match="cannot reach the registry s3://nowhere/registry"):
         Registry("s3://nowhere/registry", tmp_path / "cache").live_version()
+
+
+def test_an_s3_manifest_naming_a_file_outside_its_version_writes_nothing(tmp_path: Path, s3: object) -> None:
+    # The names were checked only after every file was downloaded to download/<name>: whoever could write the
+    # bucket could write any path on every replica.
+    url = s3.create_bucket(f"test-{uuid.uuid4().hex[:16]}") + "/registry"
+    publisher = Registry(url, tmp_path / "publisher")
+    publish(publisher)
+    manifest = publisher.manifest(1)
+    entry = manifest.files["model.onnx"]
+    bad = manifest.model_copy(update={"version": 2, "files": {**manifest.files, "../../../escaped.txt": entry}})
+    publisher.storage._call("put_object", Key=publisher.storage._key("versions", "v2", "manifest.json"),
+                            Body=bad.model_dump_json().encode())
+    replica = Registry(url, tmp_path / "cache" / "replica")
+    with pytest.raises(IntegrityError, match="outside its directory"):
+        replica.verify(2)
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_the_live_version_is_read_without_the_rollout(tmp_path: Path) -> None:
+    # live_version() parsed rollout.json too: a damaged rollout file stopped training, bootstrap and rollback.
+    registry = Registry(tmp_path)
+    publish(registry)
+    registry.storage.rollout_file.write_text("{not json")
+    assert registry.live_version() == 1
+
+
+def test_promoting_the_version_current_names_writes_live_and_removes_current(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    registry.storage.live_file.rename(registry.storage.legacy_live_file)  # a registry of the previous release
+    with pytest.warns(FutureWarning):
+        registry.promote(1, reason="again")
+    assert registry.storage.live_file.read_text().strip() == "1"
+    assert not registry.storage.legacy_live_file.exists()
+
+
+def test_a_crash_after_a_promotion_ended_a_rollout_leaves_the_withdrawal_in_the_history(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    publish(registry)
+    publish(registry, b"v2", promote=False)
+    publish(registry, b"v3", promote=False)
+    registry.start_rollout(2, "shadow", 0.0, "test")
+    crash = subprocess.run(
+        [sys.executable, "-c", f"from tuneloop.registry import Registry; Registry({str(tmp_path)!r}).promote(3)"],
+        env=os.environ | {ENV: "promote:rollout-ended"}, capture_output=True, text=True, cwd=ROOT,
+    )
+    assert crash.returncode == -signal.SIGKILL, crash.stderr
+    assert registry.live_version() == 1 and registry.rollout() is None
+    assert [(e.action, e.version) for e in registry.history()][-1] == ("withdraw", 2)

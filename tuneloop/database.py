@@ -13,6 +13,7 @@ database at once (the controller and a training run) neither apply one twice nor
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -136,6 +137,7 @@ class Database(ABC):
 def redact(url: str) -> str:
     """A store URL without its password, for logs and messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)  # libpq takes it here too
+    return urlunsplit(parts._replace(query=query))

@@ -14,14 +14,23 @@ from tuneloop.clock import utc_iso, utc_now
 from tuneloop.rollout_stage import RolloutStage
 
 
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("contains a NUL character (U+0000), which no store keeps (PostgreSQL's text cannot); remove it")
+    return text
+
+
+NoNul = Annotated[str, AfterValidator(_no_nul)]
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
 
 class PredictionEvent(BaseModel):
-    request_id: str
-    text: str
-    label: str
+    request_id: NoNul
+    text: NoNul
+    label: NoNul
     scores: dict[str, float]
     model_version: int
     timestamp: str = Field(default_factory=utc_now)
@@ -47,12 +56,6 @@ def _visible(text: str) -> str:
     return _no_nul(text)
 
 
-def _no_nul(text: str) -> str:
-    if "\x00" in text:
-        raise ValueError("contains a NUL character (U+0000), which no store keeps (PostgreSQL's text cannot); remove it")
-    return text
-
-
 # A text or label needs one character that is not whitespace (U+00A0, U+2028 and the like count as whitespace):
 # a blank one cannot be trained on, and stored as feedback it made the next training run fail. Put it after any
 # length constraint, whose own message ("at most 2000 characters") it would otherwise replace. It refuses U+0000 too.
@@ -69,7 +72,7 @@ class FeedbackEvent(BaseModel):
     request_id: Identifier | None = Field(None, description="The prediction this labels; its text is joined in.")
     text: VisibleText | None = Field(None, description="Needed without request_id.")
     label: VisibleText
-    source: Annotated[str, StringConstraints(max_length=128), AfterValidator(_no_nul)] = "api"
+    source: Annotated[NoNul, StringConstraints(max_length=128)] = "api"
     timestamp: str = Field(default_factory=utc_now, description="When it was labelled: ISO 8601 with an offset.")
 
     @field_validator("timestamp")

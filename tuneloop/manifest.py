@@ -96,14 +96,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_names(manifest: Manifest) -> None:
+    """The manifest lists the model and names no file outside its version; raise IntegrityError otherwise."""
+    if MODEL_FILE not in manifest.files:
+        raise IntegrityError(f"version {manifest.version}: its manifest lists no {MODEL_FILE}; it cannot be served")
+    for name in manifest.files:
+        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise IntegrityError(f"version {manifest.version}: its manifest names {name}, outside its directory")
+
+
 def check_files(manifest: Manifest, directory: Path) -> None:
     """Every file of `manifest` in `directory` with its sha256; raise IntegrityError naming the first that is not."""
     version = manifest.version
-    if MODEL_FILE not in manifest.files:
-        raise IntegrityError(f"version {version}: its manifest lists no {MODEL_FILE}; it cannot be served")
+    check_names(manifest)
     for name, entry in manifest.files.items():
-        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
-            raise IntegrityError(f"version {version}: its manifest names {name}, outside its directory")
         path = directory / name
         if not path.is_file():
             raise IntegrityError(f"version {version}: {name} is missing from {directory}")

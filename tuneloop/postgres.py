@@ -24,6 +24,12 @@ from tuneloop.errors import Conflict, StoreError
 log = logging.getLogger("tuneloop.store")
 
 CONNECT_TIMEOUT_S = 10
+# A peer that vanishes (a host lost, a network cut) closes no socket. Both ends probe: the server ends the
+# session (and frees its locks) after about 5 + 3 x 2 s of silence; this end gives up on unacknowledged data
+# after 10 s. Otherwise the kernel's defaults (two hours and more) hold the controller lock for a dead leader.
+KEEPALIVE = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+             "tcp_user_timeout": 10_000,
+             "options": "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"}
 
 
 def _placeholders(sql: str) -> str:
@@ -62,7 +68,7 @@ class PostgresDatabase(Database):
         """`application_name` shows in pg_stat_activity: an operator sees which session holds what."""
         try:
             return self._psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                                         application_name=application_name)
+                                         application_name=application_name, **KEEPALIVE)
         except self._psycopg.OperationalError as exc:
             raise StoreError(f"cannot reach the store {self.display_url}: {str(exc).strip()}") from exc
 
@@ -103,10 +109,10 @@ class PostgresDatabase(Database):
     @contextlib.contextmanager
     def exclusive(self, name: str, wait: threading.Event | None = None) -> Iterator[None]:
         key = _lock_key(name)
-        holder, waited = self._connect(f"tuneloop {name} lock"), False
+        holder, waited = None, False
         while True:
             try:
-                if holder.closed or holder.broken:
+                if holder is None or holder.closed or holder.broken:
                     holder = self._connect(f"tuneloop {name} lock")
                 if holder.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
                     break
@@ -118,7 +124,8 @@ class PostgresDatabase(Database):
                 log.info("another %s holds %s; waiting for it to stop", name, self.display_url)
                 waited = True
             if wait is None or wait.wait(LOCK_CHECK_S):
-                holder.close()
+                if holder is not None:
+                    holder.close()
                 raise Conflict(f"another {name} holds {self.display_url}; stop it first (one {name} per store)")
         done = threading.Event()
         watch = threading.Thread(target=self._hold, args=(name, key, holder, done), name=f"{name}-lock", daemon=True)

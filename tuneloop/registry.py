@@ -71,7 +71,7 @@ class Registry:
 
     def live_version(self) -> int | None:
         """The version that serves everyone (None before the first promotion)."""
-        return self.storage.pointers().live
+        return self.storage.live()
 
     def rollout(self) -> Rollout | None:
         return self._effective(self.storage.pointers())

@@ -91,6 +91,9 @@ class DirectoryStorage(RegistryStorage):
 
     # -- pointers ----------------------------------------------------------------
 
+    def live(self) -> int | None:
+        return self._live_number(self._live_text())
+
     def pointers(self) -> Pointers:
         live_text = self._live_text()
         try:
@@ -139,7 +142,10 @@ class DirectoryStorage(RegistryStorage):
                 _fsync_dir(self.root)
             elif rollout is not None and rollout != now.rollout:
                 _write_atomic(self.rollout_file, rollout.model_dump_json(indent=2).encode() + b"\n")
-            if live != now.live:
+            withdrawals = [e for e in entries if e.action == "withdraw"]
+            for entry in withdrawals:  # a rollout that ended is in the history before the pointer moves
+                self._log(entry)
+            if live != now.live or not self.live_file.exists():
                 faults.point("promote:rollout-ended")
                 _write_atomic(self.live_file, f"{live}\n".encode())
                 faults.point("promote:live-written")
@@ -147,7 +153,8 @@ class DirectoryStorage(RegistryStorage):
                     self.legacy_live_file.unlink()
                     _fsync_dir(self.root)
             for entry in entries:
-                self._log(entry)
+                if entry not in withdrawals:
+                    self._log(entry)
         return True
 
     def _log(self, entry: HistoryEntry) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tuneloop.errors import RegistryError, RegistryUnavailable
-from tuneloop.manifest import MANIFEST, HistoryEntry, Manifest, Rollout, check_files
+from tuneloop.manifest import MANIFEST, HistoryEntry, Manifest, Rollout, check_files, check_names
 from tuneloop.registry_storage import Pointers, RegistryStorage
 
 log = logging.getLogger("tuneloop.registry")
@@ -43,7 +43,7 @@ class S3Storage(RegistryStorage):
         try:
             import boto3
             from botocore.config import Config
-            from botocore.exceptions import BotoCoreError, ClientError
+            from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
         except ImportError:
             raise RegistryError(
                 f"{url} is an S3 registry, and boto3 is not installed: pip install 'tuneloop[serve]' (or [gpu])"
@@ -52,7 +52,8 @@ class S3Storage(RegistryStorage):
         self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
         self.cache_dir = Path(cache_dir) / self.bucket / (self.prefix or "_")
         self.staging_dir = Path(cache_dir) / ".staging"
-        self._client_error, self._errors = ClientError, (BotoCoreError, ClientError)
+        self._client_error = ClientError
+        self._unreachable = (ConnectionError, HTTPClientError)  # botocore's: no answer, or the connection broke
         # Path-style addresses: S3-compatible servers on a plain host:port have no per-bucket host names.
         self._s3 = boto3.client("s3", config=Config(
             s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=60,
@@ -66,12 +67,11 @@ class S3Storage(RegistryStorage):
         return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, self._client_error) else ""
 
     def _call(self, operation: str, **kwargs: Any) -> Any:
-        """An S3 call; an endpoint that does not answer is RegistryUnavailable, other errors pass through."""
+        """An S3 call; an endpoint that does not answer is RegistryUnavailable, other errors (a refusal with its
+        code, a request botocore cannot make) pass through."""
         try:
             return getattr(self._s3, operation)(Bucket=self.bucket, **kwargs)
-        except self._errors as exc:
-            if self._code(exc):
-                raise
+        except self._unreachable as exc:
             raise RegistryUnavailable(f"cannot reach the registry {self.location}: {exc}") from exc
 
     def _get(self, key: str) -> tuple[bytes, str] | None:
@@ -165,6 +165,7 @@ class S3Storage(RegistryStorage):
         cached = self.cache_dir / f"v{manifest.version}"
         if self._cached(cached, manifest):
             return cached
+        check_names(manifest)  # before a single file is written: a name may point anywhere
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         download = Path(tempfile.mkdtemp(prefix=f"download-v{manifest.version}-", dir=self.staging_dir))
         try:

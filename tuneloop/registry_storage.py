@@ -38,6 +38,10 @@ class RegistryStorage(ABC):
     @abstractmethod
     def pointers(self) -> Pointers: ...
 
+    def live(self) -> int | None:
+        """The live version alone (a damaged rollout record must not hide it)."""
+        return self.pointers().live
+
     @abstractmethod
     def change(self, before: Pointers, live: int | None, rollout: Rollout | None, entries: list[HistoryEntry]) -> bool:
         """Set the pointers and append `entries` to the history, if they are still `before`; False when another
