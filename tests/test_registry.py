@@ -17,8 +17,8 @@ import pytest
 
 from tests.support.data import ROOT
 from tuneloop.errors import RegistryUnavailable
-from tuneloop.faults import ENV
 from tuneloop.events import ModelEvent
+from tuneloop.faults import ENV
 from tuneloop.registry import IntegrityError, Registry, RegistryError, sha256_file
 
 
@@ -439,7 +439,7 @@ def test_a_crash_after_a_promotion_ended_a_rollout_leaves_the_withdrawal_in_the_
     registry.start_rollout(2, "shadow", 0.0, "test")
     crash = subprocess.run(
         [sys.executable, "-c", f"from tuneloop.registry import Registry; Registry({str(tmp_path)!r}).promote(3)"],
-        env=os.environ | {ENV: "promote:rollout-ended"}, capture_output=True, text=True, cwd=ROOT,
+        env=os.environ | {ENV: "promote:rollout-ended"}, capture_output=True, text=True, cwd=ROOT, check=False,
     )
     assert crash.returncode == -signal.SIGKILL, crash.stderr
     assert registry.live_version() == 1 and registry.rollout() is None
