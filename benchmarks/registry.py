@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cli.processes import local_s3  # noqa: E402
-from tuneloop.registry import MANIFEST, Registry  # noqa: E402
+from tuneloop.registry import MANIFEST, Manifest, Registry  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -41,8 +41,7 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def publish_copy(directory: Path, target: Registry) -> None:
-    manifest = Registry(directory.parent.parent.parent).manifest(int(directory.name[1:]))
+def publish_copy(manifest: Manifest, directory: Path, target: Registry) -> None:
     with target.staging() as staged:
         shutil.copytree(directory, staged, dirs_exist_ok=True)
         (staged / MANIFEST).unlink()
@@ -50,9 +49,9 @@ def publish_copy(directory: Path, target: Registry) -> None:
                        gate=manifest.gate)
 
 
-def measure(url: str, cache: Path, version_dir: Path) -> dict[str, float]:
+def measure(url: str, cache: Path, manifest: Manifest, version_dir: Path) -> dict[str, float]:
     publisher = Registry(url, cache / "publisher")
-    publish_s = timed(lambda: publish_copy(version_dir, publisher))
+    publish_s = timed(lambda: publish_copy(manifest, version_dir, publisher))
     replica = Registry(url, cache / "replica")
     first_s = timed(lambda: replica.resolve(servable=True))
     cached_s = timed(lambda: replica.resolve(servable=True))
@@ -80,7 +79,7 @@ def main() -> None:
                 cache = Path(work) / f"{backend}-{round_}"
                 url = str(cache / "registry") if backend == "directory" else (
                     server.create_bucket(f"bench-{uuid.uuid4().hex[:12]}") + "/registry")
-                runs[backend].append(measure(url, cache, version_dir))
+                runs[backend].append(measure(url, cache, manifest, version_dir))
                 m = runs[backend][-1]
                 print(f"round {round_ + 1}/{args.rounds} {backend:9s} publish {m['publish_s']:.2f} s, first load "
                       f"{m['first_load_s']:.2f} s, cached load {m['cached_load_s']:.2f} s", flush=True)

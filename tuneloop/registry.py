@@ -238,18 +238,22 @@ class Registry:
         """A local directory with the version's files (an S3 registry downloads them first)."""
         return self.storage.local_dir(self.manifest(version))
 
+    def _checked(self, version: int) -> tuple[Manifest, Path]:
+        manifest = self.manifest(version)
+        directory = self.storage.local_dir(manifest)
+        check_files(manifest, directory)
+        return manifest, directory
+
     def verify(self, version: int) -> Manifest:
         """Check every local file against its manifest sha256; raise IntegrityError naming the first bad one."""
-        manifest = self.manifest(version)
-        check_files(manifest, self.storage.local_dir(manifest))
-        return manifest
+        return self._checked(version)[0]
 
-    def _servable(self, version: int) -> Manifest:
-        manifest = self.verify(version)
+    def _servable(self, version: int) -> tuple[Manifest, Path]:
+        manifest, directory = self._checked(version)
         if manifest.status != "accepted":
             failed = [name for name, check in manifest.gate.get("checks", {}).items() if not check.get("passed")]
             raise RegistryError(f"version {version} was rejected by the validation gate ({', '.join(failed)}); it is never served")
-        return manifest
+        return manifest, directory
 
     def resolve(self, version: int | None = None, servable: bool = False) -> tuple[Manifest, Path]:
         """The verified manifest and local directory of a version (default: the live one); with `servable`, only an
@@ -258,5 +262,4 @@ class Registry:
             version = self.live_version()
             if version is None:
                 raise RegistryError(f"no model is promoted in {self.location}; run `tuneloop bootstrap` first.")
-        manifest = self._servable(version) if servable else self.verify(version)
-        return manifest, self.storage.local_dir(manifest)
+        return self._servable(version) if servable else self._checked(version)
