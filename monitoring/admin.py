@@ -154,6 +154,12 @@ def admin_app(admin: Admin | None, token: str) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok", "role": "waiting" if app.state.admin is None else "leader"}
 
+    @app.get("/readyz", summary="This controller leads (503 while it waits)",
+             responses={503: {"description": "This controller waits while another leads on the store"}})
+    def readyz() -> dict[str, str]:
+        leading()
+        return {"status": "ready", "role": "leader"}
+
     @app.post(
         "/admin/trigger", status_code=202, response_model=TriggerStarted, dependencies=[Depends(authorized)],
         summary="Start a training run now",

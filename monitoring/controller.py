@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 from collections.abc import Iterator
 
@@ -28,6 +29,7 @@ from monitoring.state import ControllerState
 from tuneloop.bus import Bus, Consumer, announce, open_bus
 from tuneloop.config import Settings
 from tuneloop.database import redact
+from tuneloop.errors import Conflict
 from tuneloop.events import ModelEvent, PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Registry
@@ -119,7 +121,9 @@ def serve_controller(settings: Settings, stop: threading.Event | None = None) ->
     it builds its parts only once it leads (building them adopts or ends the runs the store lists)."""
     import uvicorn
 
-    stop = stop or threading.Event()
+    if stop is None:  # the process's own controller: SIGTERM stops it cleanly (PID 1 in a container ignores a
+        stop = threading.Event()  # signal left at its default action; a leader that lost its lock sends one too)
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     config = settings.controller
     metrics = controller_metrics()
     app = admin_app(None, config.admin_token.get_secret_value())
@@ -127,7 +131,13 @@ def serve_controller(settings: Settings, stop: threading.Event | None = None) ->
     http = threading.Thread(target=server.run, name="controller-http", daemon=True)
     if config.wait_to_lead:
         http.start()
-    with exclusive_controller(config.store_url, wait=stop if config.wait_to_lead else None):
+    with contextlib.ExitStack() as leading:
+        try:
+            leading.enter_context(exclusive_controller(config.store_url, wait=stop if config.wait_to_lead else None))
+        except Conflict:
+            if stop.is_set():  # stopped while waiting to lead
+                return
+            raise
         if not http.is_alive():  # a refused controller takes no port
             http.start()
         log.info("leading on %s", redact(config.store_url))

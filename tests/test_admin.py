@@ -100,3 +100,11 @@ def test_a_rollback_the_registry_cannot_answer_is_503_not_a_conflict(tmp_path: P
     monkeypatch.setattr(s.registry, "rollback", away)  # an S3 endpoint that does not answer, as botocore reports it
     response = s.client.post("/admin/rollback", headers=AUTH, json={"to": 1})
     assert response.status_code == 503 and "cannot reach" in response.json()["detail"]
+
+
+def test_only_the_leading_controller_is_ready() -> None:
+    # Kubernetes routes the controller Service's /admin calls to ready pods: a waiting controller answers 503.
+    client = TestClient(admin_app(None, TOKEN))
+    assert client.get("/readyz").status_code == 503
+    client.app.state.admin = object()  # leading
+    assert client.get("/readyz").json() == {"status": "ready", "role": "leader"}

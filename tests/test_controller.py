@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from monitoring.controller import Controller, exclusive_controller
 from monitoring.metrics import ControllerMetrics
-from tests.support.processes import ROOT, wait_for
+from tests.support.processes import ROOT, free_port, running_controller, wait_for
 from tuneloop.bus import BusUnavailable, EmbeddedBus, Message
 from tuneloop.config import Settings
 from tuneloop.database import LOCK_CHECK_S
@@ -226,3 +226,17 @@ def test_a_controller_waiting_to_lead_takes_the_lock_when_the_leader_stops(store
         stop.set()
         with exclusive_controller(store_url, wait=stop):
             pass
+
+
+def test_a_controller_stops_cleanly_on_sigterm_leading_or_waiting(tmp_path: Path) -> None:
+    # In a container the controller is PID 1, where a signal with the default action is dropped: SIGTERM (a pod's
+    # deletion, or a leader that lost its lock stopping itself) did nothing until the SIGKILL 30 s later.
+    env = {"TUNELOOP_EVENTS__EMBEDDED_PATH": str(tmp_path / "events.db"),
+           "TUNELOOP_CONTROLLER__STORE_URL": str(tmp_path / "store.db"),
+           "TUNELOOP_CONTROLLER__WAIT_TO_LEAD": "true", "TUNELOOP_TRIGGER__MIN_NEW_ROWS": str(10**9)}
+    registry = tmp_path / "registry"
+    with running_controller(registry, tmp_path, env | {"TUNELOOP_CONTROLLER__PORT": str(free_port())}) as leader, \
+            running_controller(registry, tmp_path, env | {"TUNELOOP_CONTROLLER__PORT": str(free_port())}) as waiting:
+        for process in (waiting, leader):
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=15) == 0, process.log.read_text()

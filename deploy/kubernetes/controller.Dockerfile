@@ -1,7 +1,8 @@
 # The controller's image: the service's code plus training (torch, peft) and the PostgreSQL driver, since the
 # controller runs `tuneloop train` in its pod. Build from the repository root:
 #   docker build -f deploy/kubernetes/controller.Dockerfile -t tuneloop-controller:latest .
-# For GPU nodes, start from an image with CUDA and install torch's CUDA wheels first.
+# PyPI's torch wheels for Linux carry CUDA, so the same image trains on GPU nodes (overlays/gpu) whose driver
+# matches them. .dockerignore keeps the virtualenv, var/ and local settings out.
 FROM python:3.11-slim
 WORKDIR /app
 COPY . /app
