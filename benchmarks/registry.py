@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.spread import spread  # noqa: E402
 from cli.processes import local_s3  # noqa: E402
 from tuneloop.registry import MANIFEST, Manifest, Registry  # noqa: E402
 
@@ -58,10 +58,6 @@ def measure(url: str, cache: Path, manifest: Manifest, version_dir: Path) -> dic
     return {"publish_s": publish_s, "first_load_s": first_s, "cached_load_s": cached_s}
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -89,9 +85,9 @@ def main() -> None:
         "version_files": len(manifest.files), "version_bytes": size, "rounds": args.rounds,
     }
     for backend, measured in runs.items():
-        result[backend] = {key: summary([m[key] for m in measured]) for key in measured[0]}
+        result[backend] = {key: spread([m[key] for m in measured]) for key in measured[0]}
     result["s3_over_directory"] = {
-        key: summary([s[key] / d[key] for s, d in zip(runs["s3"], runs["directory"], strict=True)])
+        key: spread([s[key] / d[key] for s, d in zip(runs["s3"], runs["directory"], strict=True)])
         for key in ("publish_s", "first_load_s", "cached_load_s")
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

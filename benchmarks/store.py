@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.spread import spread  # noqa: E402
 from cli.processes import local_postgres  # noqa: E402
 from tuneloop.events import FeedbackEvent, PredictionEvent  # noqa: E402
 from tuneloop.feedback_store import FeedbackStore  # noqa: E402
@@ -60,10 +60,6 @@ def measure(url: str, work: list[tuple[list[PredictionEvent], list[FeedbackEvent
             "batch_ms": 1000 * write_s / len(work)}
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -87,10 +83,10 @@ def main() -> None:
         "rows_per_round": args.batches * args.batch, "batch": args.batch, "rounds": args.rounds,
     }
     for backend, measured in runs.items():
-        result[backend] = {key: summary([m[key] for m in measured]) for key in measured[0]}
+        result[backend] = {key: spread([m[key] for m in measured]) for key in measured[0]}
     ratios = {key: [p[key] / s[key] for p, s in zip(runs["postgresql"], runs["sqlite"], strict=True)]
               for key in ("write_rows_per_s", "read_rows_per_s")}
-    result["postgresql_over_sqlite"] = {key: summary(values) for key, values in ratios.items()}
+    result["postgresql_over_sqlite"] = {key: spread(values) for key, values in ratios.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "store.json").write_text(json.dumps(result, indent=2) + "\n")
     for key, label in (("write_rows_per_s", "write"), ("read_rows_per_s", "read")):

@@ -150,28 +150,27 @@ def bus_env(kind: str, workdir: Path, bootstrap_servers: str = "", **extra: str)
     return env | extra
 
 
-@functools.cache
-def local_postgres() -> ModuleType:
-    """deploy/postgres/local_server.py (a real PostgreSQL server from Debian's package), loaded by path."""
-    spec = importlib.util.spec_from_file_location("local_postgres", ROOT / "deploy" / "postgres" / "local_server.py")
+def _deploy_module(name: str, path: str) -> ModuleType:
+    """A script under deploy/ (runnable on its own, so not a package module), loaded by path."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "deploy" / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def local_postgres() -> ModuleType:
+    """deploy/postgres/local_server.py: a real PostgreSQL server from Debian's package."""
+    return _deploy_module("local_postgres", "postgres/local_server.py")
 
 
 @functools.cache
 def local_s3() -> ModuleType:
-    """deploy/s3/local_server.py (a real S3-compatible server, versitygw), loaded by path."""
-    spec = importlib.util.spec_from_file_location("local_s3", ROOT / "deploy" / "s3" / "local_server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """deploy/s3/local_server.py: a real S3-compatible server, versitygw."""
+    return _deploy_module("local_s3", "s3/local_server.py")
 
 
 @functools.cache
 def local_broker() -> ModuleType:
-    """deploy/kafka/local_broker.py (a real single-node Kafka from Maven Central jars), loaded by path."""
-    spec = importlib.util.spec_from_file_location("local_broker", ROOT / "deploy" / "kafka" / "local_broker.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """deploy/kafka/local_broker.py: a real single-node Kafka from Maven Central jars."""
+    return _deploy_module("local_broker", "kafka/local_broker.py")
