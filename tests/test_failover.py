@@ -13,14 +13,10 @@ import httpx
 import pytest
 
 from tests.support import processes
-from tests.support.processes import bus_env, free_port, running_service, wait_for
+from tests.support.processes import NO_RUNS, bus_env, free_port, running_service, wait_for
 from tuneloop.feedback_store import FeedbackStore
 
 pytestmark = pytest.mark.slow
-
-# The controllers store feedback for the session's shared v1: no run may start (see test_feedback.py).
-NO_RUNS = {"TUNELOOP_TRIGGER__MIN_NEW_ROWS": str(10**9)}
-
 
 def role(env: dict[str, str]) -> str:
     try:

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.support import processes
-from tests.support.processes import bus_env, local_broker, running_service, tree_usage, wait_for
+from tests.support.processes import NO_RUNS, bus_env, local_broker, running_service, tree_usage, wait_for
 from tuneloop import faults
 from tuneloop.bus import EmbeddedBus, KafkaBus
 from tuneloop.feedback_store import FeedbackStore
@@ -33,12 +33,6 @@ BUSES = ["embedded", "kafka"]
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     servers = request.getfixturevalue("kafka").bootstrap_servers if request.param == "kafka" else ""
     return bus_env(request.param, tmp_path, servers)
-
-
-# These controllers run on the session's shared v1 (registry_path) and store feedback for it: a run their drift
-# started would publish into it and every later test would serve that version (CI, 2026-12-05: v2 from the
-# outage test's repeated review broke 25 tests). Ingestion is what they test; no run may start.
-NO_RUNS = {"TUNELOOP_TRIGGER__MIN_NEW_ROWS": str(10**9)}
 
 
 def running_controller(registry: Path, tmp_path: Path, env: dict[str, str], wait: bool = True

@@ -19,9 +19,15 @@ from cli.processes import BIN, ROOT, Server, bus_env, free_port, stop_process_gr
 from tests.support.data import TEST_EPOCHS
 
 __all__ = [
-    "BIN", "ROOT", "Prometheus", "Server", "bus_env", "free_port", "local_broker", "local_postgres", "local_s3", "run_cli", "running_controller",
-    "running_prometheus", "running_service", "stop_process_group", "tree_usage", "tuneloop_env", "wait_for", "wait_http",
+    "BIN", "NO_RUNS", "ROOT", "Prometheus", "Server", "bus_env", "free_port", "local_broker", "local_postgres",
+    "local_s3", "run_cli", "running_controller", "running_prometheus", "running_service", "stop_process_group",
+    "tree_usage", "tuneloop_env", "wait_for", "wait_http",
 ]
+
+# For controllers that run on the session's shared v1 (registry_path) and store feedback for it: a run their drift
+# started would publish into it and every later test would serve that version (CI, 2026-12-05: v2 from the
+# outage test's repeated review broke 25 tests). Where ingestion is what a test checks, no run may start.
+NO_RUNS = {"TUNELOOP_TRIGGER__MIN_NEW_ROWS": str(10**9)}
 
 local_broker = processes.local_broker()
 local_postgres = processes.local_postgres()
