@@ -8,8 +8,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from tuneloop.bus import announce_model_event
 from tuneloop.config import Settings, load_settings
-from tuneloop.errors import Conflict, DataError, ExitCode, NothingToTrain, RegistryError
+from tuneloop.errors import Conflict, DataError, ExitCode, NothingToTrain, RegistryError, RunWithdrawn
 from tuneloop.events import ModelEvent
 from tuneloop.registry import Registry
 from tuneloop.rollout_stage import CANARY, STAGES
@@ -72,14 +73,15 @@ def bootstrap(
 
 @app.command()
 def train(
-    run_id: Annotated[int | None, typer.Option(help="The controller's run id, recorded in the manifest.")] = None,
+    run_id: Annotated[int | None, typer.Option(
+        help="Run the controller's training run N (claimed by a worker): beat while training, record its end.")] = None,
     replay_ratio: Annotated[
         float | None, typer.Option(help="Replayed older rows per new row. Default: train.replay_ratio.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     standby: Annotated[bool, typer.Option(
         help="Import what training needs, then wait for a line '<run id> <unix time the run started>' on stdin and "
-        "run it (the controller's standby, trigger.standby_command); the end of stdin ends it.")] = False,
+        "run it (a worker's standby, trigger.standby_command); the end of stdin ends it.")] = False,
 ) -> None:
     """Fine-tune the live version on new feedback plus replay; export, gate; promote (or start the rollout) if it passes.
 
@@ -97,15 +99,49 @@ def train(
         console.print(f"standby: ready in {time.perf_counter() - started:.1f} s; waiting for a run")
         line = sys.stdin.readline()
         if not line.strip():
-            return  # the controller stopped
+            return  # its worker stopped
         run, run_started_unix = line.split()
         run_id, waited = int(run), max(0.0, time.time() - float(run_started_unix))
         started = time.perf_counter() - waited  # the time budget counts from the run's start
         console.print(f"run {run_id}: handed to this standby {waited:.1f} s after it started")
+    if run_id is None:
+        _train(settings, build_candidate, replay_ratio, progress, started)
+        return
 
+    from tuneloop.runs import RunQueue, heartbeats
+
+    queue = RunQueue(settings.controller.store_url)
+
+    def withdrawn() -> None:  # from the heartbeat thread: stop before anything is published
+        console.print(f"[red]training run {run_id} was withdrawn[/red] (no heartbeat reached the store in time); "
+                      "stopping, nothing published")
+        os._exit(ExitCode.FAILED)
+
+    def fence() -> None:
+        if not queue.heartbeat(run_id):
+            raise RunWithdrawn(f"training run {run_id} was withdrawn before publishing; nothing published")
+
+    code: int = ExitCode.FAILED
     try:
-        built = build_candidate(settings, Registry.from_config(settings.registry), run_id, replay_ratio, progress, console.print,
-                                started)
+        with heartbeats(queue, run_id, settings.trigger.heartbeat_timeout_s, withdrawn):
+            try:
+                _train(settings, build_candidate, replay_ratio, progress, started, run_id, fence)
+                code = ExitCode.OK
+            except typer.Exit as exc:
+                code = exc.exit_code
+                raise
+    except RunWithdrawn as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(ExitCode.FAILED) from None
+    finally:
+        queue.finish_by_exit_code(run_id, code)
+
+
+def _train(settings: Settings, build_candidate: Callable[..., Any], replay_ratio: float | None, progress: bool,
+           started: float, run_id: int | None = None, fence: Callable[[], None] | None = None) -> None:
+    try:
+        built = build_candidate(settings, Registry.from_config(settings.registry), run_id, replay_ratio, progress,
+                                console.print, started, fence)
     except NothingToTrain as exc:
         console.print(f"[yellow]nothing to train:[/yellow] {exc}")
         raise typer.Exit(exc.exit_code) from None
@@ -169,6 +205,35 @@ def controller() -> None:
 
 
 @app.command()
+def trainer(
+    keep_warm: Annotated[bool, typer.Option(
+        help="Keep a standby training process warm (trigger.standby_command), so a claimed run starts without "
+        "importing torch first.")] = True,
+) -> None:
+    """Claim the training runs the controller requests and run them on this host (a GPU one, beside the same store,
+    registry and event bus); set trigger.local_worker false on the controller. Stops on SIGTERM or Ctrl-C; a run in
+    progress goes on and records its own end."""
+    import signal
+    import threading
+
+    from tuneloop.database import redact
+    from tuneloop.runs import RunQueue
+    from tuneloop.worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    worker = Worker(settings.trigger, RunQueue(settings.controller.store_url))
+    console.print(f"trainer {worker.name}: runs requested in {redact(settings.controller.store_url)}; "
+                  f"logs in {settings.trigger.runs_dir}")
+    try:
+        worker.run(stop, keep_warm)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
 def trigger(
     reason: Annotated[str, typer.Option(help="Recorded with the decision and the run.")] = "manual (CLI)",
     url: Annotated[str | None, typer.Option(help="Controller base URL. Default: controller.host and port.")] = None,
@@ -190,7 +255,7 @@ def trigger(
         console.print(f"[red]not started ({response.status_code}):[/red] {response.json().get('detail', response.text)}")
         raise typer.Exit(ExitCode.FAILED)
     body = response.json()
-    console.print(f"training run {body['run_id']} started: {body['detail']}")
+    console.print(f"training run {body['run_id']} requested: {body['detail']}")
 
 
 @app.command()

@@ -21,8 +21,8 @@ from exporters.temperature import fit_and_check
 from trainer.data import write_csv
 from trainer.model import predict, weights_digest
 from trainer.runs import Candidate
-from tuneloop.config import Settings
 from tuneloop.confidence import softmax
+from tuneloop.config import Settings
 from tuneloop.inference import OnnxTextClassifier
 from tuneloop.reference import REFERENCE_FILE, Reference
 from tuneloop.registry import Manifest, Registry
@@ -50,6 +50,7 @@ class Release:
     gate: Gate | None = None
     reason: str | None = None  # recorded in the history; default: "bootstrap" without a parent, else "published"
     promote: bool = True
+    fence: Callable[[], None] | None = None  # called just before publishing; raises to publish nothing
 
 
 def build_and_publish(
@@ -161,6 +162,8 @@ def build_and_publish(
             "model_bytes": (staged / "model.onnx").stat().st_size,
             "fp32_model_bytes": optimized_path.stat().st_size,
         }
+        if release.fence is not None:
+            release.fence()
         manifest = registry.publish(
             staged,
             base_model=f"{base.model_id}@sha256:{weights_digest(base)}",

@@ -32,6 +32,7 @@ from tuneloop.errors import (
 )
 from tuneloop.events import ModelEvent
 from tuneloop.registry import Registry, Rollout
+from tuneloop.runs import ACTIVE
 
 
 class TriggerRequest(BaseModel):
@@ -44,7 +45,7 @@ class TriggerStarted(BaseModel):
 
 
 class ControllerStatus(BaseModel):
-    running_runs: list[dict[str, Any]]
+    running_runs: list[dict[str, Any]]  # requested (waiting for a worker) or running
     recent_runs: list[dict[str, Any]]
     recent_decisions: list[dict[str, Any]]
     consecutive_drift_windows: dict[int, int]
@@ -108,7 +109,7 @@ class Admin:
         runs = self.state.runs()
         live = self.registry.live_version()
         return ControllerStatus(
-            running_runs=[r for r in runs if r["status"] == "running"],
+            running_runs=[r for r in runs if r["status"] in ACTIVE],
             recent_runs=runs[-20:],
             recent_decisions=self.state.decisions(last=50),
             consecutive_drift_windows=self.drift.policy.consecutive_by_version(),

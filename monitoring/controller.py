@@ -59,7 +59,7 @@ class Controller:
             while not stop.is_set():
                 self._consume(stop)
         finally:
-            self.drift.launcher.close()  # the standby training process; a run in progress goes on
+            self.drift.close()
 
     def _consume(self, stop: threading.Event) -> None:
         consumer = None

@@ -1,9 +1,11 @@
-"""From stored predictions to training runs: drift windows, the trigger policy, runs as processes.
+"""From stored predictions to training runs: drift windows, the trigger policy, run requests.
 
 Stored prediction events feed the drift windows (`monitoring.windows`); each closed window is
 exported as metrics, recorded, and handed to the trigger policy (`monitoring.trigger`). A fired
-decision starts a training run as its own process (`monitoring.runs`). A manual request (the
-admin endpoint, another thread) is queued and decided on the controller's loop, like the others.
+decision requests a training run (`tuneloop.runs`), which a worker claims: the controller's own
+(`trigger.local_worker`, stepped here) or `tuneloop trainer` on another host. Runs whose heartbeat
+stopped are marked failed here. A manual request (the admin endpoint, another thread) is queued and
+decided on the controller's loop, like the others.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from monitoring.metrics import DriftMetrics
-from monitoring.runs import RunLauncher
 from monitoring.state import ControllerState
 from monitoring.trigger import DAY_S, Decision, TriggerPolicy, TriggerState
 from monitoring.windows import WindowMonitor, WindowReport
@@ -25,6 +26,8 @@ from tuneloop.events import PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.reference import REFERENCE_FILE, Reference
 from tuneloop.registry import Registry, RegistryError
+from tuneloop.runs import ACTIVE, RunQueue
+from tuneloop.worker import Worker
 
 log = logging.getLogger("tuneloop.controller")
 
@@ -42,10 +45,12 @@ class DriftWatch:
         self.metrics = metrics
         self.monitor = WindowMonitor(settings.drift, self._reference, store.recent_labelled)
         self.policy = TriggerPolicy(settings.trigger, started_at=time.time())
-        self.launcher = RunLauncher(settings.trigger, state)
+        self.runs: RunQueue = state.run_queue
+        self.worker = Worker(settings.trigger, self.runs) if settings.trigger.local_worker else None
         self._manual: queue.Queue[ManualRequest] = queue.Queue()
-        self.metrics.runs_in_progress.set(int(self.launcher.in_progress))
-        last = state.last_run_started()
+        self._active = {r["id"] for r in self.runs.active()}  # runs whose end is yet to be counted
+        self.metrics.runs_in_progress.set(int(bool(self._active)))
+        last = self.runs.last_started()
         if last is not None:
             self.metrics.last_run_started.set(last)
 
@@ -59,10 +64,28 @@ class DriftWatch:
         return Reference.load(path, manifest.labels) if path.is_file() else None
 
     def collect_finished_runs(self) -> None:
-        for run in self.launcher.poll():
-            self.metrics.runs.labels(run.status).inc()
-            log.log(logging.INFO if run.status == "succeeded" else logging.WARNING,
-                    "training run %s %s (exit code %s)", run.run_id, run.status, run.exit_code)
+        """Step the local worker; fail the runs that stopped beating; count and log the runs that ended."""
+        if self.worker is not None:
+            self.worker.step()
+        for run_id in self.runs.expire(self.trigger_config.heartbeat_timeout_s):
+            log.warning("training run %s failed: no heartbeat for %g s", run_id, self.trigger_config.heartbeat_timeout_s)
+        if not self._active:
+            return
+        for run_id in sorted(self._active):
+            run = self.runs.get(run_id)
+            if run is None or run["status"] in ACTIVE:
+                continue
+            self._active.discard(run_id)
+            self.metrics.runs.labels(run["status"]).inc()
+            log.log(logging.INFO if run["status"] == "succeeded" else logging.WARNING,
+                    "training run %s %s (exit code %s%s)", run_id, run["status"], run["exit_code"],
+                    f"; {run['detail']}" if run["detail"] else "")
+        self.metrics.runs_in_progress.set(int(bool(self._active)))
+
+    def close(self) -> None:
+        """End the local worker's standby, if any; a run in progress goes on."""
+        if self.worker is not None:
+            self.worker.close()
 
     def observe(self, predictions: list[PredictionEvent]) -> None:
         """Windows closed by these events, then what is due: a waiting or scheduled run, manual requests."""
@@ -84,7 +107,6 @@ class DriftWatch:
             state = self._trigger_state()
             decision = self.policy.on_manual(state, reason)
             answer.set_result((decision, self._act(decision, state)))
-        self.metrics.runs_in_progress.set(int(self.launcher.in_progress))
 
     def request_manual(self, reason: str, timeout_s: float = 30.0) -> tuple[Decision, int | None]:
         """From another thread: ask the loop for a run; returns its decision and the run id if one started."""
@@ -103,8 +125,8 @@ class DriftWatch:
         decision = self.policy.on_window(version, report.drifted(self.trigger_config.signals), state)
         self.metrics.consecutive.labels(str(version)).set(self.policy.consecutive(version))
         self._act(decision, state)
-        if self.policy.run_expected(decision, state):
-            self.launcher.warm()  # a run may start within a few windows: its libraries load meanwhile
+        if self.worker is not None and self.policy.run_expected(decision, state):
+            self.worker.warm()  # a run may start within a few windows: its libraries load meanwhile
 
     def _export(self, report: WindowReport) -> None:
         version = str(report.model_version)
@@ -121,20 +143,20 @@ class DriftWatch:
 
     def _trigger_state(self) -> TriggerState:
         now = time.time()
-        last = self.state.last_run_started()
+        last = self.runs.last_started()
         newest = self.store.last_stored_at()
         return TriggerState(
             now=now,
             new_rows=self.store.count_stored_since(utc_iso(last) if last is not None else None),
             last_run_started=last,
-            runs_last_day=self.state.runs_since(now - DAY_S),
-            run_in_progress=self.launcher.in_progress,
+            runs_last_day=self.runs.started_since(now - DAY_S),
+            run_in_progress=bool(self._active),
             rollout_in_progress=self.registry.rollout() is not None,
             last_row_stored=unix_seconds(newest) if newest else None,
         )
 
     def _act(self, decision: Decision, state: TriggerState) -> int | None:
-        """Count and log every decision; record the ones that did or could have started a run; start it."""
+        """Count and log every decision; record the ones that did or could have started a run; request it."""
         self.metrics.decisions.labels(decision.source, decision.outcome, decision.reason).inc()
         if decision.outcome == "none":
             log.debug("trigger: %s", decision.detail)
@@ -144,13 +166,11 @@ class DriftWatch:
                 decision.outcome, decision.reason, decision.detail)
         if not decision.fired:
             return None
-        run_id = self.state.start_run(decision, state.new_rows, state.now)
+        run_id = self.runs.request(decision.source, decision.detail, state.new_rows, state.now)
+        self._active.add(run_id)
         self.metrics.last_run_started.set(state.now)
-        try:
-            self.launcher.start(run_id)
-        except OSError:
-            self.metrics.runs.labels("failed").inc()
-            log.exception("training run %s could not start", run_id)
-            return run_id
         self.metrics.runs.labels("started").inc()
+        self.metrics.runs_in_progress.set(1)
+        if self.worker is not None:
+            self.worker.step()  # claims it at once
         return run_id

@@ -86,7 +86,7 @@ class DriftMetrics:
         self.runs = make.counter(
             "tuneloop_training_runs_total", "Training runs by outcome (started, then how they ended).", ["outcome"]
         )
-        self.runs_in_progress = make.gauge("tuneloop_training_runs_in_progress", "Training runs going now.")
+        self.runs_in_progress = make.gauge("tuneloop_training_runs_in_progress", "Training runs requested or running (1 while any is).")
         self.last_run_started = make.gauge(
             "tuneloop_training_last_run_start_time_seconds", "Unix time the last run started."
         )

@@ -7,6 +7,7 @@ The results carry every figure the command prints.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,10 +49,10 @@ def build_v1(settings: Settings, registry: Registry, data: Path, labels: list[st
 
 def build_candidate(settings: Settings, registry: Registry, run_id: int | None = None,
                     replay_ratio: float | None = None, progress: bool = True, say: Say = quiet,
-                    started: float | None = None) -> CandidateBuilt:
+                    started: float | None = None, fence: Callable[[], None] | None = None) -> CandidateBuilt:
     """Fine-tune the live version on new feedback plus replay; export and gate; promote (or start the rollout)
-    if it passes. The time budget counts from `started` (`time.perf_counter()` at the run's start). Raises
-    NothingToTrain when there is nothing to do."""
+    if it passes. The time budget counts from `started` (`time.perf_counter()` at the run's start); `fence` is
+    called before publishing and raises to publish nothing. Raises NothingToTrain when there is nothing to do."""
     run = train_on_feedback(settings, registry, run_id, replay_ratio, progress, say, started)
     live = run.live
     live_classifier = OnnxTextClassifier.from_version(live, run.live_dir, "cpu")
@@ -61,7 +62,7 @@ def build_candidate(settings: Settings, registry: Registry, run_id: int | None =
         return run_gate(candidate, live_classifier, rows, parity, settings.export.min_argmax_agreement, settings.gate)
 
     release = Release(gate=gate, reason=f"training run {run_id}" if run_id is not None else "tuneloop train",
-                      promote=not settings.rollout.stages)
+                      promote=not settings.rollout.stages, fence=fence)
     manifest = build_and_publish(registry, run.candidate, settings, release, progress)
     warnings: list[str] = []
     outcome = "REJECTED"

@@ -20,11 +20,15 @@ from tuneloop.config import Settings
 from tuneloop.events import PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Registry
+from tuneloop.runs import RunQueue
+from tuneloop.worker import Worker
 
 
 class Setup:
-    def __init__(self, tmp_path: Path, store_url: str, command: list[str] | None = None, standby: list[str] | None = None) -> None:
+    def __init__(self, tmp_path: Path, store_url: str, command: list[str] | None = None, standby: list[str] | None = None,
+                 local_worker: bool = True) -> None:
         settings = Settings()
+        settings.trigger.local_worker = local_worker
         settings.trigger.consecutive_windows, settings.trigger.min_new_rows = 1, 0
         settings.trigger.feedback_quiet_s = 0
         settings.trigger.command = command or [sys.executable, "-c", "pass"]
@@ -80,8 +84,35 @@ def test_sustained_drift_starts_a_run_that_is_collected_when_it_ends(tmp_path: P
 def test_a_run_that_cannot_start_is_counted_as_failed(tmp_path: Path, store_url: str) -> None:
     s = Setup(tmp_path, store_url, command=[str(tmp_path / "no-such-program")])
     s.watch._on_window(report(drifted=True))
+    s.watch.collect_finished_runs()
     assert s.sample("tuneloop_training_runs_total", outcome="failed") == 1
-    assert s.state.runs()[0]["status"] == "failed"
+    [run] = s.state.runs()
+    assert run["status"] == "failed" and "no-such-program" in run["detail"]
+
+
+def test_without_a_local_worker_a_request_waits_for_one_and_a_silent_run_is_failed(tmp_path: Path, store_url: str) -> None:
+    s = Setup(tmp_path, store_url, local_worker=False)
+    s.watch.trigger_config.cooldown_s = 0
+    s.watch._on_window(report(drifted=True))
+    s.watch.collect_finished_runs()
+    assert [r["status"] for r in s.state.runs()] == ["requested"]  # no worker here: it waits for `tuneloop trainer`
+    assert s.sample("tuneloop_training_runs_in_progress") == 1
+    s.watch._on_window(report(drifted=True))
+    assert len(s.state.runs()) == 1  # one in progress: no second
+    remote = Worker(s.watch.trigger_config, RunQueue(store_url), "gpu-host:1")
+    run_id = remote.step()
+    assert run_id == 1 and s.state.runs()[0]["worker"] == "gpu-host:1"
+    wait_for(lambda: (remote.step(), s.state.runs()[0]["status"])[1] == "succeeded", 20, "the remote run to end")
+    s.watch.collect_finished_runs()
+    assert s.sample("tuneloop_training_runs_total", outcome="succeeded") == 1
+    assert s.sample("tuneloop_training_runs_in_progress") == 0
+    s.watch.trigger_config.heartbeat_timeout_s = 0.2
+    s.watch._on_window(report(drifted=True))
+    RunQueue(store_url).claim("vanishing-host:1")  # claimed, then never a heartbeat
+    time.sleep(0.3)
+    s.watch.collect_finished_runs()
+    assert s.state.runs()[1]["status"] == "failed" and "no heartbeat" in s.state.runs()[1]["detail"]
+    assert s.sample("tuneloop_training_runs_total", outcome="failed") == 1
 
 
 def test_a_manual_request_is_answered_on_the_next_observe(tmp_path: Path, store_url: str) -> None:
@@ -111,9 +142,9 @@ def test_a_drifted_window_short_of_k_warms_a_standby_that_the_run_then_uses(tmp_
     s = Setup(tmp_path, store_url, command=[sys.executable, "-c", "print('cold')"], standby=standby)
     s.watch.trigger_config.consecutive_windows = 2
     s.watch._on_window(report(drifted=False))
-    assert s.watch.launcher._standby is None  # no drift, no standby
+    assert s.watch.worker._standby is None  # no drift, no standby
     s.watch._on_window(report(drifted=True))  # 1 of 2 windows: a run may follow
-    warmed = s.watch.launcher._standby
+    warmed = s.watch.worker._standby
     assert warmed is not None
     s.watch._on_window(report(drifted=True))  # fired: handed to the standby
     [run] = s.state.runs()

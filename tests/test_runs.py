@@ -1,195 +1,104 @@
-"""Training runs as processes (monitoring/runs.py): exit codes, adoption by a restarted controller, reused pids."""
+"""Training runs as requests in the store (tuneloop/runs.py): one claimant each, heartbeats, ends, expiry."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from monitoring import runs
-from monitoring.runs import RunLauncher, Standby
-from monitoring.state import ControllerState
-from monitoring.trigger import Decision
-from tests.support.processes import wait_for
-from tuneloop.config import TriggerConfig
+from tuneloop.errors import RunWithdrawn
+from tuneloop.runs import RunQueue, heartbeats
+from tuneloop.store_backends import open_database
 
 
-def launcher(tmp_path: Path, store_url: str, code: str) -> tuple[RunLauncher, ControllerState]:
-    state = ControllerState(store_url)
-    config = TriggerConfig(command=[sys.executable, "-c", code, "{run_id}"], runs_dir=tmp_path / "runs",
-                           standby_command=None)
-    return RunLauncher(config, state), state
+def test_a_request_is_claimed_once_and_ends_once(store_url: str) -> None:
+    queue = RunQueue(store_url)
+    first, second = (queue.request("drift", f"test {i}", new_rows=5, now=time.time()) for i in range(2))
+    assert [r["status"] for r in queue.active()] == ["requested", "requested"]
+    claimed = queue.claim("host-a:1")
+    assert claimed is not None and claimed.run_id == first  # oldest first
+    row = queue.get(first)
+    assert row is not None and (row["status"], row["worker"]) == ("running", "host-a:1")
+    assert queue.heartbeat(first) and not queue.heartbeat(second)  # only a running run beats
+    queue.started(first, 4242, Path("/var/runs/run-1.log"))
+    assert queue.finish_by_exit_code(first, 3)
+    assert not queue.finish_by_exit_code(first, 0)  # its end is recorded once: the worker's late word changes nothing
+    row = queue.get(first)
+    assert row is not None and (row["status"], row["exit_code"], row["pid"]) == ("rejected", 3, 4242)
+    assert not queue.heartbeat(first)
+    assert [r["id"] for r in queue.active()] == [second]
 
 
-def wait_finished(runner: RunLauncher) -> list:
-    finished: list = []
-    wait_for(lambda: bool(finished.extend(runner.poll()) or finished), 30, "the run to finish", interval=0.1)
-    return finished
+def test_concurrent_workers_never_claim_one_request_twice(store_url: str) -> None:
+    queue = RunQueue(store_url)
+    requested = {queue.request("manual", "test", 0, time.time()) for _ in range(24)}
+    claims: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def worker(name: str) -> None:
+        own = RunQueue(store_url)  # a connection of its own, as a worker on another host has
+        try:
+            while (run := own.claim(name)) is not None:
+                claims.setdefault(name, []).append(run.run_id)
+        except BaseException as exc:  # noqa: BLE001 - reported below, with the thread's name
+            errors.append(exc)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    claimed = [run_id for ids in claims.values() for run_id in ids]
+    assert sorted(claimed) == sorted(requested)  # each exactly once
+    assert {r["worker"] for r in queue.all()} == set(claims)
 
 
-def test_a_run_is_a_process_whose_exit_code_decides_its_status(tmp_path: Path, store_url: str) -> None:
-    runner, state = launcher(tmp_path, store_url, "import sys; print('run', sys.argv[1]); sys.exit(4)")
-    run_id = state.start_run(Decision("fired", "manual", "test", "manual"), new_rows=5, now=time.time())
-    runner.start(run_id)
-    assert runner.in_progress
-    [finished] = wait_finished(runner)
-    assert (finished.run_id, finished.status, finished.exit_code) == (run_id, "failed", 4)
-    [row] = state.runs()
-    assert row["status"] == "failed" and row["exit_code"] == 4 and row["new_rows"] == 5
-    assert Path(row["log_path"]).read_text().strip() == f"run {run_id}"  # {run_id} was filled in
+def test_a_silent_run_is_failed_by_its_missing_heartbeat_and_a_beating_one_is_not(store_url: str) -> None:
+    queue = RunQueue(store_url)
+    silent, beating = (queue.request("drift", "test", 0, time.time()) for _ in range(2))
+    queue.claim("gone:1"), queue.claim("here:1")
+    time.sleep(0.3)
+    assert queue.heartbeat(beating)
+    assert queue.expire(timeout_s=0.2) == [silent]
+    row = queue.get(silent)
+    assert row is not None and row["status"] == "failed" and "no heartbeat for 0.2 s" in row["detail"]
+    assert not queue.heartbeat(silent)  # the process, if it lives, learns it was withdrawn
+    assert not queue.finish_by_exit_code(silent, 0)  # and cannot turn it into a success afterwards
+    assert [r["id"] for r in queue.active()] == [beating]
 
 
-def test_a_restarted_controller_adopts_a_live_run_and_marks_a_vanished_one_lost(tmp_path: Path, store_url: str) -> None:
-    runner, state = launcher(tmp_path, store_url, "import time; time.sleep(2)")
-    decision = Decision("fired", "drift_sustained", "test")
-    live = state.start_run(decision, 0, time.time())
-    runner.start(live)
-    gone = state.start_run(decision, 0, time.time())
-    state.run_started(gone, 2**22 + 12345, tmp_path / "none.log")  # a pid no process has
-    adopted = RunLauncher(runner.config, state)  # as a new controller would, with the first still running
-    assert adopted.in_progress
-    assert {r["id"]: r["status"] for r in state.runs()} == {live: "running", gone: "lost"}
-    # Here the test process is the run's parent, so it reaps the exit; the adopter sees the pid gone.
-    assert [(f.run_id, f.status) for f in wait_finished(runner)] == [(live, "succeeded")]
-    assert [(f.run_id, f.status, f.exit_code) for f in adopted.poll()] == [(live, "lost", None)]
-    assert not adopted.in_progress
+def test_heartbeats_beat_from_a_thread_and_report_a_withdrawn_run(store_url: str) -> None:
+    queue = RunQueue(store_url)
+    run_id = queue.request("drift", "test", 0, time.time())
+    with pytest.raises(RunWithdrawn, match="requested, not running"):  # nobody claimed it: not this process's
+        with heartbeats(queue, run_id, timeout_s=0.6, on_withdrawn=lambda: None):
+            pass
+    queue.claim("w:1")
+    withdrawn = threading.Event()
+    with heartbeats(queue, run_id, timeout_s=0.6, on_withdrawn=withdrawn.set):
+        time.sleep(0.5)
+        assert queue.expire(timeout_s=0.3) == []  # beaten every 0.1 s
+        queue.finish(run_id, "failed", None, "withdrawn by the test")  # as the controller's expiry does
+        assert withdrawn.wait(2)
 
 
-def test_a_reused_pid_is_not_adopted_as_the_run(tmp_path: Path, store_url: str) -> None:
-    # After a restart the recorded pid often belongs to another process by then: adopting it held off training
-    # for as long as that process lived.
-    runner, state = launcher(tmp_path, store_url, "pass")
-    decision = Decision("fired", "drift_sustained", "test")
-    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # started now, same pid recorded
-    try:
-        # The run began 10 min before the stranger; another began 20 min after it, longer than a standby waits.
-        for started in (time.time() - 600, time.time() + 1200):
-            run_id = state.start_run(decision, 0, started)
-            state.run_started(run_id, stranger.pid, tmp_path / "run.log")
-        restarted = RunLauncher(runner.config, state)
-        assert not restarted.in_progress
-        assert [r["status"] for r in state.runs()] == ["lost", "lost"]
-    finally:
-        stranger.kill()
-        stranger.wait()
-
-
-# A stand-in for `tuneloop train --standby`: ready at once, then runs whatever run id its stdin names.
-STANDBY = """
-import os, sys, time
-print("standby", os.getpid(), flush=True)
-line = sys.stdin.readline()
-if not line:
-    sys.exit(0)
-run_id, started = line.split()
-print("run", run_id, "handed after", round(time.time() - float(started), 1), flush=True)
-time.sleep(float(os.environ.get("RUN_S", "0")))
-sys.exit(3)
-"""
-
-
-def standby_launcher(tmp_path: Path) -> tuple[RunLauncher, ControllerState]:
-    state = ControllerState(tmp_path / "state.db")
-    config = TriggerConfig(command=[sys.executable, "-c", "import sys; sys.exit(9)", "{run_id}"],
-                           standby_command=[sys.executable, "-c", STANDBY], runs_dir=tmp_path / "runs")
-    return RunLauncher(config, state), state
-
-
-def warmed(runner: RunLauncher) -> Standby:
-    runner.warm()
-    standby = runner._standby
-    assert standby is not None
-    wait_for(lambda: "standby" in standby.log_path.read_text(), 30, "the standby ready")
-    return standby
-
-
-def manual_run(state: ControllerState, now: float | None = None) -> int:
-    return state.start_run(Decision("fired", "manual", "test", "manual"), new_rows=5, now=now or time.time())
-
-
-def test_a_run_is_handed_to_the_warmed_standby_and_none_starts_unless_warmed_again(tmp_path: Path) -> None:
-    runner, state = standby_launcher(tmp_path)
-    assert runner.poll() == [] and runner._standby is None  # nothing warmed it: no standby
-    standby = warmed(runner)
-    runner.warm()  # warming again keeps the same one
-    assert runner._standby is standby
-    run_id = manual_run(state)
-    runner.start(run_id)
-    [finished] = wait_finished(runner)
-    # The standby's exit code, not `command`'s 9.
-    assert (finished.run_id, finished.status, finished.exit_code) == (run_id, "rejected", 3)
-    [row] = state.runs()
-    assert row["pid"] == standby.process.pid
-    log_text = Path(row["log_path"]).read_text()
-    assert Path(row["log_path"]).name == f"run-{run_id}.log" and f"standby {standby.process.pid}" in log_text
-    assert f"run {run_id} handed after" in log_text
-    assert runner._standby is None and [p.name for p in (tmp_path / "runs").iterdir()] == [f"run-{run_id}.log"]
-
-
-def test_a_run_handed_over_whose_log_cannot_be_renamed_is_still_the_standbys_and_tracked(tmp_path: Path) -> None:
-    runner, state = standby_launcher(tmp_path)
-    standby = warmed(runner)
-    standby.log_path.unlink()  # removed under it (a clean-up): the process still writes to the open file
-    run_id = manual_run(state)
-    runner.start(run_id)
-    assert runner.in_progress and state.runs()[0]["pid"] == standby.process.pid
-    [finished] = wait_finished(runner)
-    assert finished.exit_code == 3
-
-
-def test_no_standby_beside_a_run_and_a_dead_one_means_a_cold_start(tmp_path: Path) -> None:
-    runner, state = standby_launcher(tmp_path)
-    runner.config.command = [sys.executable, "-c", "import sys, time; time.sleep(1); sys.exit(4)", "{run_id}"]
-    standby = warmed(runner)
-    standby.process.kill()  # a standby gone (killed, or out of memory) before the trigger
-    standby.process.wait()
-    run_id = manual_run(state)
-    runner.start(run_id)  # started cold from `command`
-    assert state.runs()[0]["pid"] != standby.process.pid and standby.log_path.exists()  # its log kept, for why
-    runner.warm()
-    assert runner._standby is None  # in progress: no standby beside it
-    [finished] = wait_finished(runner)
-    assert (finished.run_id, finished.exit_code) == (run_id, 4)
-    assert standby.process.stdin is not None and standby.process.stdin.closed
-    again = warmed(runner)
-    runner.close()
-    assert runner._standby is None and again.process.poll() is not None and not again.log_path.exists()
-
-
-def test_a_standby_no_run_takes_ends_and_one_that_dies_is_not_restarted_at_once(tmp_path: Path,
-                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    runner, _ = standby_launcher(tmp_path)
-    monkeypatch.setattr(runs, "STANDBY_IDLE_S", 0.5)
-    standby = warmed(runner)
-    time.sleep(0.6)
-    runner.warm()  # drift again: it does not put the end off
-    runner.poll()
-    assert runner._standby is None and standby.process.poll() is not None  # ended: it held memory for nothing
-    crashing = warmed(runner)
-    crashing.process.kill()
-    crashing.process.wait()
-    runner.poll()  # noticed: exited on its own; its log is kept
-    runner.warm()
-    assert runner._standby is None and crashing.log_path.exists()  # not at once: a crashing standby must not loop
-
-
-def test_a_custom_run_command_gets_no_default_standby() -> None:
-    assert TriggerConfig().standby == ["tuneloop", "train", "--standby"]
-    assert TriggerConfig(command=["my-trainer", "{run_id}"]).standby is None
-    assert TriggerConfig(command=["my-trainer", "{run_id}"], standby_command=["my-trainer", "--wait"]).standby == [
-        "my-trainer", "--wait"]
-
-
-def test_a_restarted_controller_adopts_a_run_its_standby_began_before_the_run(tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RUN_S", "5")
-    runner, state = standby_launcher(tmp_path)
-    warmed(runner)
-    run_id = manual_run(state, now=time.time() + 60)  # drift warmed the standby windows before the run's row
-    runner.start(run_id)
-    restarted = RunLauncher(runner.config, state)
-    assert restarted.in_progress and [r["status"] for r in state.runs()] == ["running"]
-    wait_finished(runner)
+def test_runs_recorded_before_requests_and_heartbeats_keep_their_rows(tmp_path: Path) -> None:
+    """A store whose training_runs came with the controller's records (before version 2) opens with its runs."""
+    url = str(tmp_path / "store.db")
+    database = open_database(url)
+    database.execute(
+        "CREATE TABLE training_runs (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, reason TEXT NOT NULL, "
+        "started_at TEXT NOT NULL, started_unix DOUBLE PRECISION NOT NULL, finished_at TEXT, status TEXT NOT NULL, "
+        "exit_code INTEGER, pid INTEGER, new_rows INTEGER NOT NULL, log_path TEXT)")
+    database.execute("INSERT INTO training_runs (source, reason, started_at, started_unix, status, new_rows) "
+                     "VALUES ('drift', 'old', '2026-01-01T00:00:00Z', 1.0, 'succeeded', 7)")
+    database.close()
+    queue = RunQueue(url)
+    [old] = queue.all()
+    assert (old["status"], old["new_rows"], old["worker"]) == ("succeeded", 7, None)
+    assert queue.claim("w:1") is None and queue.last_started() == 1.0

@@ -354,9 +354,17 @@ class TriggerConfig(Section):
     signals: list[str] = Field(
         default_factory=lambda: list(ALL_SIGNALS), description="Signals whose drift counts towards a trigger."
     )
+    local_worker: bool = Field(
+        True, description="The controller runs the training runs it requests on its own host (the embedded default). "
+        "False: they wait for a `tuneloop trainer` worker, on another (GPU) host beside the same store and registry.",
+    )
+    heartbeat_timeout_s: float = Field(
+        60, gt=0, description="A running training run that has not beaten for this long is marked failed (its host, "
+        "worker or process is gone); it beats 6 times as often. A run still alive then stops without publishing.",
+    )
     command: list[str] = Field(
         default_factory=lambda: list(RUN_COMMAND),
-        description="The training run the controller starts, as its own process; {run_id} is filled in.",
+        description="The training run a worker starts, as its own process; {run_id} is filled in.",
     )
     standby_command: list[str] | None = Field(
         default_factory=lambda: list(STANDBY_COMMAND),

@@ -67,6 +67,7 @@ class Database(ABC):
     identity: ClassVar[str]  # DDL of an auto-increment integer primary key
     row_number_column: ClassVar[str]  # DDL (with its comma) of a column numbering rows in insertion order
     row_number: ClassVar[str]  # how a query reads that number
+    skip_locked: ClassVar[str]  # after a SELECT in an UPDATE: rows another transaction is changing are passed over
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -35,6 +35,7 @@ class SqliteDatabase(Database):
     identity = "INTEGER PRIMARY KEY AUTOINCREMENT"
     row_number_column = ""  # every table has its rowid
     row_number = "rowid"
+    skip_locked = ""  # one writer at a time: a statement that picks a row and changes it is alone
 
     def __init__(self, url: str) -> None:
         super().__init__(url)

@@ -137,6 +137,13 @@ class DataError(TuneloopError, ValueError):
     exit_code = ExitCode.NOTHING_TO_DO
 
 
+class RunWithdrawn(TuneloopError):
+    """A training run is no longer this process's to finish: the controller marked it failed (no heartbeat in
+    time) or it was never claimed. Nothing is published."""
+
+    exit_code = ExitCode.FAILED
+
+
 class NothingToTrain(TuneloopError, RuntimeError):
     """Too little new labelled data, or a rollout in progress; the message says which."""
 
