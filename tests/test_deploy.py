@@ -140,15 +140,19 @@ def test_kustomize_builds_the_base_and_the_gpu_overlay_with_every_part() -> None
         ("Deployment", "tuneloop"), ("Service", "tuneloop"), ("PodDisruptionBudget", "tuneloop"),
         ("HorizontalPodAutoscaler", "tuneloop"),
         ("Deployment", "tuneloop-controller"), ("Service", "tuneloop-controller"),
-        ("PodDisruptionBudget", "tuneloop-controller"),
+        ("PodDisruptionBudget", "tuneloop-controller"), ("Deployment", "tuneloop-trainer"),
         ("ServiceMonitor", "tuneloop"), ("ServiceMonitor", "tuneloop-controller"), ("PrometheusRule", "tuneloop"),
     ])
     controller = next(d for d in base if d["kind"] == "Deployment" and d["metadata"]["name"] == "tuneloop-controller")
     assert controller["spec"]["replicas"] == 2  # one leads, one waits (controller.wait_to_lead)
+    env = {e["name"]: e.get("value") for e in containers(base)["tuneloop-controller"]["env"]}
+    assert env["TUNELOOP_TRIGGER__LOCAL_WORKER"] == "false"  # runs go to the trainer workers
+    assert containers(base)["tuneloop-trainer"]["command"] == ["tuneloop", "trainer"]
     gpu = containers(kustomize_build(KUBERNETES / "overlays" / "gpu"))
-    assert gpu["tuneloop-controller"]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert {e["name"]: e.get("value") for e in gpu["tuneloop-controller"]["env"]}["TUNELOOP_TRAIN__DEVICE"] == "cuda"
-    assert "nvidia.com/gpu" not in gpu["tuneloop"]["resources"].get("limits", {})  # serving stays on CPU nodes
+    assert gpu["tuneloop-trainer"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {e["name"]: e.get("value") for e in gpu["tuneloop-trainer"]["env"]}["TUNELOOP_TRAIN__DEVICE"] == "cuda"
+    for cpu_only in ("tuneloop", "tuneloop-controller"):  # serving and the controllers stay on CPU nodes
+        assert "nvidia.com/gpu" not in gpu[cpu_only]["resources"].get("limits", {})
 
 
 @pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])

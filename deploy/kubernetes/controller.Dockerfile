@@ -1,5 +1,5 @@
-# The controller's image: the service's code plus training (torch, peft) and the PostgreSQL driver, since the
-# controller runs `tuneloop train` in its pod. Build from the repository root:
+# The image of the controller and the trainer workers: the service's code plus training (torch, peft) and the
+# PostgreSQL driver (a trainer runs `tuneloop train` in its pod). Build from the repository root:
 #   docker build -f deploy/kubernetes/controller.Dockerfile -t tuneloop-controller:latest .
 # PyPI's torch wheels for Linux carry CUDA, so the same image trains on GPU nodes (overlays/gpu) whose driver
 # matches them. .dockerignore keeps the virtualenv, var/ and local settings out.
