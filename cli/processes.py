@@ -100,32 +100,33 @@ class Server:
 @contextlib.contextmanager
 def running_service(
     env: dict[str, str], workdir: Path, port: int | None = None, wait_ready: bool = True, log: Path | None = None,
-    cwd: Path | None = ROOT, launcher: tuple[str, ...] = (),
+    cwd: Path | None = ROOT, launcher: tuple[str, ...] = (), host: str = "127.0.0.1",
 ) -> Iterator[Server]:
-    """`bentoml serve` on a loopback port (a free one by default), BentoML's home in `workdir`; stopped afterwards.
-
-    Waits for /readyz (a verified model loaded), or only for /livez without `wait_ready`. `launcher` is a
-    command the server runs under (`setpriv ...`, `taskset ...`)."""
+    """`bentoml serve` on `host` (loopback) and a port (a free one by default), BentoML's home in `workdir`; stopped
+    afterwards. Waits for /readyz (a verified model loaded), or only for /livez without `wait_ready`. `launcher` is a
+    command the server runs under (`setpriv ...`, `taskset ...`, `ip netns exec ...`)."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = log or workdir / f"serve-{port}.log"
     args = [*launcher, str(BIN / "bentoml"), "serve", "services.service:Classifier",
-            "--host", "127.0.0.1", "--port", str(port)]
+            "--host", host, "--port", str(port)]
     with running(args, env | {"BENTOML_HOME": str(workdir / "bentoml")}, log, cwd) as process:
-        server = Server(process, f"http://127.0.0.1:{port}", log)
+        server = Server(process, f"http://{host}:{port}", log)
         wait_http(server.url + ("/readyz" if wait_ready else "/livez"), process, log)
         yield server
 
 
 @contextlib.contextmanager
 def running_controller(
-    env: dict[str, str], log: Path, wait: bool = True, timeout: float = 60, cwd: Path | None = ROOT
+    env: dict[str, str], log: Path, wait: bool = True, timeout: float = 60, cwd: Path | None = ROOT,
+    launcher: tuple[str, ...] = (),
 ) -> Iterator[subprocess.Popen]:
-    """`tuneloop controller` with `env` (its port from TUNELOOP_CONTROLLER__PORT); waits for /healthz."""
-    with running([str(BIN / "tuneloop"), "controller"], env, log, cwd) as process:
+    """`tuneloop controller` with `env` (its address from TUNELOOP_CONTROLLER__HOST and __PORT); waits for /healthz."""
+    with running([*launcher, str(BIN / "tuneloop"), "controller"], env, log, cwd) as process:
         if wait:
+            host = env.get("TUNELOOP_CONTROLLER__HOST", "127.0.0.1")
             port = env.get("TUNELOOP_CONTROLLER__PORT", "3100")
-            wait_http(f"http://127.0.0.1:{port}/healthz", process, log, timeout)
+            wait_http(f"http://{host}:{port}/healthz", process, log, timeout)
         yield process
 
 

@@ -54,22 +54,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _answers(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+def _answers(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
         return True
     return False
 
 
 class LocalKafka:
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, workdir: Path | None = None, host: str = "127.0.0.1",
+                 launcher: tuple[str, ...] = ()) -> None:
+        """`host`: the address it listens on and advertises; `launcher`: a command prefix (`ip netns exec NAME`)."""
         self.port = port or free_port()
+        self.host, self.launcher = host, launcher
         self.controller_port = free_port()
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="tuneloop-kafka-"))
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def _write_config(self) -> Path:
         config = self.workdir / "server.properties"
@@ -78,9 +81,9 @@ class LocalKafka:
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
-                    f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    f"controller.quorum.voters=1@{self.host}:{self.controller_port}",
+                    f"listeners=PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
+                    f"advertised.listeners=PLAINTEXT://{self.host}:{self.port}",
                     "controller.listener.names=CONTROLLER",
                     "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
                     "inter.broker.listener.name=PLAINTEXT",
@@ -123,7 +126,7 @@ class LocalKafka:
             )
         output = (self.workdir / "stdout.log").open("ab")
         self.process = subprocess.Popen(
-            self._java("kafka.Kafka", str(config)), stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            [*self.launcher, *self._java("kafka.Kafka", str(config))], stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = time.monotonic() + timeout
         while not self._ready():
@@ -136,7 +139,7 @@ class LocalKafka:
         return self
 
     def _ready(self) -> bool:
-        if not _answers(self.port):
+        if not _answers(self.host, self.port):
             return False
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaError

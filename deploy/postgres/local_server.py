@@ -46,15 +46,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _answers(port: int) -> bool:
+def _answers(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
 class LocalPostgres:
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, workdir: Path | None = None, host: str = "127.0.0.1",
+                 launcher: tuple[str, ...] = ()) -> None:
+        """`host`: the address it listens on, open to its subnet's clients (with the password) when not loopback;
+        `launcher`: a command prefix (`ip netns exec NAME`: another host)."""
         self.port = port or free_port()
+        self.host, self.launcher = host, launcher
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="tuneloop-postgres-"))
         self.password = secrets.token_hex(12)
         self.process: subprocess.Popen[bytes] | None = None
@@ -65,10 +69,10 @@ class LocalPostgres:
             shutil.chown(self.workdir, "postgres", "postgres")
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{USER}:{self.password}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{USER}:{self.password}@{self.host}:{self.port}/{database}"
 
     def _run(self, *command: str | Path) -> list[str]:
-        return [*self._as_user, *map(str, command)]
+        return [*self.launcher, *self._as_user, *map(str, command)]
 
     def start(self, timeout: float = 60) -> LocalPostgres:
         data = self.workdir / "data"
@@ -83,9 +87,12 @@ class LocalPostgres:
                 check=True, capture_output=True,
             )
             secret.unlink()
+            if self.host != "127.0.0.1":  # initdb lets in loopback only
+                with (data / "pg_hba.conf").open("a") as hba:
+                    hba.write("host all all samenet scram-sha-256\n")
         output = (self.workdir / "server.log").open("ab")
         self.process = subprocess.Popen(
-            self._run(bindir() / "postgres", "-D", data, "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+            self._run(bindir() / "postgres", "-D", data, "-p", str(self.port), "-c", f"listen_addresses={self.host}",
                       "-c", f"unix_socket_directories={self.workdir}", "-c", "max_connections=200"),
             stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -95,12 +102,12 @@ class LocalPostgres:
                 raise ServerError(f"postgres exited with {self.process.returncode}; see {self.workdir}/server.log")
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServerError(f"postgres did not answer on 127.0.0.1:{self.port} within {timeout} s")
+                raise ServerError(f"postgres did not answer on {self.host}:{self.port} within {timeout} s")
             time.sleep(0.2)
         return self
 
     def _ready(self) -> bool:
-        if not _answers(self.port):
+        if not _answers(self.host, self.port):
             return False
         import psycopg
 

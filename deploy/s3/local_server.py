@@ -52,15 +52,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _answers(port: int) -> bool:
+def _answers(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
 class LocalS3:
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, workdir: Path | None = None, host: str = "127.0.0.1",
+                 launcher: tuple[str, ...] = ()) -> None:
+        """`host`: the address it listens on; `launcher`: a command prefix (`ip netns exec NAME`: another host)."""
         self.port = port or free_port()
+        self.host, self.launcher = host, launcher
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="tuneloop-s3-"))
         self.access_key = "tuneloop"
         self.secret_key = secrets.token_hex(16)
@@ -68,7 +71,7 @@ class LocalS3:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def env(self) -> dict[str, str]:
         """The variables boto3 (and so tuneloop) reads to reach this server."""
@@ -79,12 +82,12 @@ class LocalS3:
         (self.workdir / "objects").mkdir(parents=True, exist_ok=True)
         output = (self.workdir / "server.log").open("ab")
         self.process = subprocess.Popen(
-            [str(binary()), "--port", f"127.0.0.1:{self.port}", "posix", str(self.workdir / "objects")],
+            [*self.launcher, str(binary()), "--port", f"{self.host}:{self.port}", "posix", str(self.workdir / "objects")],
             env=os.environ | {"ROOT_ACCESS_KEY": self.access_key, "ROOT_SECRET_KEY": self.secret_key},
             stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
-        while not _answers(self.port):
+        while not _answers(self.host, self.port):
             if self.process.poll() is not None:
                 raise ServerError(f"versitygw exited with {self.process.returncode}; see {self.workdir}/server.log")
             if time.monotonic() > deadline:
