@@ -129,6 +129,23 @@ def test_a_withdrawn_run_stops_at_its_next_beat(tmp_path: Path, store_url: str, 
     assert worker._run[1].wait(timeout=5) == 1  # stopped itself, without waiting 30 s to publish
 
 
+def test_the_worker_beats_for_a_run_that_cannot_yet_and_stops_it_once_withdrawn(tmp_path: Path, store_url: str) -> None:
+    # A standby still importing torch (20 s and more under load) cannot beat: the claim alone expired such runs.
+    worker = make_worker(tmp_path, store_url, "import time; time.sleep(60)")
+    worker.config.heartbeat_timeout_s = 1.2
+    run_id = request(worker)
+    worker.step()
+    for _ in range(15):
+        time.sleep(0.1)
+        worker.step()
+    assert worker.queue.expire(timeout_s=1.2) == []  # the worker beat for it
+    worker.queue.finish(run_id, "failed", None, "withdrawn by the test")
+    time.sleep(0.25)  # the next beat is due
+    worker.step()
+    assert worker._run is None or worker._run[1].poll() is not None  # stopped, not left to publish
+    assert worker.queue.get(run_id)["status"] == "failed"  # type: ignore[index]
+
+
 def warmed(worker: Worker) -> Standby:
     worker.warm()
     standby = worker._standby

@@ -2,8 +2,9 @@
 
 One worker runs one run at a time: it claims the oldest request (`tuneloop.runs`), starts
 `trigger.command` (`tuneloop train --run-id N`) in a new session with its log in `trigger.runs_dir`, and records
-the exit of a process that died without recording its own end. The run beats and records its end itself,
-so it needs no worker once started: a worker that stops (or restarts) leaves it running.
+the exit of a process that died without recording its own end. The worker beats for the run while its process
+lives (a process still importing torch cannot yet beat itself); the run beats and records its end itself too, so
+a worker that stops (or restarts) leaves it running.
 
 Where it runs: inside the controller's process (`trigger.local_worker`, the embedded default: the controller
 steps it on its loop), or as `tuneloop trainer` on another host, a GPU one, beside the same store, registry and
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from tuneloop.config import TriggerConfig
 from tuneloop.processes import stop_process_group
-from tuneloop.runs import ClaimedRun, RunQueue
+from tuneloop.runs import HEARTBEATS_PER_TIMEOUT, ClaimedRun, RunQueue
 
 log = logging.getLogger("tuneloop.worker")
 
@@ -85,6 +86,7 @@ class Worker:
         self._run: tuple[int, subprocess.Popen[bytes]] | None = None  # the run this worker started, while it lives
         self._standby: Standby | None = None
         self._standby_after = 0.0  # monotonic time before which no standby starts
+        self._next_beat = 0.0
 
     @property
     def busy(self) -> bool:
@@ -93,6 +95,7 @@ class Worker:
     def step(self) -> int | None:
         """Record the end of a run that died silently; claim and start the next request. Returns the run started."""
         self._reap()
+        self._beat()
         run = self.queue.claim(self.name) if self._run is None else None
         if run is not None:
             self._start(run)  # a standby found dead here is a cold start, not a crash to back off from
@@ -138,6 +141,17 @@ class Worker:
                      log_path)
         self._run = (run.run_id, process)
         self.queue.started(run.run_id, process.pid, log_path)
+
+    def _beat(self) -> None:
+        """Beat for the run while its process lives: until the run beats itself (a standby still importing, a cold
+        start's first 20 s) and beside it. A run withdrawn meanwhile is stopped."""
+        if self._run is None or time.monotonic() < self._next_beat:
+            return
+        self._next_beat = time.monotonic() + self.config.heartbeat_timeout_s / HEARTBEATS_PER_TIMEOUT
+        run_id, process = self._run
+        if not self.queue.heartbeat(run_id):
+            log.warning("training run %s was withdrawn (no heartbeat in time); stopping its process", run_id)
+            stop_process_group(process, timeout=10)
 
     def _reap(self) -> None:
         if self._run is None:
