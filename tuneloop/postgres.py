@@ -82,8 +82,16 @@ class PostgresDatabase(Database):
             self._connection = self._connect()
         return self._connection
 
+    @contextlib.contextmanager
+    def _reached(self) -> Iterator[None]:
+        """A server gone, restarted or cut off mid-statement is the store's error (the next statement reconnects)."""
+        try:
+            yield
+        except self._psycopg.OperationalError as exc:
+            raise StoreError(f"a statement on {self.display_url} failed: {str(exc).strip()}") from exc
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
-        with self._held:
+        with self._held, self._reached():
             cursor = self._live().execute(_placeholders(sql), params)
             columns = [d.name for d in cursor.description or ()]
             rows = cursor.fetchall() if cursor.description else []
@@ -92,12 +100,12 @@ class PostgresDatabase(Database):
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if not rows:
             return
-        with self._held, self._live().cursor() as cursor:
+        with self._held, self._reached(), self._live().cursor() as cursor:
             cursor.executemany(_placeholders(sql), rows)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._held, self._live().transaction():
+        with self._held, self._reached(), self._live().transaction():
             self._in_transaction = True
             try:
                 yield
