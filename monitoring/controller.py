@@ -65,7 +65,10 @@ class Controller:
         consumer = None
         try:
             self.bus.ensure_topics(self.topics.model_dump().values())
-            consumer = self.bus.consumer(self.settings.controller.group_id, [self.topics.predictions, self.topics.feedback])
+            group = self.settings.controller.group_id
+            # One member id for every controller: only the leader consumes, and a leader taking over from a dead
+            # one gets its partitions at once (a new member waited out the dead one's 45 s session).
+            consumer = self.bus.consumer(group, [self.topics.predictions, self.topics.feedback], member=f"{group}-leader")
             log.info("controller consuming %s and %s", self.topics.predictions, self.topics.feedback)
             while not stop.is_set():
                 self.step(consumer)

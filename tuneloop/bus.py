@@ -65,7 +65,11 @@ class Bus(Protocol):
     def publish_many(self, topic: str, messages: list[Message], timeout_s: float = 5.0) -> list[bool]:
         """Send in order; True for each message acknowledged as durable within the timeout."""
         ...
-    def consumer(self, group: str, topics: list[str]) -> Consumer: ...
+    def consumer(self, group: str, topics: list[str], member: str | None = None) -> Consumer:
+        """`member`: a static member id (Kafka's group.instance.id) for a group one process at a time consumes in:
+        a consumer joining with the id of one that died takes its partitions at once, not after the session
+        timeout (45 s), and the dead one's late commits are refused. Never give two live consumers one id."""
+        ...
     def prune(self, older_than_unix: float) -> int:
         """Drop messages older than that which every reader has consumed; returns how many."""
         ...
@@ -117,8 +121,8 @@ class EmbeddedBus:
             raise BusUnavailable(f"embedded log {self.path}: {exc}") from exc
         return [True] * len(messages)
 
-    def consumer(self, group: str, topics: list[str]) -> EmbeddedConsumer:
-        return EmbeddedConsumer(self.path, group, topics)
+    def consumer(self, group: str, topics: list[str], member: str | None = None) -> EmbeddedConsumer:
+        return EmbeddedConsumer(self.path, group, topics)  # no membership to wait out: offsets in one file
 
     def prune(self, older_than_unix: float) -> int:
         """Delete messages published before `older_than_unix` that every group committing their topic has passed.
@@ -315,8 +319,8 @@ class KafkaBus:
             _reap_failed_connects()
         return acknowledged
 
-    def consumer(self, group: str, topics: list[str]) -> KafkaEventConsumer:
-        return KafkaEventConsumer(self.bootstrap_servers, group, topics)
+    def consumer(self, group: str, topics: list[str], member: str | None = None) -> KafkaEventConsumer:
+        return KafkaEventConsumer(self.bootstrap_servers, group, topics, member=member)
 
     def prune(self, older_than_unix: float) -> int:
         return 0  # the broker's retention.ms applies
@@ -332,7 +336,8 @@ class KafkaBus:
 
 class KafkaEventConsumer:
     def __init__(
-        self, bootstrap_servers: str, group: str | None, topics: list[str], offset_reset: str = "earliest"
+        self, bootstrap_servers: str, group: str | None, topics: list[str], offset_reset: str = "earliest",
+        member: str | None = None,
     ) -> None:
         from kafka import KafkaConsumer
 
@@ -341,6 +346,7 @@ class KafkaEventConsumer:
             **KAFKA_CLIENT,
             bootstrap_servers=bootstrap_servers,
             group_id=group,
+            group_instance_id=member,
             enable_auto_commit=False,
             auto_offset_reset=offset_reset,
             isolation_level="read_committed",
