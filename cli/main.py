@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,7 +113,12 @@ def train(
 
     queue = RunQueue(settings.controller.store_url)
 
-    def withdrawn() -> None:  # from the heartbeat thread: stop before anything is published
+    publishing = threading.Event()
+
+    def withdrawn() -> None:  # from the heartbeat thread
+        if publishing.is_set():  # the fence passed: the version is the run's, half a publish would help nobody
+            console.print(f"[yellow]training run {run_id} was marked failed while publishing[/yellow]")
+            return
         console.print(f"[red]training run {run_id} was withdrawn[/red] (no heartbeat reached the store in time); "
                       "stopping, nothing published")
         os._exit(ExitCode.FAILED)
@@ -120,6 +126,7 @@ def train(
     def fence() -> None:
         if not queue.heartbeat(run_id):
             raise RunWithdrawn(f"training run {run_id} was withdrawn before publishing; nothing published")
+        publishing.set()
 
     code: int = ExitCode.FAILED
     try:
@@ -134,7 +141,18 @@ def train(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(ExitCode.FAILED) from None
     finally:
-        queue.finish_by_exit_code(run_id, code)
+        _record_end(queue, run_id, code)
+
+
+def _record_end(queue: Any, run_id: int, code: int, tries: int = 5) -> None:
+    """The run's end, recorded by the run itself (its worker may be gone); the store may be restarting."""
+    for attempt in range(tries):
+        try:
+            queue.finish_by_exit_code(run_id, code)
+            return
+        except Exception as exc:  # noqa: BLE001 - the store's errors, reported and tried again
+            console.print(f"[yellow]warning:[/yellow] the end of run {run_id} not recorded ({exc}); trying again")
+            time.sleep(2 * (attempt + 1))
 
 
 def _train(settings: Settings, build_candidate: Callable[..., Any], replay_ratio: float | None, progress: bool,
@@ -212,9 +230,9 @@ def trainer(
 ) -> None:
     """Claim the training runs the controller requests and run them on this host (a GPU one, beside the same store,
     registry and event bus); set trigger.local_worker false on the controller. Stops on SIGTERM or Ctrl-C; a run in
-    progress goes on and records its own end."""
+    progress goes on and records its own end (in a container it ends with the container: the run fails by its
+    missing heartbeat)."""
     import signal
-    import threading
 
     from tuneloop.database import redact
     from tuneloop.runs import RunQueue

@@ -53,10 +53,17 @@ class Controller:
         self.admin = Admin(self.registry, self.state, self.drift, self.announce)
         self.retention = Retention(settings.controller, self.store, self.bus, self.registry)
 
-    def run(self, stop: threading.Event) -> None:
-        """Consume until stopped; after any failure, reconnect and resume from the last committed offsets."""
+    def run(self, stop: threading.Event, leading: threading.Event | None = None) -> None:
+        """Consume until stopped; after any failure, reconnect and resume from the last committed offsets.
+        `leading`: set while the store's lock is known held (exclusive_controller's)."""
         try:
             while not stop.is_set():
+                if leading is not None and not leading.is_set():
+                    # The lock's connection is down and another may lead: joining Kafka as the one static member
+                    # would fence that leader's consumer, and its rejoin this one's, in turn.
+                    log.warning("not consuming while the store's lock is being taken back")
+                    stop.wait(2)
+                    continue
                 self._consume(stop)
         finally:
             self.drift.close()
@@ -102,17 +109,18 @@ class Controller:
 
 
 @contextlib.contextmanager
-def exclusive_controller(store_url: str, wait: threading.Event | None = None) -> Iterator[None]:
+def exclusive_controller(store_url: str, wait: threading.Event | None = None) -> Iterator[threading.Event]:
     """Hold the store's controller lock while inside; raise Conflict when another controller holds it, or with
     `wait`, wait until it stops (Conflict if `wait` is set first).
 
     Two controllers on one store would both store every event of the embedded log, both judge the
     rollout and both start training runs. The lock goes with the process, however it ends: an flock
-    beside a SQLite file, a session advisory lock on a PostgreSQL server (tuneloop.postgres)."""
+    beside a SQLite file, a session advisory lock on a PostgreSQL server (tuneloop.postgres). Yields an event
+    set while the lock is known held."""
     database = open_database(store_url)
     try:
-        with database.exclusive("controller", wait):
-            yield
+        with database.exclusive("controller", wait) as held:
+            yield held
     finally:
         database.close()
 
@@ -121,7 +129,7 @@ def serve_controller(settings: Settings, stop: threading.Event | None = None) ->
     """Run the controller with its HTTP side (/metrics, /admin) until stopped, the only one leading on its store.
 
     With controller.wait_to_lead, a controller that finds another leading serves /healthz and /metrics and waits;
-    it builds its parts only once it leads (building them adopts or ends the runs the store lists)."""
+    it builds its parts only once it leads."""
     import uvicorn
 
     if stop is None:  # the process's own controller: SIGTERM stops it cleanly (PID 1 in a container ignores a
@@ -136,7 +144,7 @@ def serve_controller(settings: Settings, stop: threading.Event | None = None) ->
         http.start()
     with contextlib.ExitStack() as leading:
         try:
-            leading.enter_context(exclusive_controller(config.store_url, wait=stop if config.wait_to_lead else None))
+            held = leading.enter_context(exclusive_controller(config.store_url, wait=stop if config.wait_to_lead else None))
         except Conflict:
             if stop.is_set():  # stopped while waiting to lead
                 return
@@ -147,4 +155,4 @@ def serve_controller(settings: Settings, stop: threading.Event | None = None) ->
         metrics.leader.set(1)
         controller = Controller(settings, metrics=metrics)
         app.state.admin = controller.admin
-        controller.run(stop)
+        controller.run(stop, held)

@@ -67,8 +67,10 @@ class DriftWatch:
         """Step the local worker; fail the runs that stopped beating; count and log the runs that ended."""
         if self.worker is not None:
             self.worker.step()
-        for run_id in self.runs.expire(self.trigger_config.heartbeat_timeout_s):
-            log.warning("training run %s failed: no heartbeat for %g s", run_id, self.trigger_config.heartbeat_timeout_s)
+        config = self.trigger_config
+        for run_id in self.runs.expire(config.heartbeat_timeout_s, config.claim_timeout_s):
+            log.warning("training run %s failed: no heartbeat in %g s, or no worker claimed it in %g s",
+                        run_id, config.heartbeat_timeout_s, config.claim_timeout_s)
         if not self._active:
             return
         for run_id in sorted(self._active):
@@ -172,5 +174,8 @@ class DriftWatch:
         self.metrics.runs.labels("started").inc()
         self.metrics.runs_in_progress.set(1)
         if self.worker is not None:
-            self.worker.step()  # claims it at once
+            try:
+                self.worker.step()  # claims it at once
+            except Exception:  # the store away: the next step claims it; a manual request still gets its answer
+                log.exception("training run %s requested; the local worker could not claim it yet", run_id)
         return run_id

@@ -84,7 +84,7 @@ class DriftMetrics:
             ["source", "outcome", "reason"],
         )
         self.runs = make.counter(
-            "tuneloop_training_runs_total", "Training runs by outcome (started, then how they ended).", ["outcome"]
+            "tuneloop_training_runs_total", "Training runs by outcome (started: requested; then how they ended).", ["outcome"]
         )
         self.runs_in_progress = make.gauge("tuneloop_training_runs_in_progress", "Training runs requested or running (1 while any is).")
         self.last_run_started = make.gauge(

@@ -190,6 +190,20 @@ def test_a_controller_whose_lock_session_breaks_takes_the_lock_back(postgres: ob
             pass
 
 
+def test_the_lock_is_not_known_held_while_its_server_is_away(postgres: object) -> None:
+    # While it is not, the controller joins no Kafka group: as the one static member it would fence the consumer
+    # of a controller that took the lock meanwhile.
+    url = postgres.create_database(f"lock_{uuid.uuid4().hex[:12]}")
+    with exclusive_controller(url) as held:
+        assert held.is_set()
+        postgres.stop()
+        try:
+            wait_for(lambda: not held.is_set(), 3 * LOCK_CHECK_S + 15, "the lock no longer known held")
+        finally:
+            postgres.start()
+        wait_for(held.is_set, 3 * LOCK_CHECK_S + 10, "the lock held again")
+
+
 def test_a_controller_that_lost_its_lock_to_another_stops(postgres: object) -> None:
     url = postgres.create_database(f"lock_{uuid.uuid4().hex[:12]}")
     holder = lock_holder(url)

@@ -1,5 +1,6 @@
-"""Two controllers on one PostgreSQL store over Kafka (controller.wait_to_lead): one leads, the other waits and
-takes over from a leader killed with SIGKILL mid-stream; no accepted feedback is lost or stored twice."""
+"""Two controllers on one PostgreSQL store (controller.wait_to_lead): one leads, the other waits and takes over from
+a leader killed with SIGKILL: over Kafka mid-stream, no accepted feedback lost or stored twice; with a candidate in
+canary, judged to its end by the one that took over."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import pytest
 
 from tests.support import processes
 from tests.support.processes import NO_RUNS, bus_env, free_port, running_service, wait_for
+from tests.support.versions import copy_version
 from tuneloop.feedback_store import FeedbackStore
+from tuneloop.registry import Registry
+from tuneloop.rollout_stage import CANARY
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +69,26 @@ def test_a_killed_leader_is_replaced_and_every_accepted_feedback_is_stored_once(
     assert failover_s < 15  # the dead session ends with its socket; the waiting one tries every LOCK_CHECK_S
     # Its consumer gets the partitions at once, not when Kafka gives up on the dead one (session timeout, 45 s).
     assert consuming_s < 20
+
+
+def test_the_controller_that_takes_over_judges_the_rollout_in_progress_to_its_end(
+    postgres: object, registry_path: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "registry"
+    registry = Registry(path)  # its own: the session's v1 must stay alone and live
+    assert copy_version(Registry(registry_path), 1, registry, promote=True) == 1
+    assert copy_version(Registry(registry_path), 1, registry, promote=False) == 2
+    registry.start_rollout(2, CANARY, 0.1, "failover test", parent=1)
+    url = postgres.create_database(f"rollout_{uuid.uuid4().hex[:12]}")
+    first = bus_env("embedded", tmp_path, TUNELOOP_CONTROLLER__STORE_URL=url, TUNELOOP_CONTROLLER__WAIT_TO_LEAD="true",
+                    TUNELOOP_ROLLOUT__STAGE_TIMEOUT_S="12") | NO_RUNS  # no feedback comes: withdrawn at 12 s
+    second = first | {"TUNELOOP_CONTROLLER__PORT": str(free_port())}
+    with processes.running_controller(path, tmp_path, first) as leader:
+        wait_for(lambda: role(first) == "leader", 30, "the first controller to lead")
+        with processes.running_controller(path, tmp_path, second) as standby:
+            os.killpg(leader.pid, signal.SIGKILL)  # well before the stage times out
+            assert registry.rollout() is not None
+            wait_for(lambda: registry.rollout() is None, 60, "the rollout to end")
+            log = standby.log.read_text()
+    assert "rollout v2 canary -> withdraw: timeout" in log, log[-3000:]  # the one that took over judged it
+    assert registry.live_version() == 1 and registry.history()[-1].action == "withdraw"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -45,10 +44,11 @@ from tests.support.processes import (
     tuneloop_env,
     wait_for,
 )
+from tests.support.versions import copy_version
 from trainer import scenario
 from tuneloop.errors import StoreError
 from tuneloop.feedback_store import FeedbackStore
-from tuneloop.registry import MANIFEST, Registry
+from tuneloop.registry import Registry
 from tuneloop.runs import RunQueue
 
 WHY_NOT = hosts.unavailable()
@@ -174,16 +174,6 @@ class Cluster:
         return response.json()["feedback_ids"]
 
 
-def copy_version(source: Registry, version: int, target: Registry) -> int:
-    manifest, directory = source.resolve(version)
-    with target.staging() as staged:
-        shutil.copytree(directory, staged, dirs_exist_ok=True)
-        (staged / MANIFEST).unlink()
-        return target.publish(staged, base_model=manifest.base_model, labels=manifest.labels,
-                              training_data=manifest.training_data, metrics=manifest.metrics, export=manifest.export,
-                              gate=manifest.gate, promote=True).version
-
-
 @pytest.fixture(scope="module")
 def cluster(clinc_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("hosts")
@@ -202,7 +192,7 @@ def cluster(clinc_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             os.environ.update(s3.env())  # this process reads the bucket too
             registry_url = s3.create_bucket(f"hosts-{uuid.uuid4().hex[:12]}") + "/registry"
             registry = Registry(registry_url, workdir / "test-cache")
-            assert copy_version(Registry(clinc_registry), 1, registry) == 1
+            assert copy_version(Registry(clinc_registry), 1, registry, promote=True) == 1
             store_url = postgres.create_database("tuneloop")
             env = tuneloop_env(registry_url) | s3.env() | bus_env("kafka", workdir, kafka.bootstrap_servers) | NO_RUNS | {
                 "TUNELOOP_CONTROLLER__STORE_URL": store_url, "TUNELOOP_CONTROLLER__PORT": "3100",

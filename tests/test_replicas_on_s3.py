@@ -4,7 +4,6 @@ and without a failed request."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 import uuid
@@ -14,20 +13,10 @@ import httpx
 import pytest
 
 from tests.support.processes import running_service, wait_for
-from tuneloop.registry import MANIFEST, Registry
+from tests.support.versions import copy_version
+from tuneloop.registry import Registry
 
 pytestmark = pytest.mark.slow
-
-
-def copy_version(source: Registry, version: int, target: Registry, promote: bool) -> int:
-    """Publish `version` of `source` (files and figures) as the next version of `target`."""
-    manifest, directory = source.resolve(version)
-    with target.staging() as staged:
-        shutil.copytree(directory, staged, dirs_exist_ok=True)
-        (staged / MANIFEST).unlink()
-        return target.publish(staged, base_model=manifest.base_model, labels=manifest.labels,
-                              training_data=manifest.training_data, metrics=manifest.metrics, export=manifest.export,
-                              gate=manifest.gate, promote=promote).version
 
 
 def test_replicas_with_no_shared_files_load_and_swap_versions_from_s3(

@@ -95,10 +95,23 @@ def test_runs_recorded_before_requests_and_heartbeats_keep_their_rows(tmp_path: 
         "CREATE TABLE training_runs (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, reason TEXT NOT NULL, "
         "started_at TEXT NOT NULL, started_unix DOUBLE PRECISION NOT NULL, finished_at TEXT, status TEXT NOT NULL, "
         "exit_code INTEGER, pid INTEGER, new_rows INTEGER NOT NULL, log_path TEXT)")
-    database.execute("INSERT INTO training_runs (source, reason, started_at, started_unix, status, new_rows) "
-                     "VALUES ('drift', 'old', '2026-01-01T00:00:00Z', 1.0, 'succeeded', 7)")
+    for status in ("succeeded", "running"):  # the running one's process, of that release, beats no more
+        database.execute("INSERT INTO training_runs (source, reason, started_at, started_unix, status, new_rows) "
+                         "VALUES ('drift', 'old', '2026-01-01T00:00:00Z', 1.0, ?, 7)", (status,))
     database.close()
     queue = RunQueue(url)
-    [old] = queue.all()
+    old, left_running = queue.all()
     assert (old["status"], old["new_rows"], old["worker"]) == ("succeeded", 7, None)
     assert queue.claim("w:1") is None and queue.last_started() == 1.0
+    assert queue.expire(timeout_s=60) == [left_running["id"]]  # it would have blocked every trigger for ever
+
+
+def test_a_request_no_worker_claims_is_failed_so_that_another_can_be_requested(store_url: str) -> None:
+    queue = RunQueue(store_url)
+    stale = queue.request("drift", "test", 0, time.time() - 100)
+    fresh = queue.request("drift", "test", 0, time.time())
+    assert queue.expire(timeout_s=60) == []  # without a claim timeout, requests wait
+    assert queue.expire(timeout_s=60, claim_timeout_s=50) == [stale]
+    row = queue.get(stale)
+    assert row is not None and "no worker claimed it in 50 s" in row["detail"]
+    assert [r["id"] for r in queue.active()] == [fresh]

@@ -359,8 +359,13 @@ class TriggerConfig(Section):
         "False: they wait for a `tuneloop trainer` worker, on another (GPU) host beside the same store and registry.",
     )
     heartbeat_timeout_s: float = Field(
-        60, gt=0, description="A running training run that has not beaten for this long is marked failed (its host, "
-        "worker or process is gone); it beats 6 times as often. A run still alive then stops without publishing.",
+        60, gt=0, description="A running training run that has not beaten for this long (by the store's clock) is "
+        "marked failed: its host, worker and process are gone or cut off. The run and its worker beat 6 times as "
+        "often; a run still alive then stops without publishing. Set the same on controllers and trainers.",
+    )
+    claim_timeout_s: float = Field(
+        900, gt=0, description="A requested training run no worker claimed within this long is marked failed (no "
+        "`tuneloop trainer` running with local_worker off), so that the trigger can request another.",
     )
     command: list[str] = Field(
         default_factory=lambda: list(RUN_COMMAND),
@@ -368,11 +373,13 @@ class TriggerConfig(Section):
     )
     standby_command: list[str] | None = Field(
         default_factory=lambda: list(STANDBY_COMMAND),
-        description="A training process started when a window drifts and a run may follow: it imports what training "
-        "needs (about 20 s of CPU on 2 cores, at the run's niceness) while the trigger waits for K windows and for "
-        "feedback to pause, then waits for the run, which hands it '<run id> <unix time>' on stdin. Holds about 1 GB; "
-        "ends 15 minutes after it started if no run came. Used with a custom `command` only when set to another "
-        "command too (the default would not run what that one runs). None: each run starts `command` cold.",
+        description="A training process a worker starts ahead: it imports what training needs (about 20 s of CPU on "
+        "2 cores, at the run's niceness), then waits for the run, which hands it '<run id> <unix time>' on stdin. "
+        "The controller's local worker warms one when a window drifts and a run may follow, while the trigger waits "
+        "for K windows and for feedback to pause; `tuneloop trainer` keeps one warm. Holds about 1 GB; one no run "
+        "took ends after 15 minutes (and `tuneloop trainer` starts another). Used with a custom `command` only when "
+        "set to another command too (the default would not run what that one runs). None: each run starts "
+        "`command` cold.",
     )
     runs_dir: Path = Field(Path("var/runs"), description="Each run's log, `run-<id>.log`.")
 

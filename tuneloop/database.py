@@ -68,6 +68,7 @@ class Database(ABC):
     row_number_column: ClassVar[str]  # DDL (with its comma) of a column numbering rows in insertion order
     row_number: ClassVar[str]  # how a query reads that number
     skip_locked: ClassVar[str]  # after a SELECT in an UPDATE: rows another transaction is changing are passed over
+    now_unix: ClassVar[str]  # the database's clock in unix seconds: one clock for processes on many hosts
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -89,10 +90,12 @@ class Database(ABC):
         """All statements inside commit together or not at all; writers are serialized from the first."""
 
     @abstractmethod
-    def exclusive(self, name: str, wait: threading.Event | None = None) -> contextlib.AbstractContextManager[None]:
+    def exclusive(self, name: str, wait: threading.Event | None = None
+                  ) -> contextlib.AbstractContextManager[threading.Event]:
         """Hold the lock `name` on this database while inside (across hosts where the database is shared). When
         another process holds it: raise Conflict, or with `wait`, try again every LOCK_CHECK_S until it is free
-        (raising Conflict if `wait` is set first). It goes with the process, however that ends."""
+        (raising Conflict if `wait` is set first). It goes with the process, however that ends. Yields an event
+        set while the lock is known held (cleared while a lost connection to a server is being replaced)."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -36,6 +36,7 @@ class SqliteDatabase(Database):
     row_number_column = ""  # every table has its rowid
     row_number = "rowid"
     skip_locked = ""  # one writer at a time: a statement that picks a row and changes it is alone
+    now_unix = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -69,7 +70,7 @@ class SqliteDatabase(Database):
             self._connection.execute("COMMIT")
 
     @contextlib.contextmanager
-    def exclusive(self, name: str, wait: threading.Event | None = None) -> Iterator[None]:
+    def exclusive(self, name: str, wait: threading.Event | None = None) -> Iterator[threading.Event]:
         """An flock on a file beside the database."""
         path = self.path.with_name(f"{self.path.name}.{name}.lock")
         waited = False
@@ -85,8 +86,10 @@ class SqliteDatabase(Database):
                     waited = True
                 if wait is None or wait.wait(LOCK_CHECK_S):
                     raise Conflict(f"another {name} holds {self.url}; stop it first (one {name} per store)")
+            held = threading.Event()
+            held.set()  # an flock is not lost while its process lives
             try:
-                yield
+                yield held
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 

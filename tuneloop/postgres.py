@@ -48,6 +48,7 @@ class PostgresDatabase(Database):
     row_number_column = "row_id BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,"
     row_number = "row_id"
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    now_unix = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -116,7 +117,7 @@ class PostgresDatabase(Database):
         self.execute("SELECT pg_advisory_xact_lock(?)", (_lock_key("migrations"),))
 
     @contextlib.contextmanager
-    def exclusive(self, name: str, wait: threading.Event | None = None) -> Iterator[None]:
+    def exclusive(self, name: str, wait: threading.Event | None = None) -> Iterator[threading.Event]:
         key = _lock_key(name)
         holder, waited = None, False
         while True:
@@ -136,23 +137,26 @@ class PostgresDatabase(Database):
                 if holder is not None:
                     holder.close()
                 raise Conflict(f"another {name} holds {self.display_url}; stop it first (one {name} per store)")
-        done = threading.Event()
-        watch = threading.Thread(target=self._hold, args=(name, key, holder, done), name=f"{name}-lock", daemon=True)
+        done, held = threading.Event(), threading.Event()
+        held.set()
+        watch = threading.Thread(target=self._hold, args=(name, key, holder, done, held), name=f"{name}-lock",
+                                 daemon=True)
         watch.start()
         try:
-            yield
+            yield held
         finally:
             done.set()
             watch.join()
 
-    def _hold(self, name: str, key: int, holder: Any, done: threading.Event) -> None:
-        """Keep the lock: check its connection; take the lock back on a new one when it broke; SIGTERM this
-        process when another took it meanwhile. Release it when `done`."""
+    def _hold(self, name: str, key: int, holder: Any, done: threading.Event, held: threading.Event) -> None:
+        """Keep the lock: check its connection; take the lock back on a new one when it broke (`held` cleared
+        meanwhile); SIGTERM this process when another took it meanwhile. Release it when `done`."""
         while not done.wait(LOCK_CHECK_S):
             try:
                 holder.execute("SELECT 1")
                 continue
             except self._psycopg.Error:
+                held.clear()
                 log.warning("the %s lock's connection to %s broke; taking the lock back", name, self.display_url)
             with contextlib.suppress(Exception):
                 holder.close()
@@ -165,6 +169,7 @@ class PostgresDatabase(Database):
                     continue
                 if taken:
                     log.warning("the %s lock on %s is held again", name, self.display_url)
+                    held.set()
                     break
                 log.error("another %s took the lock on %s while this one's connection was down; stopping",
                           name, self.display_url)

@@ -48,8 +48,9 @@ ALTER TABLE training_runs ADD COLUMN worker TEXT;
 ALTER TABLE training_runs ADD COLUMN claimed_unix DOUBLE PRECISION;
 ALTER TABLE training_runs ADD COLUMN heartbeat_unix DOUBLE PRECISION;
 ALTER TABLE training_runs ADD COLUMN detail TEXT;
-CREATE INDEX IF NOT EXISTS training_runs_status ON training_runs (status, id)
-"""),
+CREATE INDEX IF NOT EXISTS training_runs_status ON training_runs (status, id);
+UPDATE training_runs SET heartbeat_unix = started_unix WHERE status = 'running'
+"""),  # a run left running by an older controller beats no more: it expires like any silent one
 ]
 
 
@@ -75,12 +76,12 @@ class RunQueue:
 
     def claim(self, worker: str) -> ClaimedRun | None:
         """The oldest request, now `running` on `worker`; None when there is none."""
-        now = time.time()
+        now = self._db.now_unix  # heartbeats are written and judged by the database's clock, not the hosts'
         row = self._db.execute(
-            "UPDATE training_runs SET status = 'running', worker = ?, claimed_unix = ?, heartbeat_unix = ? "
+            f"UPDATE training_runs SET status = 'running', worker = ?, claimed_unix = {now}, heartbeat_unix = {now} "
             "WHERE status = 'requested' AND id = (SELECT id FROM training_runs WHERE status = 'requested' "
             f"ORDER BY id LIMIT 1{self._db.skip_locked}) RETURNING id, started_unix",
-            (worker, now, now),
+            (worker,),
         ).fetchone()
         return ClaimedRun(int(row[0]), float(row[1])) if row else None
 
@@ -90,8 +91,8 @@ class RunQueue:
 
     def heartbeat(self, run_id: int) -> bool:
         """The run is alive; False when it is no longer `running` (withdrawn: it must stop, publishing nothing)."""
-        return self._db.execute("UPDATE training_runs SET heartbeat_unix = ? WHERE id = ? AND status = 'running'",
-                                (time.time(), run_id)).rowcount == 1
+        return self._db.execute(f"UPDATE training_runs SET heartbeat_unix = {self._db.now_unix} "
+                                "WHERE id = ? AND status = 'running'", (run_id,)).rowcount == 1
 
     def finish(self, run_id: int, status: str, exit_code: int | None, detail: str = "") -> bool:
         """Record a running run's end; False (changing nothing) when it had already ended or was withdrawn."""
@@ -104,14 +105,21 @@ class RunQueue:
     def finish_by_exit_code(self, run_id: int, exit_code: int, detail: str = "") -> bool:
         return self.finish(run_id, RUN_STATUS.get(exit_code, "failed"), exit_code, detail)
 
-    def expire(self, timeout_s: float) -> list[int]:
-        """Mark failed the running runs that have not beaten for `timeout_s`; their ids."""
+    def expire(self, timeout_s: float, claim_timeout_s: float | None = None) -> list[int]:
+        """Mark failed the running runs that have not beaten for `timeout_s`, and the requests no worker claimed
+        within `claim_timeout_s` (counted by the requester's clock); their ids."""
         rows = self._db.execute(
             "UPDATE training_runs SET status = 'failed', finished_at = ?, detail = ? "
-            "WHERE status = 'running' AND heartbeat_unix < ? RETURNING id",
-            (utc_now(), f"no heartbeat for {timeout_s:g} s: its process, worker or host is gone",
-             time.time() - timeout_s),
+            f"WHERE status = 'running' AND heartbeat_unix < {self._db.now_unix} - ? RETURNING id",
+            (utc_now(), f"no heartbeat for {timeout_s:g} s: its process, worker or host is gone", timeout_s),
         ).fetchall()
+        if claim_timeout_s is not None:
+            rows += self._db.execute(
+                "UPDATE training_runs SET status = 'failed', finished_at = ?, detail = ? "
+                "WHERE status = 'requested' AND started_unix < ? RETURNING id",
+                (utc_now(), (f"no worker claimed it in {claim_timeout_s:g} s: is a `tuneloop trainer` running, "
+                             "with the same controller.store_url?"), time.time() - claim_timeout_s),
+            ).fetchall()
         return sorted(int(r[0]) for r in rows)
 
     def get(self, run_id: int) -> dict[str, Any] | None:

@@ -118,8 +118,14 @@ class Worker:
             self.close()
 
     def _start(self, run: ClaimedRun) -> None:
-        self.config.runs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.config.runs_dir / f"run-{run.run_id}.log"
+        try:
+            self.config.runs_dir.mkdir(parents=True, exist_ok=True)
+            log_path.touch()
+        except OSError as exc:  # no process will beat for it: end it now, not a heartbeat timeout later
+            self.queue.finish(run.run_id, "failed", None, f"cannot write its log {log_path}: {exc}")
+            log.error("training run %s could not start: cannot write %s (%s)", run.run_id, log_path, exc)
+            return
         standby, self._standby = self._standby, None
         if standby is not None and standby.hand(run, log_path):
             process, log_path = standby.process, standby.log_path
@@ -160,9 +166,9 @@ class Worker:
         code = process.poll()
         if code is None:
             return
-        self._run = None
         if self.queue.finish_by_exit_code(run_id, code, f"exited with {code} without recording its end"):
             log.warning("training run %s exited with %s without recording its end", run_id, code)
+        self._run = None  # only once its end is recorded: a store away now is tried again next step
 
     def warm(self) -> None:
         """A run may start soon: have a standby import what it needs (none beside a run in progress, which it
