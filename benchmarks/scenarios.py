@@ -75,6 +75,7 @@ from tuneloop.comparison import paired  # noqa: E402
 from tuneloop.feedback_store import FeedbackStore  # noqa: E402
 from tuneloop.inference import OnnxTextClassifier  # noqa: E402
 from tuneloop.registry import Registry  # noqa: E402
+from tuneloop.runs import ACTIVE
 
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -285,7 +286,7 @@ def wait_for_loop(state: ControllerState, registry: Registry, load: Load, v1: in
             latest = load.latest_versions(LIVE_CONFIRMATIONS)
             if len(latest) == LIVE_CONFIRMATIONS and set(latest) == {live}:
                 return {"verdict": "promoted", "run": run, "live_at": time.time(), "reason": ""}
-        elif run["status"] != "running":
+        elif run["status"] not in ACTIVE:
             if run["status"] == "succeeded":  # promotion comes before the exit; give the read a moment
                 time.sleep(2)
                 if registry.live_version() != v1:
@@ -305,7 +306,7 @@ def wait_run_finished(state: ControllerState, run_id: int, timeout_s: float) -> 
     deadline = time.monotonic() + timeout_s
     while True:
         run = next(r for r in state.runs() if r["id"] == run_id)
-        if run["status"] != "running":
+        if run["status"] not in ACTIVE:
             return run
         if time.monotonic() > deadline:
             if run["pid"]:

@@ -27,6 +27,7 @@ from trainer import scenario
 from trainer.data import write_csv
 from tuneloop.clock import unix_seconds
 from tuneloop.registry import Registry
+from tuneloop.runs import ACTIVE
 
 
 @dataclass
@@ -138,7 +139,7 @@ def run_demo(workdir: Path, feedback_per_intent: int, epochs: int | None, say: C
         deadline = time.monotonic() + 900
         while registry.live_version() == start_version:
             runs = state.runs()
-            if runs and runs[-1]["status"] not in ("running", "succeeded"):
+            if runs and runs[-1]["status"] not in (*ACTIVE, "succeeded"):
                 raise RuntimeError(f"training run {runs[-1]['id']} ended {runs[-1]['status']}; see {runs[-1]['log_path']}")
             if time.monotonic() > deadline:
                 raise RuntimeError("no new version within 15 minutes; see controller.log")

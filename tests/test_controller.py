@@ -25,6 +25,7 @@ from tuneloop.config import Settings
 from tuneloop.database import LOCK_CHECK_S
 from tuneloop.errors import Conflict
 from tuneloop.events import FeedbackEvent, ModelEvent, PredictionEvent
+from tuneloop.runs import ACTIVE
 
 
 def settings_in(tmp_path: Path) -> Settings:
@@ -106,7 +107,7 @@ def test_a_manual_request_is_decided_on_the_loop_and_starts_a_run(tmp_path: Path
     with running(controller):
         decision, run_id = controller.admin.request_manual("test", timeout_s=20)
         assert decision.fired and decision.source == "manual" and run_id == 1
-        wait_for(lambda: controller.state.runs()[0]["status"] != "running", 20, "the run to end", interval=0.05)
+        wait_for(lambda: controller.state.runs()[0]["status"] not in ACTIVE, 20, "the run to end", interval=0.05)
     [run] = controller.state.runs()
     assert (run["source"], run["reason"], run["status"]) == ("manual", "manual request: test", "succeeded")
     status = controller.admin.status()

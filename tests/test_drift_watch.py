@@ -20,7 +20,7 @@ from tuneloop.config import Settings
 from tuneloop.events import PredictionEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.registry import Registry
-from tuneloop.runs import RunQueue
+from tuneloop.runs import ACTIVE, RunQueue
 from tuneloop.worker import Worker
 
 
@@ -74,7 +74,7 @@ def test_sustained_drift_starts_a_run_that_is_collected_when_it_ends(tmp_path: P
 
     def collected() -> bool:
         s.watch.collect_finished_runs()
-        return s.state.runs()[0]["status"] != "running"
+        return s.state.runs()[0]["status"] not in ACTIVE
 
     wait_for(collected, 20, "the run to be collected", interval=0.05)
     assert s.state.runs()[0]["status"] == "succeeded"
@@ -152,7 +152,7 @@ def test_a_drifted_window_short_of_k_warms_a_standby_that_the_run_then_uses(tmp_
 
     def collected() -> bool:
         s.watch.collect_finished_runs()
-        return s.state.runs()[0]["status"] != "running"
+        return s.state.runs()[0]["status"] not in ACTIVE
 
     wait_for(collected, 20, "the run to be collected", interval=0.05)
     assert Path(s.state.runs()[0]["log_path"]).read_text() == "ran\n"

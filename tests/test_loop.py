@@ -26,6 +26,7 @@ from tuneloop.events import FeedbackEvent
 from tuneloop.feedback_store import FeedbackStore
 from tuneloop.inference import OnnxTextClassifier
 from tuneloop.registry import Registry
+from tuneloop.runs import ACTIVE
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +128,7 @@ def test_drift_triggers_training_with_replay_and_both_replicas_swap_without_a_fa
         deadline = time.monotonic() + 600
         while Registry(registry).live_version() != 2 or {v for _, v in outcomes[-20:]} != {2}:
             runs = state.runs()
-            assert not runs or runs[0]["status"] in ("running", "succeeded"), (runs, Path(runs[0]["log_path"]).read_text())
+            assert not runs or runs[0]["status"] in (*ACTIVE, "succeeded"), (runs, Path(runs[0]["log_path"]).read_text())
             assert time.monotonic() < deadline, f"no swap to v2: runs {runs}, decisions {state.decisions()[-3:]}"
             time.sleep(1)
         time.sleep(2)

@@ -40,6 +40,7 @@ from tests.support.processes import (
 from trainer import scenario
 from trainer.data import load_csv, traffic_order
 from tuneloop.config import DriftConfig
+from tuneloop.runs import ACTIVE
 
 pytestmark = pytest.mark.slow
 
@@ -148,7 +149,7 @@ def test_clinc_shift_fires_the_trigger_once_per_cooldown_and_drives_the_dashboar
         assert suppressed and set(suppressed) <= {"cooldown", "run_in_progress"}, decisions
         shifted = [w for w in state.windows() if w["events_seen"] > len(old) + WINDOW]
         assert all({"confidence_ks", "feedback_accuracy"} <= set(w["drifted"]) for w in shifted[-3:]), shifted[-3:]
-        wait_for(lambda: state.runs()[0]["status"] != "running", 30, "the stand-in run to end")
+        wait_for(lambda: state.runs()[0]["status"] not in ACTIVE, 30, "the stand-in run to end")
         assert [(r["id"], r["status"], r["source"]) for r in state.runs()] == [(1, "succeeded", "drift")]
         assert "trigger fired (drift_sustained)" in controller.log.read_text()
 
