@@ -444,3 +444,16 @@ def test_a_crash_after_a_promotion_ended_a_rollout_leaves_the_withdrawal_in_the_
     assert crash.returncode == -signal.SIGKILL, crash.stderr
     assert registry.live_version() == 1 and registry.rollout() is None
     assert [(e.action, e.version) for e in registry.history()][-1] == ("withdraw", 2)
+
+
+def test_an_s3_registry_reads_the_credentials_in_the_environment_when_it_is_opened(
+    tmp_path: Path, s3: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # boto3's default session kept the first credentials it read for the whole process: after the multi-host
+    # test's own S3 server, every later registry in the test process was refused (CI, 2026-12-06).
+    url = s3.create_bucket(f"creds-{uuid.uuid4().hex[:12]}") + "/registry"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(RegistryError):
+        Registry(url, tmp_path / "wrong").list_versions()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    assert Registry(url, tmp_path / "right").list_versions() == []

@@ -33,6 +33,7 @@ log = logging.getLogger("tuneloop.registry")
 
 STATE = "state.json"
 _REFUSED = {"PreconditionFailed", "ConditionalRequestConflict"}  # a conditional write that lost (412, 409)
+_DENIED = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "403"}  # the credentials, not the request
 
 
 class S3Storage(RegistryStorage):
@@ -55,7 +56,9 @@ class S3Storage(RegistryStorage):
         self._client_error = ClientError
         self._unreachable = (ConnectionError, HTTPClientError)  # botocore's: no answer, or the connection broke
         # Path-style addresses: S3-compatible servers on a plain host:port have no per-bucket host names.
-        self._s3 = boto3.client("s3", config=Config(
+        # A session of its own reads the AWS_* variables now: boto3's default one keeps the first credentials it
+        # read for the life of the process.
+        self._s3 = boto3.session.Session().client("s3", config=Config(
             s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=60,
             retries={"max_attempts": 4, "mode": "standard"},
         ))
@@ -67,12 +70,20 @@ class S3Storage(RegistryStorage):
         return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, self._client_error) else ""
 
     def _call(self, operation: str, **kwargs: Any) -> Any:
-        """An S3 call; an endpoint that does not answer is RegistryUnavailable, other errors (a refusal with its
-        code, a request botocore cannot make) pass through."""
+        """An S3 call; an endpoint that does not answer is RegistryUnavailable, credentials it refuses a
+        RegistryError saying so, other errors (a refusal with its code, a request botocore cannot make) pass
+        through."""
         try:
             return getattr(self._s3, operation)(Bucket=self.bucket, **kwargs)
         except self._unreachable as exc:
             raise RegistryUnavailable(f"cannot reach the registry {self.location}: {exc}") from exc
+        except self._client_error as exc:
+            if self._code(exc) in _DENIED:
+                raise RegistryError(
+                    f"the registry {self.location} refused these credentials ({self._code(exc)}): check "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that they may read and write the bucket"
+                ) from exc
+            raise
 
     def _get(self, key: str) -> tuple[bytes, str] | None:
         """An object's bytes and ETag; None when there is no such key."""
