@@ -162,7 +162,7 @@ def test_clinc_shift_fires_the_trigger_once_per_cooldown_and_drives_the_dashboar
             [str(BIN / "tuneloop"), "trigger", "--reason", "operator test"],
             env=cli_env, cwd=ROOT, capture_output=True, text=True, timeout=120,
         )
-        assert manual.returncode == 0 and "training run 2 started" in manual.stdout, manual.stdout + manual.stderr
+        assert manual.returncode == 0 and "training run 2 requested" in manual.stdout, manual.stdout + manual.stderr
         busy = httpx.post(admin, json={"reason": "again"}, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         assert busy.status_code == 409 and "in progress" in busy.json()["detail"]
 

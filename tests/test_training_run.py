@@ -17,6 +17,7 @@ from cli.main import app
 from tuneloop.config import load_settings
 from tuneloop.errors import RUN_STATUS, ExitCode
 from tuneloop.registry import Registry
+from tuneloop.runs import RunQueue
 
 
 def publish(registry: Registry, payload: bytes, promote: bool) -> int:
@@ -59,14 +60,28 @@ def test_a_rollout_in_progress_is_nothing_to_train(registry: Registry) -> None:
     assert "nothing to train: v2 is in shadow; let it finish or `tuneloop rollout withdraw` it first" in said(result.output)
 
 
-def test_a_standby_waits_for_its_run_on_stdin_and_ends_with_stdin(registry: Registry) -> None:
+def test_a_standby_waits_for_its_run_on_stdin_and_ends_with_stdin(registry: Registry, store_url: str) -> None:
     publish(registry, b"v1", promote=True)
-    result = CliRunner().invoke(app, ["train", "--no-progress", "--standby"], input=f"7 {time.time() - 12}\n")
+    queue = RunQueue(store_url)
+    run_id = queue.request("manual", "test", 0, time.time() - 12)
+    assert queue.claim("test-worker") is not None  # as a worker does before handing it over
+    result = CliRunner().invoke(app, ["train", "--no-progress", "--standby"], input=f"{run_id} {time.time() - 12}\n")
     assert result.exit_code == 2, result.output  # the run it was handed had nothing to train
+    row = queue.get(run_id)
+    assert row is not None and (row["status"], row["exit_code"]) == ("skipped", 2)  # it recorded its own end
     output = said(result.output)
-    handed = re.search(r"run 7: handed to this standby ([\d.]+) s after it started", output)
+    handed = re.search(rf"run {run_id}: handed to this standby ([\d.]+) s after it started", output)
     assert "standby: ready in" in output and handed, output
     assert float(handed.group(1)) >= 12  # more when importing took longer than the 12 s the run is old
     assert "nothing to train: 0 labelled rows arrived since v1 was published" in output
     ended = CliRunner().invoke(app, ["train", "--no-progress", "--standby"], input="")  # the controller went away
     assert ended.exit_code == 0 and "nothing to train" not in ended.output, ended.output
+
+
+def test_a_run_no_worker_claimed_is_refused_before_training(registry: Registry, store_url: str) -> None:
+    publish(registry, b"v1", promote=True)
+    run_id = RunQueue(store_url).request("manual", "test", 0, time.time())
+    result = CliRunner().invoke(app, ["train", "--no-progress", "--run-id", str(run_id)])
+    assert result.exit_code == ExitCode.FAILED, result.output
+    assert f"training run {run_id} is requested, not running" in said(result.output)
+    assert RunQueue(store_url).get(run_id)["status"] == "requested"  # type: ignore[index]  # left for a worker
