@@ -78,7 +78,6 @@ def test_the_controller_that_takes_over_judges_the_rollout_in_progress_to_its_en
     registry = Registry(path)  # its own: the session's v1 must stay alone and live
     assert copy_version(Registry(registry_path), 1, registry, promote=True) == 1
     assert copy_version(Registry(registry_path), 1, registry, promote=False) == 2
-    registry.start_rollout(2, CANARY, 0.1, "failover test", parent=1)
     url = postgres.create_database(f"rollout_{uuid.uuid4().hex[:12]}")
     first = bus_env("embedded", tmp_path, TUNELOOP_CONTROLLER__STORE_URL=url, TUNELOOP_CONTROLLER__WAIT_TO_LEAD="true",
                     TUNELOOP_ROLLOUT__STAGE_TIMEOUT_S="12") | NO_RUNS  # no feedback comes: withdrawn at 12 s
@@ -86,6 +85,7 @@ def test_the_controller_that_takes_over_judges_the_rollout_in_progress_to_its_en
     with processes.running_controller(path, tmp_path, first) as leader:
         wait_for(lambda: role(first) == "leader", 30, "the first controller to lead")
         with processes.running_controller(path, tmp_path, second) as standby:
+            registry.start_rollout(2, CANARY, 0.1, "failover test", parent=1)  # its 12 s start now
             os.killpg(leader.pid, signal.SIGKILL)  # well before the stage times out
             assert registry.rollout() is not None
             wait_for(lambda: registry.rollout() is None, 60, "the rollout to end")
