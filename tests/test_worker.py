@@ -42,6 +42,12 @@ sys.exit(3)
 """
 
 
+def stand_in_env(monkeypatch: pytest.MonkeyPatch, store_url: str, timeout_s: float, run_s: float) -> None:
+    """What RUN reads: its store, its heartbeat timeout, how long it runs."""
+    for name, value in {"STORE_URL": store_url, "TIMEOUT_S": timeout_s, "RUN_S": run_s}.items():
+        monkeypatch.setenv(name, str(value))
+
+
 def make_worker(tmp_path: Path, store_url: str, code: str, standby: str | None = None, name: str = "w:1") -> Worker:
     config = TriggerConfig(command=[sys.executable, "-c", code, "{run_id}"], runs_dir=tmp_path / "runs",
                            standby_command=[sys.executable, "-c", standby] if standby else None)
@@ -79,9 +85,7 @@ def test_a_claimed_run_is_a_process_whose_exit_code_decides_a_silent_end(tmp_pat
 
 def test_a_run_outlives_its_worker_and_records_its_own_end(tmp_path: Path, store_url: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STORE_URL", store_url)
-    monkeypatch.setenv("TIMEOUT_S", "1.2")
-    monkeypatch.setenv("RUN_S", "2")
+    stand_in_env(monkeypatch, store_url, timeout_s=1.2, run_s=2)
     worker = make_worker(tmp_path, store_url, RUN)
     run_id = request(worker)
     worker.step()
@@ -95,9 +99,7 @@ def test_a_run_outlives_its_worker_and_records_its_own_end(tmp_path: Path, store
 
 def test_a_run_killed_with_its_worker_is_failed_by_its_silence_and_the_next_run_proceeds(
         tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STORE_URL", store_url)
-    monkeypatch.setenv("TIMEOUT_S", "1.2")
-    monkeypatch.setenv("RUN_S", "30")
+    stand_in_env(monkeypatch, store_url, timeout_s=1.2, run_s=30)
     doomed = make_worker(tmp_path, store_url, RUN, name="doomed:1")
     run_id = request(doomed)
     doomed.step()
@@ -117,9 +119,7 @@ def test_a_run_killed_with_its_worker_is_failed_by_its_silence_and_the_next_run_
 
 
 def test_a_withdrawn_run_stops_at_its_next_beat(tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STORE_URL", store_url)
-    monkeypatch.setenv("TIMEOUT_S", "0.6")
-    monkeypatch.setenv("RUN_S", "30")
+    stand_in_env(monkeypatch, store_url, timeout_s=0.6, run_s=30)
     worker = make_worker(tmp_path, store_url, RUN)
     run_id = request(worker)
     worker.step()
