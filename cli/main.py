@@ -60,7 +60,7 @@ def bootstrap(
     parity = manifest.metrics["parity"]
     for key, value in (
         ("epochs (best)", f"{len(result.epochs)} ({result.best_epoch})"),
-        ("device", result.device),
+        ("device", f"{result.device} ({result.precision})"),
         ("validation accuracy, PyTorch", f"{manifest.metrics['val_accuracy_torch']:.4f}"),
         ("validation accuracy, int8 ONNX", f"{manifest.metrics['val_accuracy_onnx']:.4f}"),
         ("argmax agreement / max |Δlogit|", f"{parity['argmax_agreement']:.4f} / {parity['max_abs_logit_diff']:.4f}"),
@@ -176,7 +176,7 @@ def _train(settings: Settings, build_candidate: Callable[..., Any], replay_ratio
     console.print(table)
     console.print(f"epochs {len(result.epochs)} of {result.planned_epochs} planned, {result.steps} of "
                   f"{result.planned_steps} steps (best epoch {result.best_epoch}) on "
-                  f"{result.device}, {result.train_samples_per_second:.0f} samples/s; training {result.seconds:.0f} s, "
+                  f"{result.device} ({result.precision}), {result.train_samples_per_second:.0f} samples/s; training {result.seconds:.0f} s, "
                   f"took {time.perf_counter() - started:.0f} s")
     if not built.accepted:
         raise typer.Exit(ExitCode.REJECTED)

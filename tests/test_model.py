@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.model import BUNDLED_BASE_ID, SentenceClassifier, add_lora, build_classifier, resolve_base
+from trainer.model import (
+    BUNDLED_BASE_ID,
+    SentenceClassifier,
+    add_lora,
+    build_classifier,
+    continue_adapter,
+    resolve_base,
+)
 from tuneloop.config import ModelConfig, TrainConfig
 
 
@@ -41,3 +48,25 @@ def test_lora_trains_adapters_and_the_new_head_only() -> None:
     assert any("classifier" in name for name in trainable)
     assert any("query.lora_A" in name for name in trainable)
     assert isinstance(model.get_base_model(), SentenceClassifier)
+
+
+def test_a_continued_adapter_keeps_its_weights_and_takes_the_dropout_configured_now(tmp_path: Path) -> None:
+    config = ModelConfig()
+    base = resolve_base(config)
+    trained = add_lora(build_classifier(base, 4, config), TrainConfig(lora_r=4, lora_dropout=0.1))
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # a trained adapter: B is no longer zero
+    trained.save_pretrained(tmp_path)
+
+    def dropouts(model: torch.nn.Module) -> set[float]:
+        return {getattr(module, "p", 0.0) for name, module in model.named_modules() if name.endswith("lora_dropout.default")}
+
+    assert dropouts(trained) == {0.1}
+    continued = continue_adapter(build_classifier(base, 4, config), tmp_path, TrainConfig(lora_dropout=0.0))
+    assert dropouts(continued) == {0.0}  # an Identity: no random masks drawn
+    saved = {name: p for name, p in trained.named_parameters() if "lora_" in name}
+    loaded = {name: p for name, p in continued.named_parameters() if "lora_" in name}
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[n], loaded[n]) for n in saved)
+    assert all(p.requires_grad for p in loaded.values())

@@ -18,11 +18,9 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from peft import PeftModel
-
 from trainer.data import LabelledTexts, concat, load_csv, split, split3
 from trainer.imprint import imprint_new_labels
-from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
+from trainer.model import add_lora, build_classifier, continue_adapter, load_tokenizer, resolve_base
 from trainer.train import TrainResult, fit, pick_device
 from tuneloop.clock import utc_iso
 from tuneloop.config import Settings
@@ -128,7 +126,7 @@ def finetune(settings: Settings, live: Manifest, live_dir: Path, data: FinetuneD
     model = build_classifier(base, len(live.labels), settings.model)
     imprinted: list[str] = []
     if settings.train.warm_start:
-        model = PeftModel.from_pretrained(model, live_dir / "adapter", is_trainable=True)
+        model = continue_adapter(model, live_dir / "adapter", settings.train)
         if settings.train.imprint_new_labels:
             model.to(pick_device(settings.train.device))  # where fit will train: the pass runs there too
             imprinted = imprint_new_labels(model, tokenizer, data.train, live.labels, data.new_labels,

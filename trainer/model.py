@@ -115,6 +115,13 @@ def add_lora(model: SentenceClassifier, train_config: TrainConfig) -> PeftModel:
     return get_peft_model(model, lora)
 
 
+def continue_adapter(model: SentenceClassifier, adapter_dir: Path, train_config: TrainConfig) -> PeftModel:
+    """A published adapter to train on: its weights and shape as saved, its dropout as configured now."""
+    lora = LoraConfig.from_pretrained(adapter_dir)
+    lora.lora_dropout = train_config.lora_dropout
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True, config=lora)
+
+
 def load_adapted(base: BaseEncoder, adapter_dir: Path, num_labels: int, model_config: ModelConfig) -> PeftModel:
     """Rebuild a published version in PyTorch: base encoder plus its saved adapter and head."""
     model = build_classifier(base, num_labels, model_config)

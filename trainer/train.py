@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class EpochStats:
 class TrainResult:
     model: PeftModel
     device: str
+    precision: str = "fp32"  # of the matrix products: "bf16" (autocast) or "fp32"
     epochs: list[EpochStats] = field(default_factory=list)
     best_epoch: int = 0
     train_samples_per_second: float = 0.0
@@ -52,6 +54,36 @@ def pick_device(preference: str) -> torch.device:
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+BF16_SPEEDUP_NEEDED = 3.0  # a step is more than its products (dropout, softmax, the optimizer): AMX's 5-6x gives 1.5x
+
+
+def pick_precision(preference: str, device: torch.device) -> torch.dtype | None:
+    """The dtype a run's forward passes autocast to, or None for fp32 (`train.precision`)."""
+    if preference == "fp32":
+        return None
+    if preference == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_bf16_speedup() >= BF16_SPEEDUP_NEEDED else None
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster this CPU multiplies bf16 than fp32 matrices of a training step's shape (best of 5)."""
+    inputs, weights = torch.randn(256, 384), torch.randn(384, 1536)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = inputs.to(dtype), weights.to(dtype)
+        a @ b  # the first product sets up the kernel
+        timings = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            timings.append(time.perf_counter() - started)
+        seconds[dtype] = min(timings)
+    return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
 @dataclass(frozen=True)
@@ -123,17 +155,14 @@ def _batch(data: Encoded, indices: list[int], pad_id: int, device: torch.device)
     return batch
 
 
-def _forward(model: PeftModel, batch: dict[str, torch.Tensor], prefix: FrozenPrefix | None) -> torch.Tensor:
+def _forward(model: PeftModel, batch: dict[str, torch.Tensor], prefix: FrozenPrefix | None,
+             dtype: torch.dtype | None) -> torch.Tensor:
     feeding = prefix.feeding(batch["prefix"]) if prefix is not None else contextlib.nullcontext()
-    with feeding, _autocast(batch["input_ids"].device):
+    device = batch["input_ids"].device
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with feeding, autocast:
         logits, _ = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return logits.float()
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class LinearSchedule:
@@ -188,13 +217,13 @@ def steps_within(budget_s: float, elapsed_s: float, step_s: float, validate_s: f
 
 @torch.no_grad()
 def evaluate(model: PeftModel, data: Encoded, pad_id: int, device: torch.device, prefix: FrozenPrefix | None = None,
-             batch_size: int = 64) -> tuple[float, float]:
+             dtype: torch.dtype | None = None, batch_size: int = 64) -> tuple[float, float]:
     model.eval()
     total_loss, correct = 0.0, 0
     order = data.by_length()  # the sums do not depend on the order, the padding does
     for start in range(0, len(data), batch_size):
         batch = _batch(data, order[start : start + batch_size], pad_id, device)
-        logits = _forward(model, batch, prefix)
+        logits = _forward(model, batch, prefix, dtype)
         total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += (logits.argmax(dim=-1) == batch["labels"]).sum().item()
     return total_loss / len(data), correct / len(data)
@@ -227,6 +256,7 @@ def fit(
     fit_started = time.perf_counter()
     budget_from = fit_started if budget_from is None else budget_from
     device = pick_device(config.device)
+    dtype = pick_precision(config.precision, device)
     model.to(device)
     pad_id = tokenizer.pad_token_id
     train_set, val_set = (encode(tokenizer, part, labels, max_length) for part in (train, val))
@@ -246,7 +276,8 @@ def fit(
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     most = config.max_epochs * steps_per_epoch
     scheduler = LinearSchedule(optimizer, most)
-    result = TrainResult(model=model, device=str(device), planned_epochs=config.max_epochs, planned_steps=most)
+    result = TrainResult(model=model, device=str(device), precision="bf16" if dtype else "fp32",
+                         planned_epochs=config.max_epochs, planned_steps=most)
     best_loss, best_state, stale = math.inf, None, 0
     samples, validate_s = 0, 0.0
     stepping_s = 0.0  # time in optimizer steps alone (no validation, no frozen-layer pass): what a step costs
@@ -275,7 +306,7 @@ def fit(
                    disable=None if progress else True)  # None: no bar when the log is a file (a run log)
         for indices in bar:
             batch = _batch(train_set, indices, pad_id, device)
-            loss = F.cross_entropy(_forward(model, batch, prefix), batch["labels"])
+            loss = F.cross_entropy(_forward(model, batch, prefix, dtype), batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -292,7 +323,7 @@ def fit(
         bar.close()
         stepping_s += time.perf_counter() - started
         validation_started = time.perf_counter()
-        val_loss, val_accuracy = evaluate(model, val_set, pad_id, device, prefix)
+        val_loss, val_accuracy = evaluate(model, val_set, pad_id, device, prefix, dtype)
         validate_s = time.perf_counter() - validation_started
         stats = EpochStats(epoch, float(np.mean(losses)), val_loss, val_accuracy, time.perf_counter() - started)
         result.epochs.append(stats)
