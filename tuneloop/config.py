@@ -89,7 +89,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Training's matrix products: 'auto' runs them in bf16 (autocast; weights, optimizer and "
         "loss stay fp32) on CUDA and on a CPU that multiplies bf16 at least 3 times as fast as fp32 (measured at the "
-        "run's start: Intel AMX does, 5-6 times; a CPU without bf16 instructions is slower at it), else fp32.",
+        "run's start: Intel AMX does, 6.6 times here; a CPU without bf16 instructions is slower at it), else fp32.",
     )
     finetune_learning_rate: float = Field(
         1e-3, gt=0, description="`tuneloop train`: the adapter's learning rate (the head keeps learning_rate). With the "
