@@ -1,13 +1,14 @@
-"""Training speed on this CPU: bf16 products and LoRA dropout against plain fp32 with dropout, interleaved.
+"""Training speed on this CPU: tuneloop's dropout and bf16 products against plain PyTorch, interleaved.
 
 A fine-tuning run's accuracy within the loop's time budget is set by how many steps fit in it, so a
 step's cost is what this measures: `trainer.train.fit` itself, one epoch of a scenario's feedback
 plus as many replayed rows (its lengths, grouped batches of 16, the 2 lower layers frozen as
-`tuneloop train` runs them), in each of four settings, in rounds, so that every setting meets the
-same host:
+`tuneloop train` runs them), in each setting, in rounds, so that every setting meets the same host:
 
-- fp32, LoRA dropout 0.1: the anchor, plain PyTorch with tuneloop's dropout (its defaults before 2026-12-06);
-- bf16 autocast (`train.precision`), dropout 0.1: the defaults since, where the CPU multiplies bf16 fast;
+- fp32, torch's dropout 0.1: the anchor, what a user would write (plain PyTorch, peft's `nn.Dropout`);
+- fp32, dropout 0.1: tuneloop's defaults on a CPU without fast bf16 (`trainer.dropout`: the same masks,
+  drawn 4 to a random number);
+- bf16 autocast (`train.precision`), dropout 0.1: the defaults where the CPU multiplies bf16 fast;
 - fp32, dropout 0 (`train.lora_dropout`, peft's default);
 - bf16, dropout 0.
 
@@ -22,11 +23,13 @@ decides on). Accuracy is not measured here: the scenario suite judges the defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,29 +37,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.spread import spread  # noqa: E402
 from trainer import scenario as scenarios  # noqa: E402
+from trainer import train  # noqa: E402
 from trainer.data import concat  # noqa: E402
 from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base  # noqa: E402
 from trainer.train import cpu_bf16_speedup, fit  # noqa: E402
 from tuneloop.config import Settings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-SETTINGS = {  # name: (train.precision, train.lora_dropout); the first is the anchor
-    "fp32, dropout 0.1": ("fp32", 0.1),
-    "bf16, dropout 0.1": ("bf16", 0.1),
-    "fp32, dropout 0": ("fp32", 0.0),
-    "bf16, dropout 0": ("bf16", 0.0),
+SETTINGS = {  # name: (train.precision, train.lora_dropout, tuneloop's dropout); the first is the anchor
+    "fp32, torch's dropout 0.1": ("fp32", 0.1, False),
+    "fp32, dropout 0.1": ("fp32", 0.1, True),
+    "bf16, dropout 0.1": ("bf16", 0.1, True),
+    "fp32, dropout 0": ("fp32", 0.0, True),
+    "bf16, dropout 0": ("bf16", 0.0, True),
 }
 ANCHOR = next(iter(SETTINGS))
 
 
-def samples_per_second(scenario: scenarios.Scenario, precision: str, dropout: float) -> float:
+def samples_per_second(scenario: scenarios.Scenario, precision: str, dropout: float, own_dropout: bool) -> float:
     settings = Settings()
     config = settings.train.model_copy(update={"precision": precision, "lora_dropout": dropout, "max_epochs": 1})
     base = resolve_base(settings.model)
     rows = concat([scenario.feedback, scenario.bootstrap.subset(list(range(len(scenario.feedback))))])
     model = add_lora(build_classifier(base, len(scenario.labels), settings.model), config)
-    result = fit(model, load_tokenizer(base), rows, scenario.test_old.subset(list(range(64))), scenario.labels, config,
-                 settings.model.max_seq_length, progress=False, frozen_layers=settings.train.finetune_frozen_layers)
+    # The anchor keeps torch's nn.Dropout: fit's swap for tuneloop's is skipped.
+    with contextlib.nullcontext() if own_dropout else mock.patch.object(train, "swap_dropout", lambda model: 0):
+        result = fit(model, load_tokenizer(base), rows, scenario.test_old.subset(list(range(64))), scenario.labels,
+                     config, settings.model.max_seq_length, progress=False,
+                     frozen_layers=settings.train.finetune_frozen_layers)
     assert result.precision == precision
     return result.train_samples_per_second
 
@@ -74,8 +82,8 @@ def main() -> None:
         scenario = getattr(scenarios, name)(int(seed))
         measured: dict[str, list[float]] = {setting: [] for setting in SETTINGS}
         for round_ in range(args.rounds):
-            for setting, (precision, dropout) in SETTINGS.items():
-                measured[setting].append(samples_per_second(scenario, precision, dropout))
+            for setting, options in SETTINGS.items():
+                measured[setting].append(samples_per_second(scenario, *options))
                 print(f"{spec} round {round_ + 1}: {setting}: {measured[setting][-1]:.1f} samples/s", flush=True)
         report["scenarios"].append({
             "scenario": spec, "rows": 2 * len(scenario.feedback),

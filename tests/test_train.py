@@ -110,19 +110,21 @@ def test_the_precision_is_the_configured_one_or_on_a_cpu_what_it_multiplies_fast
 
 def test_a_bf16_fit_learns_and_says_so() -> None:
     rows = load_csv(IMDB)
-    train, val = rows.subset(list(range(96))), rows.subset(list(range(96, 128)))
+    train, val = rows.subset(list(range(192))), rows.subset(list(range(192, 448)))
     model_config = ModelConfig()
     base = resolve_base(model_config)
     labels = sorted(set(rows.labels))
     results = {}
     for precision in ("fp32", "bf16"):
-        config = TrainConfig(max_epochs=3, patience=3, batch_size=8, precision=precision)
+        config = TrainConfig(max_epochs=3, patience=3, batch_size=16, precision=precision)
         model = add_lora(build_classifier(base, 2, model_config), config)
-        results[precision] = fit(model, load_tokenizer(base), train, val, labels, config, 32, progress=False,
+        results[precision] = fit(model, load_tokenizer(base), train, val, labels, config, 64, progress=False,
                                  frozen_layers=2)
     bf16, fp32 = results["bf16"], results["fp32"]
     assert (bf16.precision, fp32.precision) == ("bf16", "fp32")
     assert bf16.epochs[-1].train_loss < bf16.epochs[0].train_loss
-    # The same seed, data and schedule: bf16 products end within a few validation rows of fp32's.
-    assert abs(bf16.best.val_accuracy - fp32.best.val_accuracy) <= 3 / 32
+    # The same seed, data and schedule: across seeds 13-15 both precisions reached 0.90-0.94 on these 256 rows,
+    # at most 2.7 points apart; a run that does not learn scores 0.5. (96 rows of 32 tokens were too few: 0.52-0.90.)
+    assert bf16.best.val_accuracy >= 0.8
+    assert abs(bf16.best.val_accuracy - fp32.best.val_accuracy) <= 0.06
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # autocast: the weights stay fp32
