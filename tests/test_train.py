@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.support.data import IMDB
+from trainer import train
 from trainer.data import load_csv
 from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
 from trainer.train import (
@@ -106,6 +108,22 @@ def test_the_precision_is_the_configured_one_or_on_a_cpu_what_it_multiplies_fast
     speedup = cpu_bf16_speedup()
     assert speedup > 0
     assert pick_precision("auto", cpu) is (torch.bfloat16 if speedup >= BF16_SPEEDUP_NEEDED else None)
+
+
+def test_a_busy_moment_does_not_decide_the_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that is busy for the first half of the measurement (faked: its clock runs 100 times as fast then, as
+    a neighbour taking the cores would make it; real contention cannot be timed in a test) reads as a quiet one."""
+    quiet = cpu_bf16_speedup.__wrapped__()
+    readings, slow = [time.perf_counter()], {"now": 0.0}
+
+    def busy_then_quiet() -> float:
+        readings.append(time.perf_counter())
+        slow["now"] += (readings[-1] - readings[-2]) * (100 if len(readings) <= 17 else 1)
+        return slow["now"]
+
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=busy_then_quiet))
+    busy = cpu_bf16_speedup.__wrapped__()
+    assert quiet / 4 < busy < quiet * 4  # measured in turn, the busy half taken by one precision read 100 times off
 
 
 def test_a_bf16_fit_learns_and_says_so() -> None:
