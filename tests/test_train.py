@@ -113,7 +113,9 @@ def test_the_precision_is_the_configured_one_or_on_a_cpu_what_it_multiplies_fast
 def test_a_busy_moment_does_not_decide_the_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     """A host that is busy for the first half of the measurement (faked: its clock runs 100 times as fast then, as
     a neighbour taking the cores would make it; real contention cannot be timed in a test) reads as a quiet one."""
+    threads = torch.get_num_threads()
     quiet = cpu_bf16_speedup.__wrapped__()
+    assert torch.get_num_threads() == threads  # measured on one core, training's threads given back
     readings, slow = [time.perf_counter()], {"now": 0.0}
 
     def busy_then_quiet() -> float:

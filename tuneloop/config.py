@@ -88,9 +88,9 @@ class TrainConfig(Section):
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Training's matrix products: 'auto' runs them in bf16 (autocast; weights, optimizer and "
-        "loss stay fp32) on CUDA and on a CPU that multiplies bf16 at least 3 times as fast as fp32 (measured at the "
-        "run's start: Intel AMX does, 6.6 times here, an AMD EPYC with AVX-512 bf16 5.6 times; a CPU without bf16 "
-        "instructions is slower at it), else fp32.",
+        "loss stay fp32) on CUDA and on a CPU whose one core multiplies bf16 at least 1.5 times as fast as fp32 (measured "
+        "at the run's start; an AMD EPYC with AVX-512 bf16 does, 2.1 times, and trains 1.2 times as fast; a CPU without "
+        "bf16 instructions is slower at it), else fp32.",
     )
     finetune_learning_rate: float = Field(
         1e-3, gt=0, description="`tuneloop train`: the adapter's learning rate (the head keeps learning_rate). With the "
