@@ -85,12 +85,16 @@ def test_feedback_quality_drifts_only_beyond_its_sampling_error() -> None:
 
 
 def test_the_abstention_rate_fires_when_out_of_scope_traffic_rises_in_a_replay(clinc_registry: Path) -> None:
-    """A replay through the real v1 of CLINC150: in-scope test texts alone, then with 30 % out-of-scope queries."""
+    """A replay through the real v1 of CLINC150: in-scope texts alone, then with 30 % out-of-scope queries.
+
+    The in-scope texts are train-split rows v1 never saw, the reference's own distribution. CLINC's test split is a
+    small real shift from it (v1 abstains on 6.7-7.9 % of old-domain test texts against 3.7-5.2 % of its reference
+    and 4.4-5.1 % of unseen train rows, fp32 and bf16 v1s), which a window of 200 may rightly flag."""
     manifest, directory = Registry(clinc_registry).resolve()
     reference = Reference.load(directory / REFERENCE_FILE, manifest.labels)
     assert reference.abstain_below == manifest.abstain_below is not None
     classifier = OnnxTextClassifier.from_version(manifest, directory, "cpu")
-    in_scope = scenario.sample(scenario.OLD_DOMAINS, "test", None, seed=5).texts  # 1,350 texts v1 never saw
+    in_scope = scenario.sample(scenario.OLD_DOMAINS, "train", None, seed=0, skip=30).texts  # 3,150 v1 never saw
     out_of_scope = scenario.out_of_scope("test", None, seed=5).texts
     mixed = in_scope[600:880] + out_of_scope[:120]  # 30 % out of scope
     mixed = [mixed[i] for i in np.random.default_rng(5).permutation(len(mixed))]
