@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.data import imdb_parts, validation_split
+from tests.support.data import clinc_v1_rows, imdb_parts, validation_split
 from tests.support.processes import (
     Server, local_broker, local_postgres, local_s3, run_cli, running_service, tuneloop_env,
 )
@@ -98,11 +98,11 @@ def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def clinc_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference scenario's v1: three CLINC150 domains (30 rows per intent), all six domains' intents declared."""
+    """The reference scenario's v1: three CLINC150 domains (clinc_v1_rows), all six domains' intents declared."""
     from trainer import scenario
 
     path = tmp_path_factory.mktemp("clinc-registry")
-    data = write_csv(path.parent / f"{path.name}-bootstrap.csv", scenario.sample(scenario.OLD_DOMAINS, "train", 30, seed=0))
+    data = write_csv(path.parent / f"{path.name}-bootstrap.csv", clinc_v1_rows())
     labels = ",".join(scenario.label_set())
     run_cli("bootstrap", "--data", str(data), "--labels", labels, "--no-progress", env=tuneloop_env(path))
     return path

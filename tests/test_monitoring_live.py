@@ -25,7 +25,7 @@ import yaml
 
 from monitoring.state import ControllerState
 from tests.support.dashboard import ROLLOUT_ROW, assert_panels_have_data, dashboard_queries
-from tests.support.data import AMAZON, ROOT, imdb_parts
+from tests.support.data import AMAZON, ROOT, clinc_unseen, imdb_parts
 from tests.support.processes import (
     BIN,
     Prometheus,
@@ -114,8 +114,7 @@ def test_imdb_raises_no_alarm_and_amazon_shows_in_embedding_and_length(registry_
 def test_clinc_shift_fires_the_trigger_once_per_cooldown_and_drives_the_dashboard(
     clinc_registry: Path, kafka: object, tmp_path: Path
 ) -> None:
-    # Known intents from the train rows v1 never saw: CLINC's test split is itself a small shift (test_windows.py).
-    old = scenario.sample(scenario.OLD_DOMAINS, "train", 10, seed=0, skip=30)  # 450 rows
+    old = clinc_unseen(10)  # 450 rows of known intents v1 never saw (CLINC's test split is itself a small shift)
     new = scenario.sample(scenario.NEW_DOMAINS, "test", 20, seed=1)  # 900 rows of intents v1 never saw
     service_port, controller_port, token = free_port(), free_port(), "test-admin-token"
     env = bus_env(

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tests.support.data import IMDB
-from trainer import train
 from trainer.data import load_csv
 from trainer.model import add_lora, build_classifier, load_tokenizer, resolve_base
 from trainer.train import (
@@ -123,7 +122,7 @@ def test_a_busy_moment_does_not_decide_the_precision(monkeypatch: pytest.MonkeyP
         slow["now"] += (readings[-1] - readings[-2]) * (100 if len(readings) <= 17 else 1)
         return slow["now"]
 
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=busy_then_quiet))
+    monkeypatch.setattr("trainer.train.time", SimpleNamespace(perf_counter=busy_then_quiet))
     busy = cpu_bf16_speedup.__wrapped__()
     assert quiet / 4 < busy < quiet * 4  # measured in turn, the busy half taken by one precision read 100 times off
 

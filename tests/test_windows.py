@@ -10,6 +10,7 @@ import pytest
 
 from monitoring.drift import Signal
 from monitoring.windows import WindowMonitor, below_by_chance
+from tests.support.data import clinc_unseen
 from trainer import scenario
 from tuneloop.config import DriftConfig
 from tuneloop.events import PredictionEvent
@@ -94,7 +95,7 @@ def test_the_abstention_rate_fires_when_out_of_scope_traffic_rises_in_a_replay(c
     reference = Reference.load(directory / REFERENCE_FILE, manifest.labels)
     assert reference.abstain_below == manifest.abstain_below is not None
     classifier = OnnxTextClassifier.from_version(manifest, directory, "cpu")
-    in_scope = scenario.sample(scenario.OLD_DOMAINS, "train", None, seed=0, skip=30).texts  # 3,150 v1 never saw
+    in_scope = clinc_unseen().texts  # 3,150 texts v1 never saw
     out_of_scope = scenario.out_of_scope("test", None, seed=5).texts
     mixed = in_scope[600:880] + out_of_scope[:120]  # 30 % out of scope
     mixed = [mixed[i] for i in np.random.default_rng(5).permutation(len(mixed))]

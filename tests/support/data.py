@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from cli.processes import ROOT
+from trainer import scenario
 from trainer.data import LabelledTexts, concat, load_csv, split, split3, write_csv
 
 IMDB = ROOT / "data" / "sentiment" / "imdb.csv"
@@ -14,7 +15,21 @@ AMAZON = IMDB.with_name("amazon.csv")
 # CI trains v1 for at most 3 epochs (about 100 s on 2 cores); `make up` uses the full default.
 TEST_EPOCHS = "3"
 
-__all__ = ["AMAZON", "IMDB", "ROOT", "TEST_EPOCHS", "imdb_parts", "validation_split"]
+# The CLINC150 v1 of the tests (conftest.clinc_registry) learns this many train rows of each old intent.
+CLINC_V1_PER_INTENT = 30
+
+__all__ = ["AMAZON", "IMDB", "ROOT", "TEST_EPOCHS", "clinc_unseen", "clinc_v1_rows", "imdb_parts", "validation_split"]
+
+
+def clinc_v1_rows() -> LabelledTexts:
+    """The rows the tests' CLINC150 v1 bootstraps on: CLINC_V1_PER_INTENT train rows of each old-domain intent."""
+    return scenario.sample(scenario.OLD_DOMAINS, "train", CLINC_V1_PER_INTENT, seed=0)
+
+
+def clinc_unseen(per_label: int | None = None) -> LabelledTexts:
+    """Old-domain train rows that v1 never saw (up to per_label an intent): the reference's own distribution.
+    CLINC's test split is a small real shift from it (test_windows.py)."""
+    return scenario.sample(scenario.OLD_DOMAINS, "train", per_label, seed=0, skip=CLINC_V1_PER_INTENT)
 
 
 @functools.cache
